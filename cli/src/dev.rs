@@ -1,0 +1,130 @@
+//! `spillway dev`: the whole pipeline in one process — ingest API, broker, workers, store.
+//! With the defaults it needs no external service: the embedded broker and the SQLite store
+//! live under `--data-dir`.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use clap::Args;
+use ingest_api::auth::{AdvertiserScope, ApiKey, ApiKeys};
+use ingest_api::settings::IngestSettings;
+use ingest_api::{serve, AppState};
+use rand::Rng;
+use shared::settings::{shutdown_signal, BrokerSettings, SinkSettings};
+use time::format_description::well_known::Rfc3339;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use workers::settings::WorkerSettings;
+use workers::Poller;
+
+/// File (under the data dir) holding the dev API key.
+pub(crate) const DEV_KEY_FILE: &str = "dev-api-key";
+
+/// Options of `spillway dev`.
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    #[command(flatten)]
+    pub broker: BrokerSettings,
+
+    #[command(flatten)]
+    pub sink: SinkSettings,
+
+    #[command(flatten)]
+    pub ingest: IngestSettings,
+
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+}
+
+/// Runs the pipeline until Ctrl-C or SIGTERM: then the HTTP server stops taking requests and
+/// answers those in flight, and the workers finish and settle the batches they hold.
+pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
+    shared::telemetry::init();
+    let data_dir = &args.broker.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let dev_key = load_or_create_dev_key(data_dir)?;
+    let mut keys = args.ingest.load_keys().context("loading API keys")?;
+    keys.extend(ApiKeys::new(vec![ApiKey::from_plain(
+        &dev_key,
+        "dev",
+        AdvertiserScope::Any,
+    )]));
+
+    let publisher = args
+        .broker
+        .publisher()
+        .await
+        .context("opening the broker")?;
+    let source = args.broker.source().await.context("opening the queue")?;
+    let store = args
+        .sink
+        .open(data_dir)
+        .await
+        .context("opening the store")?;
+    let poller = Poller::new(source, store.sink(), args.worker.poller_config())
+        .context("worker settings")?;
+    let stop_workers = CancellationToken::new();
+    let workers = tokio::spawn(poller.run(stop_workers.clone()));
+
+    let state = AppState::new(publisher, keys, args.ingest.config());
+    let listener = tokio::net::TcpListener::bind(args.ingest.listen)
+        .await
+        .with_context(|| format!("binding {}", args.ingest.listen))?;
+    let addr = listener.local_addr()?;
+    print_welcome(addr, data_dir)?;
+    serve(listener, state, shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    info!("HTTP stopped; draining the workers");
+    stop_workers.cancel();
+    workers.await.context("worker task")?;
+    info!("Stopped");
+    Ok(())
+}
+
+/// Reads the dev key, or creates one (mode 0600) on first start.
+pub(crate) fn load_or_create_dev_key(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(DEV_KEY_FILE);
+    if let Ok(key) = std::fs::read_to_string(&path) {
+        let key = key.trim().to_owned();
+        if !key.is_empty() {
+            return Ok(key);
+        }
+    }
+    let bytes: [u8; 24] = rand::rng().random();
+    let key = format!("sw_dev_{}", hex::encode(bytes));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut file = opts
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(key.as_bytes())?;
+    file.sync_all()?;
+    Ok(key)
+}
+
+#[allow(clippy::print_stdout)]
+fn print_welcome(addr: std::net::SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::now_utc().format(&Rfc3339)?;
+    let id = uuid::Uuid::new_v4();
+    let key_path = data_dir.join(DEV_KEY_FILE);
+    println!("Spillway dev pipeline listening on http://{addr}");
+    println!("API key (any advertiser): {}", key_path.display());
+    println!("Send an event:");
+    println!(
+        "  curl -sS http://{addr}/v1/events -H \"Authorization: Bearer $(cat {})\" \
+         -H 'content-type: application/json' \
+         -d '{{\"event_id\":\"{id}\",\"type\":\"click\",\"occurred_at\":\"{now}\",\
+         \"advertiser_id\":\"adv-1\",\"campaign_id\":\"cmp-1\",\"ad_id\":\"ad-1\",\
+         \"cost_micros\":1500,\"currency\":\"USD\"}}'",
+        key_path.display()
+    );
+    println!("Then: spillway stats --data-dir {}", data_dir.display());
+    println!("Press Ctrl-C to stop (requests and batches in flight finish first).");
+    std::io::stdout().flush()?;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! `spillway`: the operator CLI.
+//!
+//! # Layout
+//! - `dev`: the whole pipeline in one process (see [`dev`]).
+//! - `loadgen`: synthetic load against an ingest endpoint (see [`loadgen`]).
+//! - `stats`: queue, DLQ and store figures (see [`stats`]).
+//! - `setup`: declare the topology (see [`setup`]).
+//! - `migrate`: PostgreSQL migrations (see [`migrate`]).
+
+mod dev;
+mod loadgen;
+mod migrate;
+mod setup;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+/// Spillway: a queue-buffered ingestion pipeline for ad-metric events.
+#[derive(Debug, Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the pipeline locally in one process, with no external service.
+    Dev(Box<dev::DevArgs>),
+    /// Post synthetic events to an ingest endpoint and report throughput and latency.
+    Loadgen(loadgen::LoadgenArgs),
+    /// Show queue depth, in flight, DLQ depth, oldest message age, stored events and rollups.
+    Stats(stats::StatsArgs),
+    /// Create the broker topology (embedded), or print how to deploy it (AWS).
+    Setup(setup::SetupArgs),
+    /// Apply the PostgreSQL store's pending migrations.
+    Migrate(migrate::MigrateArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Dev(args) => dev::run(*args).await,
+        Command::Loadgen(args) => loadgen::run(args).await,
+        Command::Stats(args) => stats::run(args).await,
+        Command::Setup(args) => setup::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
+    }
+}

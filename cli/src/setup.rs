@@ -1,0 +1,42 @@
+//! `spillway setup`: creates the topology the pipeline needs.
+
+use anyhow::Context;
+use clap::Args;
+use shared::settings::{BrokerKind, BrokerSettings};
+
+/// Options of `spillway setup`.
+#[derive(Debug, Args)]
+pub(crate) struct SetupArgs {
+    #[command(flatten)]
+    pub broker: BrokerSettings,
+}
+
+/// Declares the embedded topology, or says how to deploy the AWS one.
+#[allow(clippy::print_stdout)]
+pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<()> {
+    match args.broker.broker {
+        BrokerKind::Embedded => {
+            args.broker
+                .embedded()
+                .await
+                .context("declaring the embedded topology")?;
+            println!(
+                "Embedded topology ready in {}: topic events → queue events-worker \
+                 (redrive after 5 receives → events-worker-dlq)",
+                args.broker.data_dir.display()
+            );
+        }
+        BrokerKind::Aws => {
+            println!("The AWS topology is infra/template.yaml. Deploy it with:");
+            println!("  LocalStack: localstack/start.sh && python3 localstack/provision.py");
+            println!(
+                "  AWS:        aws cloudformation deploy --template-file infra/template.yaml \
+                 --stack-name spillway"
+            );
+            println!(
+                "then export the printed SPILLWAY_TOPIC_ARN, SPILLWAY_QUEUE_URL, SPILLWAY_DLQ_URL."
+            );
+        }
+    }
+    Ok(())
+}

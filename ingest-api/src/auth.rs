@@ -1,0 +1,257 @@
+//! API keys: configured as SHA-256 hashes, each bound to a tenant and an advertiser
+//! allow-list, compared in constant time.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Why the key configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyConfigError {
+    /// The keys file could not be read.
+    #[error("cannot read API keys file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The configuration is not the expected JSON.
+    #[error("invalid API keys configuration ({origin}): {message}")]
+    Invalid {
+        /// Where it came from (file path or environment variable).
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Which advertisers a key may send events for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdvertiserScope {
+    /// Any advertiser (`"*"`).
+    Any,
+    /// Only these.
+    Only(HashSet<String>),
+}
+
+impl AdvertiserScope {
+    /// Whether `advertiser_id` is allowed.
+    pub fn allows(&self, advertiser_id: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(set) => set.contains(advertiser_id),
+        }
+    }
+}
+
+/// One configured key.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    sha256: [u8; 32],
+    /// The tenant the key belongs to; it names the `spillway-tenant` attribute.
+    pub tenant: String,
+    /// The advertisers it may send for.
+    pub advertisers: AdvertiserScope,
+}
+
+impl ApiKey {
+    /// A key record from the plain key (hashed here; the plain key is not kept).
+    pub fn from_plain(key: &str, tenant: &str, advertisers: AdvertiserScope) -> Self {
+        Self {
+            sha256: sha256(key),
+            tenant: tenant.to_owned(),
+            advertisers,
+        }
+    }
+}
+
+/// The key file / env format: `[{"sha256": "<hex>", "tenant": "acme", "advertisers": ["a"] | "*"}]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    sha256: String,
+    tenant: String,
+    advertisers: AdvertisersEntry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AdvertisersEntry {
+    All(String),
+    List(Vec<String>),
+}
+
+/// The set of configured keys.
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeys {
+    keys: Vec<ApiKey>,
+}
+
+impl ApiKeys {
+    /// Keys from records.
+    pub fn new(keys: Vec<ApiKey>) -> Self {
+        Self { keys }
+    }
+
+    /// Parses the JSON key configuration; `origin` names its source in errors.
+    ///
+    /// # Errors
+    /// [`KeyConfigError::Invalid`] for malformed JSON, a hash that is not 64 hex digits, or an
+    /// advertiser scope other than a list or `"*"`.
+    pub fn parse(json: &str, origin: &str) -> Result<Self, KeyConfigError> {
+        let invalid = |message: String| KeyConfigError::Invalid {
+            origin: origin.to_owned(),
+            message,
+        };
+        let entries: Vec<KeyEntry> =
+            serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+        let mut keys = Vec::with_capacity(entries.len());
+        for (i, e) in entries.into_iter().enumerate() {
+            let mut sha = [0_u8; 32];
+            hex::decode_to_slice(e.sha256.trim(), &mut sha)
+                .map_err(|_| invalid(format!("entry {i}: sha256 must be 64 hex digits")))?;
+            let advertisers = match e.advertisers {
+                AdvertisersEntry::All(s) if s == "*" => AdvertiserScope::Any,
+                AdvertisersEntry::All(s) => {
+                    return Err(invalid(format!(
+                        "entry {i}: advertisers must be a list or \"*\", not {s:?}"
+                    )))
+                }
+                AdvertisersEntry::List(list) => AdvertiserScope::Only(list.into_iter().collect()),
+            };
+            keys.push(ApiKey {
+                sha256: sha,
+                tenant: e.tenant,
+                advertisers,
+            });
+        }
+        Ok(Self { keys })
+    }
+
+    /// Loads keys from a file.
+    ///
+    /// # Errors
+    /// [`KeyConfigError`] when the file cannot be read or parsed.
+    pub fn from_file(path: &Path) -> Result<Self, KeyConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Adds keys.
+    pub fn extend(&mut self, other: ApiKeys) {
+        self.keys.extend(other.keys);
+    }
+
+    /// How many keys are configured.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether none is configured (every request is then refused).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Finds the key presented in `Authorization: Bearer …` or `x-api-key`. Every configured
+    /// hash is compared, in constant time, so timing reveals nothing about which matched.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<(usize, &ApiKey)> {
+        let presented = presented_key(headers)?;
+        let digest = sha256(presented);
+        let mut found = None;
+        for (i, key) in self.keys.iter().enumerate() {
+            if bool::from(key.sha256.ct_eq(&digest)) && found.is_none() {
+                found = Some((i, key));
+            }
+        }
+        found
+    }
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Hex SHA-256 of a plain key, as the key configuration expects it.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(sha256(key))
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn keys() -> ApiKeys {
+        let json = format!(
+            r#"[{{"sha256":"{}","tenant":"acme","advertisers":["adv-1"]}},
+                {{"sha256":"{}","tenant":"ops","advertisers":"*"}}]"#,
+            hash_key("secret-1"),
+            hash_key("secret-2")
+        );
+        ApiKeys::parse(&json, "test").unwrap()
+    }
+
+    #[test]
+    fn a_bearer_or_x_api_key_header_finds_its_key() {
+        let keys = keys();
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer secret-1"));
+        assert_eq!(keys.authenticate(&h).unwrap().1.tenant, "acme");
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("secret-2"));
+        let (_, key) = keys.authenticate(&h).unwrap();
+        assert_eq!(key.tenant, "ops");
+        assert!(key.advertisers.allows("anyone"));
+    }
+
+    #[test]
+    fn a_wrong_or_missing_key_finds_nothing() {
+        let keys = keys();
+        let mut h = HeaderMap::new();
+        assert!(keys.authenticate(&h).is_none());
+        h.insert("authorization", HeaderValue::from_static("Bearer nope"));
+        assert!(keys.authenticate(&h).is_none());
+        h.insert("authorization", HeaderValue::from_static("Basic secret-1"));
+        assert!(keys.authenticate(&h).is_none());
+    }
+
+    #[test]
+    fn a_malformed_configuration_says_what_is_wrong() {
+        let err = ApiKeys::parse(
+            r#"[{"sha256":"abc","tenant":"t","advertisers":"*"}]"#,
+            "env",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+        let err = ApiKeys::parse(
+            &format!(
+                r#"[{{"sha256":"{}","tenant":"t","advertisers":"all"}}]"#,
+                hash_key("k")
+            ),
+            "env",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("a list or"), "{err}");
+    }
+}

@@ -1,0 +1,301 @@
+//! Spillway's HTTP ingest API.
+//!
+//! `POST /v1/events` authenticates the key, rate-limits it, reads the body within its limits,
+//! validates every event, packs the accepted ones into envelopes and answers `202` only after
+//! the publisher acknowledged them all. One `Router`, served by `axum::serve` here and by the
+//! Lambda adapter later.
+//!
+//! # Layout
+//! - [`auth`]: API keys (SHA-256 hashes, tenants, advertiser allow-lists).
+//! - [`rate_limit`]: per-key token buckets.
+//! - [`body`]: content type/encoding, size limits, splitting into items.
+//! - [`ingest`]: the HTTP-free decision from body to envelopes and report.
+//! - [`error`]: the HTTP error boundary.
+//! - [`settings`]: flags and environment variables.
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod ingest;
+pub mod rate_limit;
+pub mod settings;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use rand::Rng;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::{info, warn};
+
+use crate::auth::ApiKeys;
+use crate::body::{decompress, BodyEncoding, BodyFormat, Limits};
+use crate::error::ApiError;
+use crate::ingest::{prepare, IngestReport, PrepareContext};
+use crate::rate_limit::RateLimiter;
+use shared::envelope::{EnvelopeConfig, Packer};
+use shared::event::ValidationPolicy;
+use shared::{Clock, Publisher, SystemClock};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything the ingest API needs besides its publisher, keys and clock.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Size limits.
+    pub limits: Limits,
+    /// Validation rules.
+    pub policy: ValidationPolicy,
+    /// Envelope packing.
+    pub envelope: EnvelopeConfig,
+    /// Sustained events/s per key (0: unlimited).
+    pub rate_limit_eps: u32,
+    /// Token bucket size per key.
+    pub rate_limit_burst: u32,
+    /// Publish attempts before answering 503.
+    pub publish_attempts: u32,
+    /// First delay between publish attempts.
+    pub publish_backoff: Duration,
+    /// `Retry-After` of a 503.
+    pub retry_after: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            policy: ValidationPolicy::default(),
+            envelope: EnvelopeConfig::default(),
+            rate_limit_eps: 0,
+            rate_limit_burst: 0,
+            publish_attempts: 3,
+            publish_backoff: Duration::from_millis(50),
+            retry_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Shared state of the router: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    publisher: Arc<dyn Publisher>,
+    keys: ApiKeys,
+    config: IngestConfig,
+    packer: Packer,
+    limiter: RateLimiter,
+    clock: Arc<dyn Clock>,
+}
+
+impl AppState {
+    /// State with the system clock.
+    pub fn new(publisher: Arc<dyn Publisher>, keys: ApiKeys, config: IngestConfig) -> Self {
+        Self::with_clock(publisher, keys, config, Arc::new(SystemClock))
+    }
+
+    /// State with an injected clock (tests).
+    pub fn with_clock(
+        publisher: Arc<dyn Publisher>,
+        keys: ApiKeys,
+        config: IngestConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let limiter = RateLimiter::new(config.rate_limit_eps, config.rate_limit_burst, keys.len());
+        Self(Arc::new(Inner {
+            publisher,
+            packer: Packer::new(config.envelope),
+            limiter,
+            keys,
+            config,
+            clock,
+        }))
+    }
+}
+
+/// The ingest API's routes with their middleware (request ids, tracing).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
+                let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Serves the router on `listener` until `shutdown` completes, then lets requests in flight
+/// finish (each of them answers only after its publish, so nothing acknowledged is lost).
+///
+/// # Errors
+/// The I/O error that stopped the server.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+pub use shared::settings::shutdown_signal;
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.0.publisher.ready().await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            warn!(error = %e, "Publisher not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    match ingest_request(&state, &headers, body).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            info!(
+                status = e.status().as_u16(),
+                code = e.code(),
+                "Request refused"
+            );
+            e.into_response()
+        }
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn ingest_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let inner = &*state.0;
+    let (key_index, key) = inner
+        .keys
+        .authenticate(headers)
+        .ok_or(ApiError::Unauthorized)?;
+    // Refuse an exhausted key before reading its body; the real charge comes after parsing.
+    inner
+        .limiter
+        .try_take(key_index, 0)
+        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+    let format = BodyFormat::from_content_type(header_str(headers, header::CONTENT_TYPE))?;
+    let encoding = BodyEncoding::from_header(header_str(headers, header::CONTENT_ENCODING))?;
+    let limits = &inner.config.limits;
+
+    let too_large_wire = || {
+        ApiError::PayloadTooLarge(format!(
+            "the body is larger than {} bytes",
+            limits.max_wire_bytes
+        ))
+    };
+    let declared =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limits.max_wire_bytes) {
+        return Err(too_large_wire());
+    }
+    let wire = http_body_util::Limited::new(body, limits.max_wire_bytes)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large_wire()
+            } else {
+                ApiError::BadBody(format!("cannot read the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    let decoded = decompress(&wire, encoding, limits.max_decoded_bytes)?;
+
+    let cx = PrepareContext {
+        limits,
+        policy: &inner.config.policy,
+        clock: inner.clock.as_ref(),
+        packer: &inner.packer,
+        tenant: &key.tenant,
+        scope: &key.advertisers,
+    };
+    let prepared = prepare(&decoded, format, &cx)?;
+    let report = IngestReport {
+        accepted: prepared.accepted,
+        rejected: prepared.rejected,
+    };
+    if prepared.accepted == 0 {
+        let status = if prepared.all_forbidden {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        info!(tenant = %key.tenant, rejected = report.rejected.len(), status = status.as_u16(), "Nothing accepted");
+        return Ok((status, Json(report)).into_response());
+    }
+    inner
+        .limiter
+        .try_take(key_index, prepared.accepted)
+        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+    publish_with_retries(inner, &prepared.envelopes).await?;
+    info!(
+        tenant = %key.tenant,
+        accepted = report.accepted,
+        rejected = report.rejected.len(),
+        envelopes = prepared.envelopes.len(),
+        "Accepted events"
+    );
+    Ok((StatusCode::ACCEPTED, Json(report)).into_response())
+}
+
+async fn publish_with_retries(
+    inner: &Inner,
+    envelopes: &[shared::Envelope],
+) -> Result<(), ApiError> {
+    let attempts = inner.config.publish_attempts.max(1);
+    let mut delay = inner.config.publish_backoff;
+    for attempt in 1..=attempts {
+        match inner.publisher.publish(envelopes).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_transient() && attempt < attempts => {
+                warn!(attempt, error = %e, "Publish failed; retrying");
+                let jitter = rand::rng().random_range(0.5..1.5);
+                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                delay = delay.saturating_mul(2);
+            }
+            Err(e) => {
+                warn!(attempt, error = %e, "Publish failed; answering 503");
+                break;
+            }
+        }
+    }
+    Err(ApiError::PublishFailed {
+        retry_after: inner.config.retry_after,
+    })
+}

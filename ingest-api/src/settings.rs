@@ -1,0 +1,133 @@
+//! Operator settings: every knob is a flag and a `SPILLWAY_…` environment variable with a
+//! default; the doc comment of each field is its entry in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::auth::{ApiKeys, KeyConfigError};
+use crate::body::Limits;
+use crate::IngestConfig;
+use shared::envelope::{ContentEncoding, EnvelopeConfig, DEFAULT_BUDGET_BYTES};
+use shared::event::{TimeWindow, ValidationPolicy};
+
+/// Settings of the HTTP ingest API.
+#[derive(Debug, Clone, Args)]
+pub struct IngestSettings {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// File with API keys: a JSON array of {"sha256": hex, "tenant": name, "advertisers": [ids] | "*"}.
+    #[arg(long, env = "SPILLWAY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// API keys inline, same JSON as the file (added to the file's keys).
+    #[arg(long, env = "SPILLWAY_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+
+    /// Largest request body on the wire, in bytes (413 past it).
+    #[arg(long, env = "SPILLWAY_MAX_WIRE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_wire_bytes: usize,
+
+    /// Largest request body after decompression, in bytes (413 past it; enforced while decompressing).
+    #[arg(long, env = "SPILLWAY_MAX_DECODED_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_decoded_bytes: usize,
+
+    /// Most events in one request (413 past it).
+    #[arg(long, env = "SPILLWAY_MAX_EVENTS", default_value_t = 1_000)]
+    pub max_events: usize,
+
+    /// Largest single event, in bytes of JSON (the item is rejected past it).
+    #[arg(long, env = "SPILLWAY_MAX_EVENT_BYTES", default_value_t = 32 * 1024)]
+    pub max_event_bytes: usize,
+
+    /// How far in the future `occurred_at` may be, in seconds (clock skew allowance).
+    #[arg(long, env = "SPILLWAY_MAX_FUTURE_SECS", default_value_t = 300)]
+    pub max_future_secs: i64,
+
+    /// How old `occurred_at` may be, in seconds (default 7 days).
+    #[arg(long, env = "SPILLWAY_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    pub max_age_secs: i64,
+
+    /// Sustained events per second allowed per API key; 0 disables rate limiting.
+    #[arg(long, env = "SPILLWAY_RATE_LIMIT_EPS", default_value_t = 200_000)]
+    pub rate_limit_eps: u32,
+
+    /// Events a key may send at once above its sustained rate (token bucket size).
+    #[arg(long, env = "SPILLWAY_RATE_LIMIT_BURST", default_value_t = 400_000)]
+    pub rate_limit_burst: u32,
+
+    /// Publish attempts per request before answering 503 (at least 1).
+    #[arg(long, env = "SPILLWAY_PUBLISH_ATTEMPTS", default_value_t = 3)]
+    pub publish_attempts: u32,
+
+    /// First delay between publish attempts, in milliseconds (doubles each time, with jitter).
+    #[arg(long, env = "SPILLWAY_PUBLISH_BACKOFF_MS", default_value_t = 50)]
+    pub publish_backoff_ms: u64,
+
+    /// `Retry-After` sent with a 503 when publishing failed, in seconds.
+    #[arg(long, env = "SPILLWAY_RETRY_AFTER_SECS", default_value_t = 5)]
+    pub retry_after_secs: u64,
+
+    /// Largest envelope body, in bytes (default: an SNS message minus room for attributes).
+    #[arg(long, env = "SPILLWAY_ENVELOPE_BUDGET_BYTES", default_value_t = DEFAULT_BUDGET_BYTES)]
+    pub envelope_budget_bytes: usize,
+
+    /// Envelope body encoding: identity (plain JSON) or zstd (compressed, base64).
+    #[arg(long, env = "SPILLWAY_ENVELOPE_ENCODING", default_value = "identity")]
+    pub envelope_encoding: ContentEncoding,
+
+    /// One event type per envelope (true) so `spillway-types` filter policies route exactly;
+    /// false packs mixed types (fewer messages).
+    #[arg(long, env = "SPILLWAY_ENVELOPE_SPLIT_BY_TYPE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub envelope_split_by_type: bool,
+}
+
+impl IngestSettings {
+    /// The API keys from the file and the inline setting.
+    ///
+    /// # Errors
+    /// [`KeyConfigError`] when either source cannot be read or parsed.
+    pub fn load_keys(&self) -> Result<ApiKeys, KeyConfigError> {
+        let mut keys = ApiKeys::default();
+        if let Some(path) = &self.api_keys_file {
+            keys.extend(ApiKeys::from_file(path)?);
+        }
+        if let Some(json) = &self.api_keys {
+            keys.extend(ApiKeys::parse(json, "SPILLWAY_API_KEYS")?);
+        }
+        Ok(keys)
+    }
+
+    /// The runtime configuration these settings describe.
+    pub fn config(&self) -> IngestConfig {
+        IngestConfig {
+            limits: Limits {
+                max_wire_bytes: self.max_wire_bytes,
+                max_decoded_bytes: self.max_decoded_bytes,
+                max_events: self.max_events,
+                max_event_bytes: self.max_event_bytes,
+            },
+            policy: ValidationPolicy {
+                window: Some(TimeWindow {
+                    max_future: time::Duration::seconds(self.max_future_secs),
+                    max_age: time::Duration::seconds(self.max_age_secs),
+                }),
+            },
+            envelope: EnvelopeConfig {
+                budget_bytes: self.envelope_budget_bytes,
+                encoding: self.envelope_encoding,
+                split_by_type: self.envelope_split_by_type,
+                ..EnvelopeConfig::default()
+            },
+            rate_limit_eps: self.rate_limit_eps,
+            rate_limit_burst: self.rate_limit_burst,
+            publish_attempts: self.publish_attempts.max(1),
+            publish_backoff: Duration::from_millis(self.publish_backoff_ms),
+            retry_after: Duration::from_secs(self.retry_after_secs),
+        }
+    }
+}

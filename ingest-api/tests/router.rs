@@ -1,0 +1,477 @@
+//! The ingest router through `oneshot`: every status code, the body forms and encodings,
+//! limits, and the publish guarantees.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::needless_pass_by_value
+)]
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use ingest_api::auth::{AdvertiserScope, ApiKey, ApiKeys};
+use ingest_api::{router, AppState, IngestConfig};
+use serde_json::{json, Value};
+use shared::clock::FixedClock;
+use shared::envelope::decode_message;
+use shared::publisher::MemoryPublisher;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tower::ServiceExt;
+
+const NOW: &str = "2026-11-20T12:00:00Z";
+
+struct Harness {
+    state: AppState,
+    publisher: Arc<MemoryPublisher>,
+}
+
+fn harness_with(config: IngestConfig) -> Harness {
+    let publisher = Arc::new(MemoryPublisher::new());
+    let keys = ApiKeys::new(vec![
+        ApiKey::from_plain("key-all", "acme", AdvertiserScope::Any),
+        ApiKey::from_plain(
+            "key-adv-1",
+            "limited",
+            AdvertiserScope::Only(["adv-1".to_owned()].into_iter().collect()),
+        ),
+    ]);
+    let clock = Arc::new(FixedClock::at(
+        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
+    ));
+    let config = IngestConfig {
+        publish_backoff: Duration::from_millis(1),
+        ..config
+    };
+    let state = AppState::with_clock(publisher.clone(), keys, config, clock);
+    Harness { state, publisher }
+}
+
+fn harness() -> Harness {
+    harness_with(IngestConfig::default())
+}
+
+fn event(n: u32) -> Value {
+    json!({
+        "event_id": format!("00000000-0000-4000-8000-{n:012}"),
+        "type": "click",
+        "occurred_at": "2026-11-20T11:58:00Z",
+        "advertiser_id": "adv-1",
+        "campaign_id": "cmp-1",
+        "ad_id": "ad-1",
+        "cost_micros": 2500,
+        "currency": "USD"
+    })
+}
+
+fn post(key: Option<&str>) -> axum::http::request::Builder {
+    let b = Request::post("/v1/events").header("content-type", "application/json");
+    match key {
+        Some(k) => b.header("authorization", format!("Bearer {k}")),
+        None => b,
+    }
+}
+
+async fn send(h: &Harness, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = router(h.state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+async fn send_json(h: &Harness, body: &Value) -> (StatusCode, Value) {
+    let (s, _, b) = send(
+        h,
+        post(Some("key-all"))
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await;
+    (s, b)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+fn codes(body: &Value) -> Vec<(u64, String, String)> {
+    body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["errors"].as_array().unwrap().iter().map(move |e| {
+                (
+                    r["index"].as_u64().unwrap(),
+                    e["field"].as_str().unwrap().to_owned(),
+                    e["code"].as_str().unwrap().to_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_single_event_is_accepted_with_202_after_it_is_published() {
+    let h = harness();
+    let (status, body) = send_json(&h, &event(1)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body, json!({"accepted": 1, "rejected": []}));
+    let published = h.publisher.published();
+    assert_eq!(published.len(), 1);
+    let decoded = decode_message(&published[0].body, None).unwrap();
+    assert_eq!(decoded.events.len(), 1);
+    assert_eq!(published[0].attributes["spillway-tenant"], "acme");
+}
+
+#[tokio::test]
+async fn an_array_with_one_invalid_event_accepts_the_others_and_names_the_bad_field() {
+    let h = harness();
+    let mut bad = event(2);
+    bad["currency"] = json!("usd");
+    let (status, body) = send_json(&h, &json!([event(1), bad, event(3)])).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["accepted"], 2);
+    assert_eq!(
+        codes(&body),
+        vec![(1, "/currency".into(), "invalid_currency".into())]
+    );
+    assert_eq!(
+        body["rejected"][0]["event_id"],
+        "00000000-0000-4000-8000-000000000002"
+    );
+    assert_eq!(h.publisher.event_count(), 2);
+}
+
+#[tokio::test]
+async fn each_validation_code_reaches_the_client() {
+    let h = harness();
+    let mut cases = Vec::new();
+    let mut push = |field: &str, value: Value, code: &str| {
+        let mut e = event(9);
+        if value.is_null() {
+            e.as_object_mut().unwrap().remove(field);
+        } else {
+            e[field] = value;
+        }
+        cases.push((e, format!("/{field}"), code.to_owned()));
+    };
+    push("ad_id", Value::Null, "missing");
+    push("event_id", json!("not-a-uuid"), "invalid_uuid");
+    push("event_id", json!(12), "invalid_type");
+    push("type", json!("purchase"), "invalid_value");
+    push(
+        "occurred_at",
+        json!("2026-11-20 11:00"),
+        "invalid_timestamp",
+    );
+    push("occurred_at", json!("2026-11-20T12:30:00Z"), "out_of_range");
+    push("cost_micros", json!(2_000_000_000_000_u64), "out_of_range");
+    push("campaign_id", json!("c".repeat(65)), "too_long");
+    push("campaign_id", json!("c c"), "invalid_characters");
+    push("surprise", json!(true), "unknown_field");
+    push("revenue_micros", json!(5), "not_allowed");
+    push("currency", json!("ABC"), "invalid_currency");
+    push("country", json!("ZZ"), "invalid_country");
+    for (body, field, code) in cases {
+        let (status, resp) = send_json(&h, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(codes(&resp), vec![(0, field, code)], "{body}");
+    }
+    assert_eq!(h.publisher.event_count(), 0);
+}
+
+#[tokio::test]
+async fn ndjson_with_one_bad_line_accepts_the_rest() {
+    let h = harness();
+    let body = format!("{}\n{{broken\n{}\n", event(1), event(2));
+    let req = Request::post("/v1/events")
+        .header("authorization", "Bearer key-all")
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from(body))
+        .unwrap();
+    let (status, _, resp) = send(&h, req).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(resp["accepted"], 2);
+    assert_eq!(
+        codes(&resp),
+        vec![(1, String::new(), "invalid_json".into())]
+    );
+}
+
+#[tokio::test]
+async fn gzip_and_zstd_bodies_are_accepted() {
+    let h = harness();
+    let raw = json!([event(1), event(2)]).to_string();
+    for (enc, body) in [
+        ("gzip", gzip(raw.as_bytes())),
+        ("zstd", zstd::bulk::compress(raw.as_bytes(), 3).unwrap()),
+    ] {
+        let req = post(Some("key-all"))
+            .header("content-encoding", enc)
+            .body(Body::from(body))
+            .unwrap();
+        let (status, _, resp) = send(&h, req).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{enc}");
+        assert_eq!(resp["accepted"], 2, "{enc}");
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_decompression_bomb_is_refused_with_413_in_bounded_memory() {
+    let h = harness();
+    // 100 concatenated gzip members of 10 MiB of zeros each: ~1 MiB on the wire, 1 GiB inflated.
+    let member = gzip(&vec![0_u8; 10 * 1024 * 1024]);
+    let bomb: Vec<u8> = member
+        .iter()
+        .copied()
+        .cycle()
+        .take(member.len() * 100)
+        .collect();
+    assert!(bomb.len() <= 1024 * 1024, "bomb is {} bytes", bomb.len());
+    let before = peak_rss_kib();
+    let req = post(Some("key-all"))
+        .header("content-encoding", "gzip")
+        .body(Body::from(bomb))
+        .unwrap();
+    let (status, _, resp) = send(&h, req).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(resp["error"]["code"], "payload_too_large");
+    let grown_mib = (peak_rss_kib() - before) / 1024;
+    assert!(grown_mib < 64, "peak memory grew by {grown_mib} MiB");
+}
+
+#[tokio::test]
+async fn a_body_over_the_wire_limit_is_413() {
+    let h = harness();
+    let big = vec![b' '; 1024 * 1024 + 1];
+    let (status, _, _) = send(&h, post(Some("key-all")).body(Body::from(big)).unwrap()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn more_events_than_allowed_is_413() {
+    let h = harness_with(IngestConfig {
+        limits: ingest_api::body::Limits {
+            max_events: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let (status, body) = send_json(&h, &json!([event(1), event(2), event(3), event(4)])).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 3"));
+}
+
+#[tokio::test]
+async fn ten_thousand_deep_nesting_is_400_not_a_crash() {
+    let h = harness();
+    for body in [
+        format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)),
+        format!("{}{}", "{\"a\":".repeat(10_000), "}".repeat(10_000)),
+    ] {
+        let (status, _, resp) =
+            send(&h, post(Some("key-all")).body(Body::from(body)).unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(resp["accepted"], 0);
+    }
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_400_with_a_clear_message() {
+    let h = harness();
+    let body = b"{\"event_id\": \"\xff\xfe\"}".to_vec();
+    let (status, _, resp) = send(&h, post(Some("key-all")).body(Body::from(body)).unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        resp["error"]["message"].as_str().unwrap().contains("UTF-8"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_400() {
+    let h = harness();
+    let (status, _, resp) =
+        send(&h, post(Some("key-all")).body(Body::from("hello")).unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(resp["error"]["code"], "invalid_body");
+}
+
+#[tokio::test]
+async fn a_missing_or_unknown_key_is_401() {
+    let h = harness();
+    let (status, headers, resp) = send(
+        &h,
+        post(None).body(Body::from(event(1).to_string())).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert_eq!(resp["error"]["code"], "unauthorized");
+    let (status, _, _) = send(
+        &h,
+        post(Some("wrong"))
+            .body(Body::from(event(1).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let req = Request::post("/v1/events")
+        .header("x-api-key", "key-all")
+        .body(Body::from(event(1).to_string()))
+        .unwrap();
+    assert_eq!(send(&h, req).await.0, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn a_key_not_allowed_for_the_advertiser_is_403_or_rejected_per_item() {
+    let h = harness();
+    let mut other = event(2);
+    other["advertiser_id"] = json!("adv-2");
+    let req = |body: Value| {
+        post(Some("key-adv-1"))
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let (status, _, resp) = send(&h, req(other.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        codes(&resp),
+        vec![(0, "/advertiser_id".into(), "forbidden".into())]
+    );
+    let (status, _, resp) = send(&h, req(json!([event(1), other]))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(resp["accepted"], 1);
+    assert_eq!(
+        codes(&resp),
+        vec![(1, "/advertiser_id".into(), "forbidden".into())]
+    );
+    assert_eq!(h.publisher.event_count(), 1);
+}
+
+#[tokio::test]
+async fn an_unsupported_type_or_encoding_is_415() {
+    let h = harness();
+    let req = Request::post("/v1/events")
+        .header("authorization", "Bearer key-all")
+        .header("content-type", "text/csv")
+        .body(Body::from("a,b"))
+        .unwrap();
+    assert_eq!(send(&h, req).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let req = post(Some("key-all"))
+        .header("content-encoding", "br")
+        .body(Body::from("x"))
+        .unwrap();
+    assert_eq!(send(&h, req).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test]
+async fn an_exhausted_key_is_429_with_retry_after() {
+    let h = harness_with(IngestConfig {
+        rate_limit_eps: 2,
+        rate_limit_burst: 2,
+        ..Default::default()
+    });
+    assert_eq!(
+        send_json(&h, &json!([event(1), event(2)])).await.0,
+        StatusCode::ACCEPTED
+    );
+    let (status, headers, resp) = send(
+        &h,
+        post(Some("key-all"))
+            .body(Body::from(event(3).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(resp["error"]["code"], "rate_limited");
+    assert_eq!(h.publisher.event_count(), 2);
+}
+
+#[tokio::test]
+async fn a_publisher_that_keeps_failing_gives_503_and_reports_nothing_accepted() {
+    let h = harness();
+    h.publisher.set_fail_always(true);
+    let (status, headers, resp) = send(
+        &h,
+        post(Some("key-all"))
+            .body(Body::from(event(1).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "5");
+    assert_eq!(resp["accepted"], 0);
+    assert_eq!(resp["error"]["code"], "publish_failed");
+    assert_eq!(h.publisher.event_count(), 0);
+}
+
+#[tokio::test]
+async fn a_publisher_that_fails_once_then_succeeds_gives_202() {
+    let h = harness();
+    h.publisher.fail_next(1);
+    let (status, resp) = send_json(&h, &event(1)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(resp["accepted"], 1);
+    assert_eq!(h.publisher.event_count(), 1);
+}
+
+#[tokio::test]
+async fn health_and_readiness_follow_the_publisher() {
+    let h = harness();
+    let get = |p: &str| Request::get(p).body(Body::empty()).unwrap();
+    assert_eq!(send(&h, get("/healthz")).await.0, StatusCode::OK);
+    assert_eq!(send(&h, get("/readyz")).await.0, StatusCode::OK);
+    h.publisher.set_fail_always(true);
+    assert_eq!(
+        send(&h, get("/readyz")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(send(&h, get("/healthz")).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_event_too_large_for_an_envelope_is_rejected_alone_not_dropped() {
+    let h = harness_with(IngestConfig {
+        envelope: shared::envelope::EnvelopeConfig {
+            budget_bytes: 400,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let mut big = event(2);
+    big["attributes"] = json!({"note": "x".repeat(200)});
+    let (status, resp) = send_json(&h, &json!([event(1), big])).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(codes(&resp), vec![(1, String::new(), "too_large".into())]);
+    assert_eq!(h.publisher.event_count(), 1);
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let h = harness();
+    let (_, headers, _) = send(&h, Request::get("/healthz").body(Body::empty()).unwrap()).await;
+    assert!(headers.contains_key("x-request-id"));
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The project's one test command (`make test`): sets up everything the tests need from the
+# project's own files — PostgreSQL (installed/started if missing), LocalStack (pinned venv,
+# started if not running) — builds the binaries the end-to-end tests spawn, runs every test.
+# Under CI=true a service that cannot be set up fails the run (the tests also refuse to skip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/ensure-postgres.sh
+bash localstack/start.sh
+export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:4566}"
+export AWS_REGION="${AWS_REGION:-us-east-1}"
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
+export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+
+# Binaries spawned by the end-to-end tests (crash tests kill and restart them).
+cargo build --workspace --bins
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi

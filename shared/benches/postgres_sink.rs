@@ -1,0 +1,278 @@
+//! Write throughput of `PostgresSink` (raw insert + rollups, one statement per batch of 1000)
+//! against a plain binary `COPY` of the same rows into an unindexed copy of `ad_events`,
+//! side by side, three rounds, on a fresh random database at 127.0.0.1:5432.
+//!
+//! `cargo bench -p shared --bench postgres_sink` (needs PostgreSQL: scripts/ensure-postgres.sh).
+//! `SPILLWAY_BENCH_PG` overrides the server URL (no database name), `SPILLWAY_BENCH_EVENTS`
+//! the events per round (default 50000).
+#![allow(clippy::print_stdout)] // A harness-less bench reports on stdout.
+
+use std::error::Error;
+use std::time::{Duration, Instant};
+
+use shared::synthetic::SyntheticEvents;
+use shared::{AdEvent, PostgresConfig, PostgresSink, Sink, SystemClock, ValidationPolicy};
+use time::OffsetDateTime;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::NoTls;
+
+const BATCH: usize = 1000;
+const ROUNDS: usize = 3;
+
+type BoxError = Box<dyn Error + Send + Sync>;
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, BoxError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn synthetic(n: usize) -> Result<Vec<AdEvent>, BoxError> {
+    let mut g = SyntheticEvents::new(42, 50);
+    let now = OffsetDateTime::now_utc();
+    (0..n)
+        .map(|i| {
+            let at = now - time::Duration::seconds(i64::try_from(i % 3600)?);
+            AdEvent::from_json(g.event_at(at), &ValidationPolicy::default(), &SystemClock)
+                .map_err(|e| format!("invalid synthetic event: {e:?}").into())
+        })
+        .collect()
+}
+
+/// Writes every batch through the sink; returns the elapsed time.
+async fn run_sink(sink: &PostgresSink, events: &[AdEvent]) -> Result<Duration, BoxError> {
+    let started = Instant::now();
+    for batch in events.chunks(BATCH) {
+        let report = sink.write(batch).await?;
+        if report.inserted != batch.len() {
+            return Err(format!("sink inserted {} of {}", report.inserted, batch.len()).into());
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// COPYs every batch (one COPY per batch, same batching as the sink) into `ad_events_copy`.
+async fn run_copy(
+    client: &tokio_postgres::Client,
+    events: &[AdEvent],
+) -> Result<Duration, BoxError> {
+    let types = [
+        Type::UUID,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::JSONB,
+    ];
+    let started = Instant::now();
+    for batch in events.chunks(BATCH) {
+        let sink = client
+            .copy_in(
+                "COPY ad_events_copy (event_id, type, occurred_at, advertiser_id, campaign_id,
+                    ad_id, publisher_id, placement_id, cost_micros, revenue_micros, currency,
+                    country, device, attributes) FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        tokio::pin!(writer);
+        for ev in batch {
+            let cost = i64::try_from(ev.cost_micros.get())?;
+            let revenue = ev
+                .revenue_micros
+                .map(|m| i64::try_from(m.get()))
+                .transpose()?;
+            let row: [&(dyn ToSql + Sync); 14] = [
+                &ev.event_id.as_uuid(),
+                &ev.event_type.as_str(),
+                &ev.occurred_at,
+                &ev.advertiser_id.as_str(),
+                &ev.campaign_id.as_str(),
+                &ev.ad_id.as_str(),
+                &ev.publisher_id.as_ref().map(|i| i.as_str()),
+                &ev.placement_id.as_ref().map(|i| i.as_str()),
+                &cost,
+                &revenue,
+                &ev.currency.as_ref().map(|c| c.as_str()),
+                &ev.country.as_ref().map(|c| c.as_str()),
+                &ev.device.map(|d| d.as_str()),
+                &Json(&ev.attributes),
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+        let rows = writer.finish().await?;
+        if rows != batch.len() as u64 {
+            return Err(format!("COPY wrote {rows} of {}", batch.len()).into());
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// The sink's raw insert alone (same UNNEST, same key, no rollups) into `ad_events_raw`, to
+/// show what the rollups cost.
+async fn run_insert_only(
+    client: &tokio_postgres::Client,
+    events: &[AdEvent],
+) -> Result<Duration, BoxError> {
+    let statement = client
+        .prepare(
+            "INSERT INTO ad_events_raw (event_id, type, occurred_at, advertiser_id, campaign_id,
+                ad_id, publisher_id, placement_id, cost_micros, revenue_micros, currency, country,
+                device, attributes)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::text[],
+                $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[],
+                $11::text[], $12::text[], $13::text[], $14::jsonb[])
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .await?;
+    let started = Instant::now();
+    for batch in events.chunks(BATCH) {
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut sorted: Vec<&AdEvent> = batch.iter().collect();
+        sorted.sort_by_key(|e| e.event_id);
+        let (mut ty, mut at, mut adv, mut cmp, mut ad) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut pb, mut pl, mut cost, mut rev) = (vec![], vec![], vec![], vec![]);
+        let (mut cur, mut ctry, mut dev, mut attrs) = (vec![], vec![], vec![], vec![]);
+        for ev in sorted {
+            ids.push(ev.event_id.as_uuid());
+            ty.push(ev.event_type.as_str());
+            at.push(ev.occurred_at);
+            adv.push(ev.advertiser_id.as_str());
+            cmp.push(ev.campaign_id.as_str());
+            ad.push(ev.ad_id.as_str());
+            pb.push(ev.publisher_id.as_ref().map(|i| i.as_str()));
+            pl.push(ev.placement_id.as_ref().map(|i| i.as_str()));
+            cost.push(i64::try_from(ev.cost_micros.get())?);
+            rev.push(
+                ev.revenue_micros
+                    .map(|m| i64::try_from(m.get()))
+                    .transpose()?,
+            );
+            cur.push(ev.currency.as_ref().map(|c| c.as_str()));
+            ctry.push(ev.country.as_ref().map(|c| c.as_str()));
+            dev.push(ev.device.map(|d| d.as_str()));
+            attrs.push(Json(&ev.attributes));
+        }
+        let params: [&(dyn ToSql + Sync); 14] = [
+            &ids, &ty, &at, &adv, &cmp, &ad, &pb, &pl, &cost, &rev, &cur, &ctry, &dev, &attrs,
+        ];
+        let n = client.execute(&statement, &params).await?;
+        if n != batch.len() as u64 {
+            return Err(format!("insert wrote {n} of {}", batch.len()).into());
+        }
+    }
+    Ok(started.elapsed())
+}
+
+fn per_sec(events: usize, d: Duration) -> f64 {
+    events as f64 / d.as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let server = std::env::var("SPILLWAY_BENCH_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let n: usize = std::env::var("SPILLWAY_BENCH_EVENTS")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(50_000);
+    let admin = connect(&format!("{server}/postgres")).await?;
+    let db = format!("spillway_bench_{:016x}", rand_suffix());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
+    let outcome = bench(&format!("{server}/{db}"), n).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await?;
+    outcome
+}
+
+async fn bench(url: &str, n: usize) -> Result<(), BoxError> {
+    let sink = PostgresSink::new(&PostgresConfig {
+        max_connections: 1,
+        ..PostgresConfig::new(url)
+    })?;
+    sink.migrate().await?;
+    let client = connect(url).await?;
+    // Same columns, defaults and NOT NULLs; no primary key, no index, no rollups.
+    client
+        .batch_execute(
+            "CREATE TABLE ad_events_copy (LIKE ad_events INCLUDING DEFAULTS);
+             CREATE TABLE ad_events_raw (LIKE ad_events INCLUDING ALL);",
+        )
+        .await?;
+    let events = synthetic(n)?;
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    println!(
+        "postgres_sink bench: PostgreSQL {version}, {n} events per round in batches of {BATCH}, {ROUNDS} rounds"
+    );
+    let (mut sink_rates, mut copy_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut insert_rates = Vec::new();
+    for round in 1..=ROUNDS {
+        client
+            .batch_execute(
+                "TRUNCATE ad_events, ad_metrics_minute, ad_events_copy, ad_events_raw; CHECKPOINT",
+            )
+            .await?;
+        // Alternate which goes first, so neither always gets the warmer cache.
+        let (sink_time, copy_time) = if round % 2 == 1 {
+            (
+                run_sink(&sink, &events).await?,
+                run_copy(&client, &events).await?,
+            )
+        } else {
+            let c = run_copy(&client, &events).await?;
+            (run_sink(&sink, &events).await?, c)
+        };
+        let insert_time = run_insert_only(&client, &events).await?;
+        let rollups: i64 = client
+            .query_one("SELECT count(*) FROM ad_metrics_minute", &[])
+            .await?
+            .get(0);
+        let (s, c, i) = (
+            per_sec(n, sink_time),
+            per_sec(n, copy_time),
+            per_sec(n, insert_time),
+        );
+        println!(
+            "round {round}: PostgresSink::write {s:>7.0} events/s ({rollups} rollup rows)   COPY {c:>7.0} events/s   ratio {:.2}   (raw insert without rollups {i:>7.0} events/s)",
+            s / c
+        );
+        insert_rates.push(i);
+        sink_rates.push(s);
+        copy_rates.push(c);
+        ratios.push(s / c);
+    }
+    println!(
+        "median: PostgresSink::write {:.0} events/s, COPY {:.0} events/s, ratio {:.2}; raw insert without rollups {:.0} events/s",
+        median(sink_rates),
+        median(copy_rates),
+        median(ratios),
+        median(insert_rates)
+    );
+    Ok(())
+}
+
+/// A random-enough database suffix without a dependency: the clock's nanoseconds and pid.
+fn rand_suffix() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    (nanos as u64) ^ (u64::from(std::process::id()) << 32)
+}

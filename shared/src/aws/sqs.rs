@@ -1,0 +1,296 @@
+//! SQS source: long polling, batch delete, visibility changes for backoff and heartbeat,
+//! and dead-lettering that sends to the DLQ first and deletes after.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+};
+use aws_sdk_sqs::Client;
+
+use super::{ApiCalls, CallCounter};
+use crate::source::{
+    DeadLetter, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE, ATTR_ERROR_MESSAGE,
+};
+
+/// Most messages per receive and entries per batch call.
+pub const MAX_BATCH_ENTRIES: usize = 10;
+/// Longest long-poll wait SQS allows.
+pub const MAX_WAIT_SECS: u64 = 20;
+/// Longest visibility timeout SQS allows (12 hours).
+pub const MAX_VISIBILITY_SECS: u64 = 43_200;
+/// SQS caps a message attribute value (and we keep reasons short).
+const MAX_REASON_BYTES: usize = 1_024;
+
+/// Settings of the SQS source.
+#[derive(Debug, Clone)]
+pub struct SqsConfig {
+    /// The queue the worker drains.
+    pub queue_url: String,
+    /// Its dead-letter queue, for permanent failures (sent there at once).
+    pub dlq_url: Option<String>,
+}
+
+/// Receives from an SQS queue. Clones share one call counter.
+#[derive(Debug, Clone)]
+pub struct SqsSource {
+    client: Client,
+    config: SqsConfig,
+    calls: Arc<CallCounter>,
+}
+
+impl SqsSource {
+    /// A source over a client built once from the standard AWS configuration.
+    pub fn new(client: Client, config: SqsConfig) -> Self {
+        Self {
+            client,
+            config,
+            calls: Arc::default(),
+        }
+    }
+
+    /// The SQS API calls made so far (by this source and its clones), by operation.
+    pub fn calls(&self) -> ApiCalls {
+        self.calls.snapshot()
+    }
+
+    fn error<E>(&self, queue: &str, err: &aws_sdk_sqs::error::SdkError<E>) -> SourceError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let message = format!("{}", DisplayErrorContext(err));
+        let permanent = matches!(
+            err.code(),
+            Some(
+                "AWS.SimpleQueueService.NonExistentQueue"
+                    | "QueueDoesNotExist"
+                    | "AccessDenied"
+                    | "AccessDeniedException"
+                    | "InvalidAddress"
+                    | "ReceiptHandleIsInvalid"
+            )
+        );
+        if permanent {
+            SourceError::Rejected {
+                queue: queue.to_owned(),
+                message,
+            }
+        } else {
+            SourceError::Unavailable {
+                queue: queue.to_owned(),
+                message,
+            }
+        }
+    }
+
+    async fn change_visibility(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
+        for chunk in items.chunks(MAX_BATCH_ENTRIES) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (id, delay))| {
+                    // Whole seconds, rounded up: a backoff is never shortened (1.6 s → 2 s).
+                    let secs = u64::try_from(delay.as_millis().div_ceil(1_000))
+                        .unwrap_or(MAX_VISIBILITY_SECS)
+                        .clamp(1, MAX_VISIBILITY_SECS);
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&id.0)
+                        .visibility_timeout(i32::try_from(secs).unwrap_or(i32::MAX))
+                        .build()
+                        .map_err(|e| self.rejected(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.calls.count("ChangeMessageVisibilityBatch");
+            let out = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(&self.config.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| self.error(&self.config.queue_url, &e))?;
+            if let Some(f) = out.failed().first() {
+                return Err(self.unavailable(format!("change visibility failed: {}", f.code())));
+            }
+        }
+        Ok(())
+    }
+
+    fn rejected(&self, message: String) -> SourceError {
+        SourceError::Rejected {
+            queue: self.config.queue_url.clone(),
+            message,
+        }
+    }
+
+    fn unavailable(&self, message: String) -> SourceError {
+        SourceError::Unavailable {
+            queue: self.config.queue_url.clone(),
+            message,
+        }
+    }
+}
+
+fn string_attr(value: &str) -> Result<MessageAttributeValue, SourceError> {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .map_err(|e| SourceError::Rejected {
+            queue: String::new(),
+            message: e.to_string(),
+        })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[async_trait]
+impl Source for SqsSource {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError> {
+        let max = i32::try_from(max.clamp(1, MAX_BATCH_ENTRIES)).unwrap_or(10);
+        // Whole seconds, rounded up: a sub-second wait (a batch still coalescing) must stay a
+        // long poll; `WaitTimeSeconds=0` is a short poll that returns at once, empty or not, and
+        // a caller looping until its deadline would spin on empty receives.
+        let wait_secs = u64::try_from(wait.as_millis().div_ceil(1_000)).unwrap_or(MAX_WAIT_SECS);
+        let wait = i32::try_from(wait_secs.min(MAX_WAIT_SECS)).unwrap_or(20);
+        self.calls.count("ReceiveMessage");
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.config.queue_url)
+            .max_number_of_messages(max)
+            .wait_time_seconds(wait)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| self.error(&self.config.queue_url, &e))?;
+        let mut deliveries = Vec::new();
+        for m in out.messages() {
+            let Some(receipt) = m.receipt_handle() else {
+                continue;
+            };
+            let attributes: BTreeMap<String, String> = m
+                .message_attributes()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned())))
+                .collect();
+            let receive_count = m
+                .attributes()
+                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            deliveries.push(Delivery {
+                id: DeliveryId(receipt.to_owned()),
+                message_id: m.message_id().unwrap_or_default().to_owned(),
+                body: m.body().unwrap_or_default().to_owned(),
+                attributes,
+                receive_count,
+            });
+        }
+        Ok(deliveries)
+    }
+
+    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), SourceError> {
+        for chunk in ids.chunks(MAX_BATCH_ENTRIES) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&id.0)
+                        .build()
+                        .map_err(|e| self.rejected(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.calls.count("DeleteMessageBatch");
+            let out = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.config.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| self.error(&self.config.queue_url, &e))?;
+            if let Some(f) = out.failed().first() {
+                return Err(self.unavailable(format!(
+                    "delete failed for {} entries ({})",
+                    out.failed().len(),
+                    f.code()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn retry_later(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
+        self.change_visibility(items).await
+    }
+
+    async fn extend(&self, ids: &[DeliveryId], by: Duration) -> Result<(), SourceError> {
+        let items: Vec<(DeliveryId, Duration)> = ids.iter().map(|id| (id.clone(), by)).collect();
+        self.change_visibility(&items).await
+    }
+
+    async fn dead_letter(
+        &self,
+        id: &DeliveryId,
+        letters: &[DeadLetter],
+    ) -> Result<(), SourceError> {
+        let dlq = self.config.dlq_url.as_deref().ok_or_else(|| {
+            self.rejected("no dead-letter queue configured (set the DLQ URL)".into())
+        })?;
+        for chunk in letters.chunks(MAX_BATCH_ENTRIES) {
+            let mut entries = Vec::with_capacity(chunk.len());
+            for (i, letter) in chunk.iter().enumerate() {
+                let mut b = SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&letter.body);
+                for (k, v) in &letter.attributes {
+                    b = b.message_attributes(k, string_attr(v)?);
+                }
+                b = b
+                    .message_attributes(ATTR_ERROR_CODE, string_attr(&letter.reason.code)?)
+                    .message_attributes(
+                        ATTR_ERROR_MESSAGE,
+                        string_attr(truncate(&letter.reason.message, MAX_REASON_BYTES))?,
+                    );
+                entries.push(b.build().map_err(|e| self.rejected(e.to_string()))?);
+            }
+            self.calls.count("SendMessageBatch");
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(dlq)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| self.error(dlq, &e))?;
+            if let Some(f) = out.failed().first() {
+                return Err(SourceError::Unavailable {
+                    queue: dlq.to_owned(),
+                    message: format!("send to DLQ failed: {}", f.code()),
+                });
+            }
+        }
+        // Only after the DLQ acknowledged every letter.
+        self.ack(std::slice::from_ref(id)).await
+    }
+}

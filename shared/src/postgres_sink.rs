@@ -1,0 +1,713 @@
+//! The PostgreSQL store: raw events keyed by `event_id` plus per-minute rollups, written
+//! idempotently in one transaction (one statement, one round trip) per batch.
+//!
+//! A write sends the whole batch as column arrays and runs one statement:
+//! `INSERT … SELECT … FROM UNNEST(…) ON CONFLICT (event_id) DO NOTHING RETURNING …`, whose
+//! returned rows — the events stored for the first time, and only those — are grouped into
+//! `ad_metrics_minute` by an `INSERT … ON CONFLICT … DO UPDATE` in the same statement. A
+//! redelivered event is not returned, so it changes no rollup.
+//!
+//! The schema lives in versioned files under `shared/migrations/` (`V{n}__{name}.sql`),
+//! embedded at build time and applied by [`migrate`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use crate::event::AdEvent;
+use crate::sink::{Sink, SinkError, WriteReport};
+
+/// The store name carried by this sink's errors.
+const STORE: &str = "postgres";
+
+/// Key of the transaction-level advisory lock that serialises concurrent [`migrate`] calls
+/// (the bytes of "SPILLWAY").
+const MIGRATION_LOCK_KEY: i64 = 0x5350_494C_4C57_4159;
+
+/// The `application_name` the sink's connections report, unless the URL sets one.
+const APPLICATION_NAME: &str = "spillway";
+
+/// Settings of the PostgreSQL store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Where the database is: a URL (`postgres://user:password@host:5432/dbname`) or a libpq
+    /// key=value string (`host=127.0.0.1 user=postgres dbname=spillway`). TLS is not used.
+    /// Default `postgres://postgres@127.0.0.1:5432/postgres`.
+    pub url: String,
+    /// Most connections the sink holds open, which is also the most writes in flight at once;
+    /// further writes wait for a free connection. Default 8.
+    pub max_connections: usize,
+    /// Server-side limit on one statement (PostgreSQL's `statement_timeout`); a write that
+    /// runs longer is cancelled, rolled back, and reported as transient. Default 30 s.
+    pub statement_timeout: Duration,
+    /// Limit on opening a connection, and on waiting for a free one when all
+    /// `max_connections` are busy; past it a write fails as transient. Default 5 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            max_connections: 8,
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The defaults with another URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_password(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// Hides the password of a `scheme://user:password@host` URL, for logs and `Debug`.
+fn redact_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        // key=value form: drop the password pair's value.
+        return url
+            .split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    let rest = &url[scheme_end..];
+    match (rest.find('@'), rest.find(':')) {
+        (Some(at), Some(colon)) if colon < at => {
+            format!(
+                "{}{}:***{}",
+                &url[..scheme_end],
+                &rest[..colon],
+                &rest[at..]
+            )
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Why the PostgreSQL store could not be set up or migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    /// The URL does not parse.
+    #[error("invalid PostgreSQL URL {url}: {source}")]
+    InvalidUrl {
+        /// The URL, password hidden.
+        url: String,
+        /// The parser's complaint.
+        source: tokio_postgres::Error,
+    },
+    /// The connection pool could not be built.
+    #[error("cannot build the PostgreSQL connection pool: {message}")]
+    Pool {
+        /// What went wrong.
+        message: String,
+    },
+    /// No connection could be had from the pool.
+    #[error("cannot get a PostgreSQL connection: {source}")]
+    Connect {
+        /// The pool's error.
+        source: PoolError,
+    },
+    /// A migration's SQL failed; the whole migration run was rolled back.
+    #[error("migration V{version}__{name} failed: {}", describe(source))]
+    Migration {
+        /// Its version.
+        version: i32,
+        /// Its name.
+        name: &'static str,
+        /// The database's error.
+        source: tokio_postgres::Error,
+    },
+    /// A migration already applied differs from the file of the same version in this build.
+    #[error("migration V{version}__{name} was applied with another content (checksum {applied}, this build has {expected}); never edit an applied migration, add a new one")]
+    MigrationChanged {
+        /// Its version.
+        version: i32,
+        /// Its name.
+        name: &'static str,
+        /// Checksum recorded in `spillway_migrations`.
+        applied: String,
+        /// Checksum of the embedded file.
+        expected: String,
+    },
+    /// Any other database error.
+    #[error("PostgreSQL error: {}", describe(.0))]
+    Database(#[from] tokio_postgres::Error),
+}
+
+/// One versioned schema change, embedded from `shared/migrations/V{version}__{name}.sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    /// Its version; migrations apply in increasing order, each once.
+    pub version: i32,
+    /// The name part of its file name.
+    pub name: &'static str,
+    /// Its SQL, run in the migration transaction.
+    pub sql: &'static str,
+}
+
+impl Migration {
+    /// SHA-256 of the SQL in hex, recorded when applied so later edits are detected.
+    pub fn checksum(&self) -> String {
+        hex::encode(Sha256::digest(self.sql.as_bytes()))
+    }
+}
+
+/// Every migration of this build, in version order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create_events_and_rollups",
+    sql: include_str!("../migrations/V1__create_events_and_rollups.sql"),
+}];
+
+/// Applies the migrations not applied yet, in one transaction, and records them in
+/// `spillway_migrations`; returns the versions applied now (empty when up to date).
+///
+/// Concurrent callers (several workers starting at once) are serialised by a transaction
+/// advisory lock: one applies, the others then find nothing to do.
+///
+/// # Errors
+/// [`PostgresError::Migration`] when a migration's SQL fails (nothing is applied),
+/// [`PostgresError::MigrationChanged`] when an applied migration was edited since, and
+/// [`PostgresError::Database`] for any other database error.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, PostgresError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS spillway_migrations (
+            version    integer     PRIMARY KEY,
+            name       text        NOT NULL,
+            checksum   text        NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .await?;
+    let applied: BTreeMap<i32, String> = tx
+        .query("SELECT version, checksum FROM spillway_migrations", &[])
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    let mut now_applied = Vec::new();
+    for m in MIGRATIONS {
+        let expected = m.checksum();
+        match applied.get(&m.version) {
+            Some(sum) if *sum == expected => {}
+            Some(sum) => {
+                return Err(PostgresError::MigrationChanged {
+                    version: m.version,
+                    name: m.name,
+                    applied: sum.clone(),
+                    expected,
+                })
+            }
+            None => {
+                tx.batch_execute(m.sql)
+                    .await
+                    .map_err(|source| PostgresError::Migration {
+                        version: m.version,
+                        name: m.name,
+                        source,
+                    })?;
+                tx.execute(
+                    "INSERT INTO spillway_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    &[&m.version, &m.name, &expected],
+                )
+                .await?;
+                now_applied.push(m.version);
+            }
+        }
+    }
+    tx.commit().await?;
+    if !now_applied.is_empty() {
+        tracing::info!(versions = ?now_applied, "Applied PostgreSQL migrations");
+    }
+    Ok(now_applied)
+}
+
+/// One row of `ad_metrics_minute`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RollupRow {
+    /// `occurred_at` truncated to the minute, in UTC.
+    #[serde(with = "time::serde::rfc3339")]
+    pub minute: OffsetDateTime,
+    /// The advertiser.
+    pub advertiser_id: String,
+    /// The campaign.
+    pub campaign_id: String,
+    /// The ad.
+    pub ad_id: String,
+    /// The event type's wire name.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The currency, `""` when the events had none.
+    pub currency: String,
+    /// How many events.
+    pub events: i64,
+    /// Sum of their `cost_micros`.
+    pub cost_micros: i64,
+    /// Sum of their `revenue_micros` (absent counts as 0).
+    pub revenue_micros: i64,
+}
+
+/// The write: insert the new events, then add exactly the inserted ones (the `RETURNING`
+/// rows) into the rollups. Rollup keys are upserted in key order so concurrent writers lock
+/// them in the same order; the events arrive sorted by `event_id` for the same reason.
+const WRITE_SQL: &str = "
+WITH ins AS (
+    INSERT INTO ad_events (event_id, type, occurred_at, advertiser_id, campaign_id, ad_id,
+                           publisher_id, placement_id, cost_micros, revenue_micros, currency,
+                           country, device, attributes)
+    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[],
+                         $11::text[], $12::text[], $13::text[], $14::jsonb[])
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING type, occurred_at, advertiser_id, campaign_id, ad_id, cost_micros,
+              revenue_micros, currency
+), rollup AS (
+    INSERT INTO ad_metrics_minute AS m (minute, advertiser_id, campaign_id, ad_id, type,
+                                        currency, events, cost_micros, revenue_micros)
+    SELECT date_trunc('minute', occurred_at, 'UTC'), advertiser_id, campaign_id, ad_id, type,
+           coalesce(currency, ''), count(*), sum(cost_micros), coalesce(sum(revenue_micros), 0)
+    FROM ins
+    GROUP BY 1, 2, 3, 4, 5, 6
+    ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (minute, advertiser_id, campaign_id, ad_id, type, currency) DO UPDATE
+    SET events = m.events + EXCLUDED.events,
+        cost_micros = m.cost_micros + EXCLUDED.cost_micros,
+        revenue_micros = m.revenue_micros + EXCLUDED.revenue_micros
+)
+SELECT count(*) FROM ins";
+
+/// A batch as column arrays, the shape `UNNEST` takes.
+#[derive(Debug, Default)]
+struct Columns<'a> {
+    event_id: Vec<Uuid>,
+    event_type: Vec<&'static str>,
+    occurred_at: Vec<OffsetDateTime>,
+    advertiser_id: Vec<&'a str>,
+    campaign_id: Vec<&'a str>,
+    ad_id: Vec<&'a str>,
+    publisher_id: Vec<Option<&'a str>>,
+    placement_id: Vec<Option<&'a str>>,
+    cost_micros: Vec<i64>,
+    revenue_micros: Vec<Option<i64>>,
+    currency: Vec<Option<&'a str>>,
+    country: Vec<Option<&'a str>>,
+    device: Vec<Option<&'static str>>,
+    attributes: Vec<Json<&'a BTreeMap<String, String>>>,
+}
+
+impl<'a> Columns<'a> {
+    fn new(events: &[&'a AdEvent]) -> Result<Self, SinkError> {
+        let mut c = Self::default();
+        for ev in events {
+            c.event_id.push(ev.event_id.as_uuid());
+            c.event_type.push(ev.event_type.as_str());
+            c.occurred_at.push(ev.occurred_at);
+            c.advertiser_id.push(ev.advertiser_id.as_str());
+            c.campaign_id.push(ev.campaign_id.as_str());
+            c.ad_id.push(ev.ad_id.as_str());
+            c.publisher_id
+                .push(ev.publisher_id.as_ref().map(|i| i.as_str()));
+            c.placement_id
+                .push(ev.placement_id.as_ref().map(|i| i.as_str()));
+            c.cost_micros.push(to_i64(ev.cost_micros.get())?);
+            c.revenue_micros
+                .push(ev.revenue_micros.map(|m| to_i64(m.get())).transpose()?);
+            c.currency.push(ev.currency.as_ref().map(|x| x.as_str()));
+            c.country.push(ev.country.as_ref().map(|x| x.as_str()));
+            c.device.push(ev.device.map(|d| d.as_str()));
+            c.attributes.push(Json(&ev.attributes));
+        }
+        Ok(c)
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 14] {
+        [
+            &self.event_id,
+            &self.event_type,
+            &self.occurred_at,
+            &self.advertiser_id,
+            &self.campaign_id,
+            &self.ad_id,
+            &self.publisher_id,
+            &self.placement_id,
+            &self.cost_micros,
+            &self.revenue_micros,
+            &self.currency,
+            &self.country,
+            &self.device,
+            &self.attributes,
+        ]
+    }
+}
+
+fn to_i64(micros: u64) -> Result<i64, SinkError> {
+    i64::try_from(micros).map_err(|_| SinkError::Rejected {
+        store: STORE.into(),
+        message: format!("{micros} micros does not fit a bigint"),
+    })
+}
+
+/// The events of a batch once each, sorted by `event_id`; the first occurrence of an id wins.
+fn unique_sorted(events: &[AdEvent]) -> Vec<&AdEvent> {
+    let mut unique: Vec<&AdEvent> = events.iter().collect();
+    // Stable sort: equal ids keep batch order, so dedup keeps the first occurrence.
+    unique.sort_by_key(|ev| ev.event_id);
+    unique.dedup_by_key(|ev| ev.event_id);
+    unique
+}
+
+/// Writes to PostgreSQL through a bounded connection pool; see the module docs.
+#[derive(Clone)]
+pub struct PostgresSink {
+    pool: Pool,
+    target: String,
+}
+
+impl fmt::Debug for PostgresSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresSink")
+            .field("target", &self.target)
+            .field("max_connections", &self.pool.status().max_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresSink {
+    /// A sink for `config`; connections are opened on first use, not here.
+    ///
+    /// # Errors
+    /// [`PostgresError::InvalidUrl`] when the URL does not parse, [`PostgresError::Pool`]
+    /// when the pool cannot be built.
+    pub fn new(config: &PostgresConfig) -> Result<Self, PostgresError> {
+        let mut pg: tokio_postgres::Config =
+            config
+                .url
+                .parse()
+                .map_err(|source| PostgresError::InvalidUrl {
+                    url: redact_password(&config.url),
+                    source,
+                })?;
+        let timeout_ms = config.statement_timeout.as_millis().max(1);
+        let options = match pg.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={timeout_ms}"),
+            _ => format!("-c statement_timeout={timeout_ms}"),
+        };
+        pg.options(options);
+        pg.connect_timeout(config.connect_timeout);
+        if pg.get_application_name().is_none() {
+            pg.application_name(APPLICATION_NAME);
+        }
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.max_connections.max(1))
+            .timeouts(Timeouts {
+                wait: Some(config.connect_timeout),
+                create: Some(config.connect_timeout),
+                recycle: Some(config.connect_timeout),
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| PostgresError::Pool {
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            pool,
+            target: redact_password(&config.url),
+        })
+    }
+
+    /// Applies pending migrations over one of the sink's connections; see [`migrate`].
+    ///
+    /// # Errors
+    /// [`PostgresError::Connect`] without a connection, otherwise as [`migrate`].
+    pub async fn migrate(&self) -> Result<Vec<i32>, PostgresError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|source| PostgresError::Connect { source })?;
+        migrate(&mut client).await
+    }
+
+    /// How many events `ad_events` holds.
+    ///
+    /// # Errors
+    /// [`SinkError`] classified as for writes.
+    pub async fn events_stored(&self) -> Result<u64, SinkError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*) FROM ad_events", &[])
+            .await
+            .map_err(|e| classify(&e))?;
+        let n: i64 = row.try_get(0).map_err(|e| classify(&e))?;
+        Ok(u64::try_from(n).unwrap_or_default())
+    }
+
+    /// Every row of `ad_metrics_minute`, in key order.
+    ///
+    /// # Errors
+    /// [`SinkError`] classified as for writes.
+    pub async fn rollup_rows(&self) -> Result<Vec<RollupRow>, SinkError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT minute, advertiser_id, campaign_id, ad_id, type, currency, events,
+                        cost_micros, revenue_micros
+                 FROM ad_metrics_minute ORDER BY 1, 2, 3, 4, 5, 6",
+                &[],
+            )
+            .await
+            .map_err(|e| classify(&e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(RollupRow {
+                    minute: r.try_get(0)?,
+                    advertiser_id: r.try_get(1)?,
+                    campaign_id: r.try_get(2)?,
+                    ad_id: r.try_get(3)?,
+                    event_type: r.try_get(4)?,
+                    currency: r.try_get(5)?,
+                    events: r.try_get(6)?,
+                    cost_micros: r.try_get(7)?,
+                    revenue_micros: r.try_get(8)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| classify(&e))
+    }
+
+    async fn client(&self) -> Result<Object, SinkError> {
+        self.pool.get().await.map_err(|e| classify_pool(&e))
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    async fn write(&self, events: &[AdEvent]) -> Result<WriteReport, SinkError> {
+        if events.is_empty() {
+            return Ok(WriteReport::default());
+        }
+        let unique = unique_sorted(events);
+        let columns = Columns::new(&unique)?;
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(WRITE_SQL)
+            .await
+            .map_err(|e| classify(&e))?;
+        let row = client
+            .query_one(&statement, &columns.params())
+            .await
+            .map_err(|e| classify(&e))?;
+        let inserted: i64 = row.try_get(0).map_err(|e| classify(&e))?;
+        let inserted = usize::try_from(inserted).unwrap_or_default();
+        let report = WriteReport {
+            inserted,
+            duplicates: events.len().saturating_sub(inserted),
+        };
+        tracing::debug!(
+            inserted = report.inserted,
+            duplicates = report.duplicates,
+            "Wrote batch to PostgreSQL"
+        );
+        Ok(report)
+    }
+}
+
+/// Whether a SQLSTATE says the data itself was refused, so that retrying the same batch
+/// cannot help: classes 22 (data exception) and 23 (integrity constraint violation).
+///
+/// Everything else is treated as transient, not only the codes that are transient by
+/// nature (40001 serialization failure, 40P01 deadlock, 57014 statement timeout, 53300 too
+/// many connections, 57P01 admin shutdown, 57P03 cannot connect now, class 08 connection
+/// exceptions): a rejected batch is dead-lettered at once, so an operator's problem (a
+/// missing table before `spillway migrate`, a revoked grant, a full disk) must hold events
+/// in the queue behind the circuit breaker rather than burn valid revenue into the DLQ.
+pub fn sqlstate_is_permanent(code: &str) -> bool {
+    code.starts_with("22") || code.starts_with("23")
+}
+
+/// Maps a database error to a [`SinkError`] by [`sqlstate_is_permanent`]; errors without a
+/// SQLSTATE (connection refused, closed, I/O) are transient.
+fn classify(err: &tokio_postgres::Error) -> SinkError {
+    let message = describe(err);
+    match err.code() {
+        Some(code) if sqlstate_is_permanent(code.code()) => SinkError::Rejected {
+            store: STORE.into(),
+            message,
+        },
+        _ => SinkError::Unavailable {
+            store: STORE.into(),
+            message,
+        },
+    }
+}
+
+/// Pool errors: timeouts and a closed pool are transient; a backend error is classified.
+fn classify_pool(err: &PoolError) -> SinkError {
+    match err {
+        PoolError::Backend(e) => classify(e),
+        other => SinkError::Unavailable {
+            store: STORE.into(),
+            message: format!("connection pool: {other}"),
+        },
+    }
+}
+
+/// A one-line account of a database error: SQLSTATE, message and detail for server errors,
+/// the cause chain for client-side ones.
+fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            s.push_str(" (");
+            s.push_str(detail);
+            s.push(')');
+        }
+        return s;
+    }
+    let mut s = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::event::ValidationPolicy;
+    use crate::synthetic::SyntheticEvents;
+
+    #[test]
+    fn data_and_constraint_errors_are_permanent_and_the_rest_transient() {
+        for code in ["22P05", "22003", "23505", "23514", "22001"] {
+            assert!(sqlstate_is_permanent(code), "{code}");
+        }
+        for code in [
+            "40001", "40P01", "57014", "53300", "57P01", "57P03", "08006", "42P01", "XX000",
+        ] {
+            assert!(!sqlstate_is_permanent(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_batch_is_deduplicated_keeping_the_first_occurrence_in_id_order() {
+        let mut g = SyntheticEvents::new(3, 5);
+        let mut events: Vec<AdEvent> = (0..20)
+            .map(|_| {
+                AdEvent::from_json(g.event(), &ValidationPolicy::default(), &SystemClock).unwrap()
+            })
+            .collect();
+        let mut changed = events[4].clone();
+        changed.cost_micros = events[0].cost_micros;
+        changed.ad_id = crate::event::Ident::parse("ad_id", "replaced").unwrap();
+        events.push(changed);
+        events.push(events[7].clone());
+        let unique = unique_sorted(&events);
+        assert_eq!(unique.len(), 20);
+        assert!(unique.windows(2).all(|w| w[0].event_id < w[1].event_id));
+        let kept = unique
+            .iter()
+            .find(|e| e.event_id == events[4].event_id)
+            .unwrap();
+        assert_eq!(kept.ad_id, events[4].ad_id);
+    }
+
+    #[test]
+    fn passwords_are_hidden_in_debug_output() {
+        let c = PostgresConfig::new("postgres://app:s3cret@db:5432/spillway");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://app:***@db:5432/spillway"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_password("host=db password=s3cret user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(
+            redact_password("postgres://app@db/x"),
+            "postgres://app@db/x"
+        );
+    }
+
+    #[test]
+    fn every_migration_file_is_embedded_in_version_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort_by_key(|n| {
+            n.trim_start_matches('V')
+                .split("__")
+                .next()
+                .unwrap()
+                .parse::<i32>()
+                .unwrap()
+        });
+        let embedded: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|m| format!("V{}__{}.sql", m.version, m.name))
+            .collect();
+        assert_eq!(files, embedded);
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
+    }
+
+    #[test]
+    fn an_unparsable_url_is_reported_without_its_password() {
+        let err = PostgresSink::new(&PostgresConfig::new("postgres://u:pw@host:notaport/db"))
+            .unwrap_err();
+        assert!(matches!(err, PostgresError::InvalidUrl { .. }), "{err}");
+        assert!(!err.to_string().contains("pw@"), "{err}");
+    }
+}

@@ -1,0 +1,121 @@
+//! The `Source` port: where workers receive deliveries and settle them.
+//!
+//! A delivery is one broker message (an envelope). The worker core decides per delivery;
+//! the runtime then settles it through this port: `ack` (delete / store offset),
+//! `retry_later` (visibility backoff, never 0), `extend` (heartbeat) or `dead_letter`
+//! (send to the DLQ with a reason, then delete — never the reverse).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Attribute carrying the dead-letter reason code.
+pub const ATTR_ERROR_CODE: &str = "spillway-error-code";
+/// Attribute carrying the dead-letter reason message.
+pub const ATTR_ERROR_MESSAGE: &str = "spillway-error-message";
+
+/// Identifies one receipt of a message (an SQS receipt handle, a Kafka offset key, …).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryId(pub String);
+
+/// One received message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Receipt to settle it with.
+    pub id: DeliveryId,
+    /// Stable message id (the same across redeliveries).
+    pub message_id: String,
+    /// The body (an envelope, raw or SNS-wrapped).
+    pub body: String,
+    /// Message attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// How many times it has been received, this time included.
+    pub receive_count: u32,
+}
+
+/// Why a message is dead-lettered: a stable code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterReason {
+    /// Stable machine code (`undecodable`, `invalid_event`, `max_receives`, …).
+    pub code: String,
+    /// Human explanation.
+    pub message: String,
+}
+
+/// A message to put on the DLQ in place of (part of) a delivery: when one event of an
+/// envelope is bad, only that event goes to the DLQ, in an envelope of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Body to send to the DLQ.
+    pub body: String,
+    /// Attributes to send with it (the reason is added by the source).
+    pub attributes: BTreeMap<String, String>,
+    /// Why.
+    pub reason: DeadLetterReason,
+}
+
+/// Why a source operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The broker could not be reached or timed out; a retry can help.
+    #[error("{queue}: {message}")]
+    Unavailable {
+        /// Queue or topic.
+        queue: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The broker refused the operation (bad receipt, missing permission).
+    #[error("{queue} refused: {message}")]
+    Rejected {
+        /// Queue or topic.
+        queue: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl SourceError {
+    /// Whether retrying can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// Receives deliveries and settles them.
+#[async_trait]
+pub trait Source: Send + Sync + Debug {
+    /// Receives up to `max` deliveries, waiting up to `wait` for the first one.
+    ///
+    /// # Errors
+    /// [`SourceError`] when the broker cannot be reached.
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError>;
+
+    /// Acknowledges deliveries: they are done and never come back.
+    ///
+    /// # Errors
+    /// [`SourceError`]; unacknowledged deliveries come back after their visibility lapses.
+    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), SourceError>;
+
+    /// Makes deliveries visible again after their delay (a backoff; never zero).
+    ///
+    /// # Errors
+    /// [`SourceError`].
+    async fn retry_later(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError>;
+
+    /// Extends the invisibility of deliveries still being worked on (heartbeat).
+    ///
+    /// # Errors
+    /// [`SourceError`].
+    async fn extend(&self, ids: &[DeliveryId], by: Duration) -> Result<(), SourceError>;
+
+    /// Sends `letters` to the dead-letter queue, then acknowledges `id`. When the send
+    /// fails nothing is acknowledged.
+    ///
+    /// # Errors
+    /// [`SourceError`].
+    async fn dead_letter(&self, id: &DeliveryId, letters: &[DeadLetter])
+        -> Result<(), SourceError>;
+}

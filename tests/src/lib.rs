@@ -1,0 +1,87 @@
+//! Test harness for Spillway's end-to-end tests.
+//!
+//! # Layout
+//! - [`spawn_ingest`]: the ingest API on a real socket (port 0) over a given publisher.
+//! - [`TestApp`]: its address, a client, and a clean shutdown.
+//! - [`localstack`]: LocalStack reachability and throw-away topics/queues.
+//! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
+//! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
+
+pub mod checker;
+pub mod dev_process;
+pub mod localstack;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ingest_api::auth::{AdvertiserScope, ApiKey, ApiKeys};
+use ingest_api::{serve, AppState, IngestConfig};
+use shared::Publisher;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The API key every harness app accepts for any advertiser.
+pub const TEST_KEY: &str = "test-key";
+
+/// A running ingest API.
+#[derive(Debug)]
+pub struct TestApp {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// A client for it.
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestApp {
+    /// `http://addr/v1/events`.
+    pub fn events_url(&self) -> String {
+        format!("http://{}/v1/events", self.addr)
+    }
+
+    /// A POST to `/v1/events` with the test key.
+    pub fn post_events(&self) -> reqwest::RequestBuilder {
+        self.client.post(self.events_url()).bearer_auth(TEST_KEY)
+    }
+
+    /// Signals shutdown and waits for the server to finish its requests in flight.
+    ///
+    /// # Errors
+    /// The server's I/O error.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.server).await??;
+        Ok(())
+    }
+}
+
+/// Starts the ingest API on 127.0.0.1 port 0 over `publisher`, accepting [`TEST_KEY`].
+///
+/// # Errors
+/// When the socket cannot be bound.
+pub async fn spawn_ingest(
+    publisher: Arc<dyn Publisher>,
+    config: IngestConfig,
+) -> anyhow::Result<TestApp> {
+    let keys = ApiKeys::new(vec![ApiKey::from_plain(
+        TEST_KEY,
+        "test",
+        AdvertiserScope::Any,
+    )]);
+    let state = AppState::new(publisher, keys, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    Ok(TestApp {
+        addr,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+        server,
+    })
+}

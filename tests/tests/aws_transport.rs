@@ -1,0 +1,399 @@
+//! The AWS transport against a real LocalStack: HTTP → SNS → SQS, filter policies, raw and
+//! SNS-wrapped bodies, dead-lettering with reasons, visibility backoff.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ingest_api::IngestConfig;
+use serde_json::Value;
+use shared::aws::sns::{SnsConfig, SnsPublisher};
+use shared::aws::sqs::{SqsConfig, SqsSource};
+use shared::envelope::decode_message;
+use shared::source::{DeadLetter, DeadLetterReason, Source, ATTR_ERROR_CODE};
+use shared::synthetic::SyntheticEvents;
+use tests::localstack::{self, create_queue, create_topology, subscribe};
+use tests::spawn_ingest;
+
+/// Drains a queue until `want` events were seen or `timeout` passed; returns event ids,
+/// acking everything received.
+async fn drain_ids(source: &SqsSource, want: usize, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut ids = Vec::new();
+    while ids.len() < want && Instant::now() < deadline {
+        let batch = source.receive(10, Duration::from_secs(1)).await.unwrap();
+        for d in &batch {
+            let env = decode_message(
+                &d.body,
+                d.attributes.get("content-encoding").map(String::as_str),
+            )
+            .unwrap();
+            for raw in env.events {
+                let v: Value = serde_json::from_str(raw.get()).unwrap();
+                ids.push(v["event_id"].as_str().unwrap().to_owned());
+            }
+        }
+        let receipts: Vec<_> = batch.iter().map(|d| d.id.clone()).collect();
+        source.ack(&receipts).await.unwrap();
+    }
+    ids
+}
+
+fn events(seed: u64, n: usize) -> Vec<Value> {
+    let mut g = SyntheticEvents::new(seed, 5);
+    (0..n).map(|_| g.event()).collect()
+}
+
+#[tokio::test]
+async fn events_posted_over_http_arrive_once_in_the_subscribed_queue() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let topo = create_topology(&config, true, 30, 5).await.unwrap();
+    let publisher = Arc::new(SnsPublisher::new(
+        shared::aws::sns_client(&config),
+        SnsConfig::new(&topo.topic_arn),
+    ));
+    let app = spawn_ingest(publisher, IngestConfig::default())
+        .await
+        .unwrap();
+    let posted = events(1, 300);
+    for chunk in posted.chunks(100) {
+        let resp = app.post_events().json(chunk).send().await.unwrap();
+        assert_eq!(resp.status(), 202);
+    }
+    let source = SqsSource::new(
+        shared::aws::sqs_client(&config),
+        SqsConfig {
+            queue_url: topo.queue_url.clone(),
+            dlq_url: Some(topo.dlq_url.clone()),
+        },
+    );
+    let got = drain_ids(&source, 300, Duration::from_secs(60)).await;
+    let want: BTreeSet<String> = posted
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got.len(), 300, "every accepted event arrives exactly once");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), want);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_filtered_subscription_receives_only_its_types_and_wrapped_bodies_decode_the_same() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    // The worker queue gets SNS-wrapped bodies (no raw delivery).
+    let topo = create_topology(&config, false, 30, 5).await.unwrap();
+    let sns = shared::aws::sns_client(&config);
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-conv-{}", localstack::suffix());
+    let (conv_url, conv_arn, _) = create_queue(&sqs, &name, 30, 5).await.unwrap();
+    subscribe(
+        &sns,
+        &topo.topic_arn,
+        &conv_arn,
+        true,
+        Some(&["conversion"]),
+    )
+    .await
+    .unwrap();
+
+    let publisher = SnsPublisher::new(sns, SnsConfig::new(&topo.topic_arn));
+    let app = spawn_ingest(Arc::new(publisher), IngestConfig::default())
+        .await
+        .unwrap();
+    let posted = events(2, 120);
+    assert_eq!(
+        app.post_events()
+            .json(&posted)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let conversions: BTreeSet<String> = posted
+        .iter()
+        .filter(|e| e["type"] == "conversion")
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!conversions.is_empty());
+
+    let conv = SqsSource::new(
+        sqs.clone(),
+        SqsConfig {
+            queue_url: conv_url,
+            dlq_url: None,
+        },
+    );
+    let got = drain_ids(&conv, conversions.len(), Duration::from_secs(30)).await;
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), conversions);
+    // Nothing else arrives there.
+    assert!(conv
+        .receive(10, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .is_empty());
+
+    let wrapped = SqsSource::new(
+        sqs,
+        SqsConfig {
+            queue_url: topo.queue_url,
+            dlq_url: None,
+        },
+    );
+    let all = drain_ids(&wrapped, 120, Duration::from_secs(30)).await;
+    assert_eq!(
+        all.len(),
+        120,
+        "SNS-wrapped bodies decode to the same events"
+    );
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn dead_lettering_sends_with_the_reason_then_deletes() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-dl-{}", localstack::suffix());
+    let (queue_url, _, dlq_url) = create_queue(&sqs, &name, 30, 5).await.unwrap();
+    sqs.send_message()
+        .queue_url(&queue_url)
+        .message_body("not an envelope")
+        .send()
+        .await
+        .unwrap();
+    let source = SqsSource::new(
+        sqs.clone(),
+        SqsConfig {
+            queue_url: queue_url.clone(),
+            dlq_url: Some(dlq_url.clone()),
+        },
+    );
+    let got = source.receive(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].receive_count, 1);
+    let letter = DeadLetter {
+        body: got[0].body.clone(),
+        attributes: got[0].attributes.clone(),
+        reason: DeadLetterReason {
+            code: "undecodable".into(),
+            message: "body is not an envelope".into(),
+        },
+    };
+    source.dead_letter(&got[0].id, &[letter]).await.unwrap();
+
+    let dlq = SqsSource::new(
+        sqs,
+        SqsConfig {
+            queue_url: dlq_url,
+            dlq_url: None,
+        },
+    );
+    let dead = dlq.receive(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, "not an envelope");
+    assert_eq!(dead[0].attributes[ATTR_ERROR_CODE], "undecodable");
+    // Deleted from the source: nothing comes back even after the visibility would lapse.
+    assert!(source
+        .receive(10, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn retry_later_hides_a_message_for_its_delay_and_counts_receives() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-vis-{}", localstack::suffix());
+    let (queue_url, _, _) = create_queue(&sqs, &name, 30, 5).await.unwrap();
+    sqs.send_message()
+        .queue_url(&queue_url)
+        .message_body("x")
+        .send()
+        .await
+        .unwrap();
+    let source = SqsSource::new(
+        sqs,
+        SqsConfig {
+            queue_url,
+            dlq_url: None,
+        },
+    );
+    let first = source.receive(1, Duration::from_secs(5)).await.unwrap();
+    source
+        .retry_later(&[(first[0].id.clone(), Duration::from_secs(2))])
+        .await
+        .unwrap();
+    assert!(
+        source
+            .receive(1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty(),
+        "hidden during the delay"
+    );
+    let again = source.receive(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again.len(), 1, "visible again after the delay");
+    assert_eq!(again[0].receive_count, 2);
+}
+
+/// Runs localstack/provision.py (CloudFormation deploy of infra/template.yaml) with the
+/// LocalStack venv's Python; returns the exported settings.
+fn provision(stack: &str) -> std::collections::HashMap<String, String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let venv = std::env::var("SPILLWAY_LS_VENV").map_or_else(
+        |_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/spillway/localstack-venv")
+        },
+        std::path::PathBuf::from,
+    );
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .arg(root.join("localstack/provision.py"))
+        .args(["--stack", stack, "--prefix", stack])
+        .output()
+        .expect("the LocalStack venv (localstack/start.sh creates it)");
+    assert!(
+        out.status.success(),
+        "provision failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_deploys_and_the_pipeline_runs_on_what_it_created() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let stack = format!("sw-t-{}", localstack::suffix());
+    let env = provision(&stack);
+    let topic_arn = env["SPILLWAY_TOPIC_ARN"].clone();
+    let queue_url = env["SPILLWAY_QUEUE_URL"].clone();
+    let dlq_url = env["SPILLWAY_DLQ_URL"].clone();
+    assert!(
+        topic_arn.ends_with(&format!("{stack}-events")),
+        "{topic_arn}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(shared::sqlite_sink::SqliteSink::open(dir.path().join("store.db")).unwrap());
+    let source = Arc::new(SqsSource::new(
+        shared::aws::sqs_client(&config),
+        SqsConfig {
+            queue_url,
+            dlq_url: Some(dlq_url),
+        },
+    ));
+    let poller_config = workers::PollerConfig {
+        receive_wait: Duration::from_secs(1),
+        max_batch_wait: Duration::from_millis(200),
+        ..workers::PollerConfig::default()
+    };
+    let poller = workers::Poller::new(source, store.clone(), poller_config).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(poller.run(stop.clone()));
+
+    let publisher = SnsPublisher::new(shared::aws::sns_client(&config), SnsConfig::new(&topic_arn));
+    let app = spawn_ingest(Arc::new(publisher), IngestConfig::default())
+        .await
+        .unwrap();
+    let posted = events(3, 500);
+    for chunk in posted.chunks(100) {
+        let mut body = chunk.to_vec();
+        body.push(chunk[0].clone()); // a duplicate in every request
+        let mut bad = chunk[1].clone();
+        bad["currency"] = serde_json::json!("usd");
+        body.push(bad);
+        assert_eq!(
+            app.post_events().json(&body).send().await.unwrap().status(),
+            202
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.events_stored().await.unwrap() < 500 {
+        assert!(Instant::now() < deadline, "events did not reach the store");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Give a redelivery a chance to show up as a double count; there must be none.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    worker.await.unwrap();
+    app.shutdown().await.unwrap();
+    assert_eq!(store.events_stored().await.unwrap(), 500);
+    let rollup_events: i64 = store
+        .rollups()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.events)
+        .sum();
+    assert_eq!(rollup_events, 500, "each valid unique event counted once");
+}
+
+#[test]
+fn the_template_passes_cfn_lint() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let venv = std::env::var("SPILLWAY_LS_VENV").map_or_else(
+        |_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/spillway/localstack-venv")
+        },
+        std::path::PathBuf::from,
+    );
+    let cfn_lint = venv.join("bin/cfn-lint");
+    if !cfn_lint.exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{} is missing and CI=true: run localstack/start.sh (it installs localstack/requirements.txt)",
+            cfn_lint.display()
+        );
+        eprintln!(
+            "SKIPPED: {} is missing; run localstack/start.sh",
+            cfn_lint.display()
+        );
+        return;
+    }
+    let out = std::process::Command::new(&cfn_lint)
+        .arg(root.join("infra/template.yaml"))
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "cfn-lint found problems (exit {}):\n{report}",
+        out.status
+    );
+}

@@ -1,0 +1,595 @@
+//! `PostgresSink` and the no-loss checker against a real PostgreSQL (127.0.0.1:5432, trust
+//! auth; `scripts/ensure-postgres.sh` provides it). Each test gets its own random database,
+//! dropped at the end. Under `CI=true` an unreachable server fails the test; elsewhere the
+//! test is skipped with a loud message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::synthetic::SyntheticEvents;
+use shared::{
+    AdEvent, PostgresConfig, PostgresError, PostgresSink, Sink, SinkError, SystemClock,
+    ValidationPolicy,
+};
+use tests::checker::{check, PostgresStoreView, RollupKey, RollupTotals, Rollups};
+use time::OffsetDateTime;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+/// The server, without a database name; `SPILLWAY_TEST_PG` overrides it.
+fn server_url() -> String {
+    std::env::var("SPILLWAY_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A database of its own for one test, dropped (connections and all) when it goes.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// Creates `spillway_test_<random>`, or returns `None` (skip) when PostgreSQL cannot be
+    /// reached outside CI.
+    async fn create() -> Option<Self> {
+        let admin_url = format!("{}/postgres", server_url());
+        let admin = match tokio::time::timeout(Duration::from_secs(5), connect(&admin_url)).await {
+            Ok(Ok(c)) => c,
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".into(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "PostgreSQL at {admin_url} is required under CI=true but unreachable: {why}"
+                );
+                // Straight to stderr: libtest would swallow eprintln! of a passing test.
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    format!(
+                        "\n!!!!! SKIPPED: PostgreSQL at {admin_url} unreachable ({why}); \
+                         run scripts/ensure-postgres.sh !!!!!\n"
+                    )
+                    .as_bytes(),
+                );
+                return None;
+            }
+        };
+        let name = format!("spillway_test_{:016x}", rand::random::<u64>());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let url = format!("{}/{name}", server_url());
+        Some(Self { name, url })
+    }
+
+    fn config(&self) -> PostgresConfig {
+        PostgresConfig {
+            max_connections: 4,
+            ..PostgresConfig::new(self.url.clone())
+        }
+    }
+
+    /// A migrated sink.
+    async fn sink(&self) -> PostgresSink {
+        let sink = PostgresSink::new(&self.config()).unwrap();
+        sink.migrate().await.unwrap();
+        sink
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (name, admin_url) = (self.name.clone(), format!("{}/postgres", server_url()));
+        // Drop runs inside the test's runtime, so the async cleanup gets a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = connect(&admin_url).await {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+macro_rules! test_db {
+    () => {
+        match TestDb::create().await {
+            Some(db) => db,
+            None => return,
+        }
+    };
+}
+
+/// `n` valid synthetic events spread over the last hour, so rollups span many minutes.
+fn events(seed: u64, n: usize) -> Vec<AdEvent> {
+    let mut g = SyntheticEvents::new(seed, 3);
+    let now = OffsetDateTime::now_utc();
+    (0..n)
+        .map(|i| {
+            let at = now - time::Duration::seconds(i64::try_from(i * 7 % 3600).unwrap());
+            AdEvent::from_json(g.event_at(at), &ValidationPolicy::default(), &SystemClock).unwrap()
+        })
+        .collect()
+}
+
+/// Rollups computed in Rust from distinct events: the oracle the store must match.
+fn expected_rollups<'a>(events: impl IntoIterator<Item = &'a AdEvent>) -> Rollups {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Rollups::new();
+    for ev in events {
+        if !seen.insert(ev.event_id) {
+            continue;
+        }
+        let minute = ev
+            .occurred_at
+            .replace_second(0)
+            .unwrap()
+            .replace_nanosecond(0)
+            .unwrap();
+        let key = RollupKey {
+            minute,
+            advertiser_id: ev.advertiser_id.to_string(),
+            campaign_id: ev.campaign_id.to_string(),
+            ad_id: ev.ad_id.to_string(),
+            event_type: ev.event_type.to_string(),
+            currency: ev
+                .currency
+                .as_ref()
+                .map(|c| c.as_str().to_owned())
+                .unwrap_or_default(),
+        };
+        let t = out.entry(key).or_default();
+        t.events += 1;
+        t.cost_micros += i64::try_from(ev.cost_micros.get()).unwrap();
+        t.revenue_micros += ev
+            .revenue_micros
+            .map_or(0, |m| i64::try_from(m.get()).unwrap());
+    }
+    out
+}
+
+/// The sink's rollups through its read helper, keyed like the oracle.
+async fn stored_rollups(sink: &PostgresSink) -> Rollups {
+    sink.rollup_rows()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                RollupKey {
+                    minute: r.minute,
+                    advertiser_id: r.advertiser_id,
+                    campaign_id: r.campaign_id,
+                    ad_id: r.ad_id,
+                    event_type: r.event_type,
+                    currency: r.currency,
+                },
+                RollupTotals {
+                    events: r.events,
+                    cost_micros: r.cost_micros,
+                    revenue_micros: r.revenue_micros,
+                },
+            )
+        })
+        .collect()
+}
+
+fn ids(events: &[AdEvent]) -> Vec<Uuid> {
+    events.iter().map(|e| e.event_id.as_uuid()).collect()
+}
+
+/// Writes like a worker would: retries transient failures, gives up on anything else.
+async fn write_retrying(sink: &PostgresSink, batch: &[AdEvent]) -> shared::WriteReport {
+    for attempt in 0.. {
+        match sink.write(batch).await {
+            Ok(r) => return r,
+            Err(e) if e.is_transient() && attempt < 20 => {
+                tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+            }
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn a_redelivered_batch_changes_no_rollup() {
+    let db = test_db!();
+    let sink = db.sink().await;
+    let batch = events(1, 300);
+    let first = sink.write(&batch).await.unwrap();
+    assert_eq!((first.inserted, first.duplicates), (300, 0));
+    let before = stored_rollups(&sink).await;
+    assert_eq!(before, expected_rollups(&batch));
+
+    let again = sink.write(&batch).await.unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 300));
+    assert_eq!(stored_rollups(&sink).await, before);
+    assert_eq!(sink.events_stored().await.unwrap(), 300);
+}
+
+#[tokio::test]
+async fn a_batch_with_duplicates_inside_reports_inserted_and_duplicates() {
+    let db = test_db!();
+    let sink = db.sink().await;
+    let stored_before = events(2, 10);
+    sink.write(&stored_before[..4]).await.unwrap();
+
+    // 10 distinct ids, 4 of them already stored, 3 repeated inside the batch, and one
+    // repeat carrying other values (the first occurrence wins).
+    let mut batch = stored_before.clone();
+    batch.extend_from_slice(&stored_before[5..8]);
+    let mut altered = stored_before[9].clone();
+    altered.cost_micros = stored_before[0].cost_micros;
+    altered.ad_id = shared::event::Ident::parse("ad_id", "ad-altered").unwrap();
+    batch.push(altered);
+
+    let report = sink.write(&batch).await.unwrap();
+    assert_eq!(report.inserted, 6);
+    assert_eq!(report.duplicates, batch.len() - 6);
+    assert_eq!(sink.events_stored().await.unwrap(), 10);
+    assert_eq!(
+        stored_rollups(&sink).await,
+        expected_rollups(&stored_before)
+    );
+}
+
+#[tokio::test]
+async fn rollups_equal_recomputed_sums_after_several_random_batches() {
+    let db = test_db!();
+    let sink = db.sink().await;
+    let pool = events(3, 2000);
+    let mut written: Vec<AdEvent> = Vec::new();
+    let mut acknowledged = Vec::new();
+    for round in 0..12_u64 {
+        // Overlapping random windows: new events and redeliveries mixed.
+        let start = usize::try_from(rand::random::<u64>() % 1800).unwrap();
+        let len = 1 + usize::try_from(rand::random::<u64>() % 200).unwrap();
+        let batch = &pool[start..(start + len).min(pool.len())];
+        let new = batch
+            .iter()
+            .filter(|e| !written.iter().any(|w| w.event_id == e.event_id))
+            .count();
+        let report = sink.write(batch).await.unwrap();
+        assert_eq!(report.inserted, new, "round {round}");
+        assert_eq!(report.inserted + report.duplicates, batch.len());
+        written.extend(batch.iter().cloned());
+        acknowledged.extend(ids(batch));
+    }
+    assert_eq!(stored_rollups(&sink).await, expected_rollups(&written));
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let report = check(&view, &acknowledged, Some(&ids(&pool)))
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert!(report.rollup_rows > 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_overlapping_batches_store_each_event_once() {
+    let db = test_db!();
+    let sink = Arc::new(db.sink().await);
+    let pool = Arc::new(events(4, 3000));
+    let writers = (0..4_usize).map(|w| {
+        let (sink, pool) = (Arc::clone(&sink), Arc::clone(&pool));
+        tokio::spawn(async move {
+            let mut inserted = 0;
+            // Each writer walks the whole pool from a different offset, in batches of 250,
+            // so every event is offered by every writer, concurrently.
+            for b in 0..12 {
+                let start = (w * 750 + b * 250) % 3000;
+                inserted += write_retrying(&sink, &pool[start..start + 250])
+                    .await
+                    .inserted;
+            }
+            inserted
+        })
+    });
+    let inserted: usize = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .sum();
+    assert_eq!(inserted, 3000, "each event inserted by exactly one writer");
+    assert_eq!(sink.events_stored().await.unwrap(), 3000);
+    assert_eq!(stored_rollups(&sink).await, expected_rollups(pool.iter()));
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let report = check(&view, &ids(&pool), Some(&ids(&pool))).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
+    let db = test_db!();
+    let sinks: Vec<PostgresSink> = (0..4)
+        .map(|_| PostgresSink::new(&db.config()).unwrap())
+        .collect();
+    let outcomes = futures::future::join_all(sinks.iter().map(PostgresSink::migrate)).await;
+    let applied: Vec<Vec<i32>> = outcomes.into_iter().map(Result::unwrap).collect();
+    let all: Vec<i32> = shared::postgres_sink::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .collect();
+    assert_eq!(
+        applied.iter().filter(|a| **a == all).count(),
+        1,
+        "{applied:?}"
+    );
+    assert_eq!(
+        applied.iter().filter(|a| a.is_empty()).count(),
+        3,
+        "{applied:?}"
+    );
+    assert!(sinks[0].migrate().await.unwrap().is_empty());
+
+    let client = db.client().await;
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM spillway_migrations ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, all);
+    sinks[0].write(&events(5, 5)).await.unwrap();
+
+    // An applied migration edited afterwards is refused, not re-run.
+    client
+        .execute(
+            "UPDATE spillway_migrations SET checksum = 'edited' WHERE version = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = sinks[1].migrate().await.unwrap_err();
+    assert!(
+        matches!(err, PostgresError::MigrationChanged { version: 1, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_be_reached_is_a_transient_error() {
+    // Port 1 on loopback: nothing listens there, the connection is refused at once.
+    let sink = PostgresSink::new(&PostgresConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..PostgresConfig::new("postgres://postgres@127.0.0.1:1/nowhere")
+    })
+    .unwrap();
+    let err = sink.write(&events(6, 3)).await.unwrap_err();
+    assert!(matches!(err, SinkError::Unavailable { .. }), "{err}");
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn a_statement_timeout_is_a_transient_error_and_stores_nothing() {
+    let db = test_db!();
+    db.sink().await; // migrate
+    let sink = PostgresSink::new(&PostgresConfig {
+        statement_timeout: Duration::from_millis(300),
+        ..db.config()
+    })
+    .unwrap();
+    let mut locker = db.client().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE ad_events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let batch = events(7, 50);
+    let started = std::time::Instant::now();
+    let err = sink.write(&batch).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tx.rollback().await.unwrap();
+
+    assert_eq!(sink.events_stored().await.unwrap(), 0);
+    assert_eq!(sink.write(&batch).await.unwrap().inserted, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_connection_is_a_transient_error_and_the_sink_recovers() {
+    let db = test_db!();
+    let sink = Arc::new(db.sink().await);
+    let writer = {
+        let sink = Arc::clone(&sink);
+        tokio::spawn(async move {
+            let (mut acked, mut failed, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..40_u64 {
+                let batch = events(100 + round, 1000);
+                match sink.write(&batch).await {
+                    Ok(_) => acked.push(batch),
+                    Err(e) => {
+                        errors.push(e);
+                        failed.push(batch);
+                    }
+                }
+                if errors.len() >= 3 && acked.len() >= 3 {
+                    break;
+                }
+            }
+            (acked, failed, errors)
+        })
+    };
+    let killer = db.client().await;
+    while !writer.is_finished() {
+        killer
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let (acked, failed, errors) = writer.await.unwrap();
+    assert!(!errors.is_empty(), "no write was interrupted");
+    for e in &errors {
+        assert!(matches!(e, SinkError::Unavailable { .. }), "{e}");
+    }
+
+    // The worker's retry of each failed batch goes through on fresh connections.
+    for batch in &failed {
+        write_retrying(&sink, batch).await;
+    }
+    let acknowledged: Vec<Uuid> = acked.iter().chain(&failed).flat_map(|b| ids(b)).collect();
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let report = check(&view, &acknowledged, Some(&acknowledged))
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.stored, acknowledged.len());
+}
+
+#[tokio::test]
+async fn a_data_error_is_permanent_and_stores_nothing_of_the_batch() {
+    let db = test_db!();
+    let sink = db.sink().await;
+    let mut batch = events(8, 20);
+    // jsonb cannot hold U+0000 (SQLSTATE 22P05). Ingest validation refuses it, so the event
+    // is built past validation, as a store-side data error would arrive from a replayed DLQ.
+    let raw = SyntheticEvents::new(9, 1).event();
+    let mut bad = AdEvent::from_json(raw, &ValidationPolicy::default(), &SystemClock).unwrap();
+    bad.attributes.insert("note".into(), "nul\u{0}byte".into());
+    batch.push(bad);
+
+    let err = sink.write(&batch).await.unwrap_err();
+    assert!(matches!(err, SinkError::Rejected { .. }), "{err}");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("22P05"), "{err}");
+    assert_eq!(sink.events_stored().await.unwrap(), 0);
+    assert!(sink.rollup_rows().await.unwrap().is_empty());
+}
+
+/// A clean store of 200 events, its acknowledged ids, and every attempted id (250).
+async fn checked_store(db: &TestDb) -> (PostgresSink, Vec<Uuid>, Vec<Uuid>) {
+    let sink = db.sink().await;
+    let attempted = events(10, 250);
+    sink.write(&attempted[..200]).await.unwrap();
+    (sink, ids(&attempted[..200]), ids(&attempted))
+}
+
+#[tokio::test]
+async fn the_checker_reports_all_zero_on_a_clean_run() {
+    let db = test_db!();
+    let (_sink, acked, attempted) = checked_store(&db).await;
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let report = check(&view, &acked, Some(&attempted)).await.unwrap();
+    assert_eq!(report.attempted, Some(250));
+    assert_eq!(report.acknowledged, 200);
+    assert_eq!(report.stored, 200);
+    assert_eq!(
+        (report.lost, report.unexpected, report.duplicated),
+        (0, Some(0), 0)
+    );
+    assert!(report.rollups_consistent);
+    assert_eq!(report.rollup_events, 200);
+    assert!(report.is_clean(), "{report}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["lost"], 0);
+    assert_eq!(json["rollups_consistent"], true);
+}
+
+#[tokio::test]
+async fn the_checker_detects_a_planted_lost_event() {
+    let db = test_db!();
+    let (_sink, acked, attempted) = checked_store(&db).await;
+    let victim = acked[17];
+    let client = db.client().await;
+    // Deleted with its rollup contribution, so only the loss shows.
+    client
+        .batch_execute(&format!(
+            "WITH gone AS (DELETE FROM ad_events WHERE event_id = '{victim}' RETURNING *)
+             UPDATE ad_metrics_minute m SET events = m.events - 1,
+                    cost_micros = m.cost_micros - g.cost_micros,
+                    revenue_micros = m.revenue_micros - coalesce(g.revenue_micros, 0)
+             FROM gone g
+             WHERE m.minute = date_trunc('minute', g.occurred_at, 'UTC')
+               AND m.advertiser_id = g.advertiser_id AND m.campaign_id = g.campaign_id
+               AND m.ad_id = g.ad_id AND m.type = g.type
+               AND m.currency = coalesce(g.currency, '');
+             DELETE FROM ad_metrics_minute WHERE events = 0;"
+        ))
+        .await
+        .unwrap();
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let report = check(&view, &acked, Some(&attempted)).await.unwrap();
+    assert_eq!(report.lost, 1, "{report}");
+    assert_eq!(report.lost_sample, vec![victim]);
+    assert_eq!((report.unexpected, report.duplicated), (Some(0), 0));
+    assert!(report.rollups_consistent, "{report}");
+    assert!(!report.is_clean());
+}
+
+#[tokio::test]
+async fn the_checker_detects_a_planted_unexpected_row() {
+    let db = test_db!();
+    let (sink, acked, attempted) = checked_store(&db).await;
+    let stranger = events(11, 1);
+    sink.write(&stranger).await.unwrap();
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let report = check(&view, &acked, Some(&attempted)).await.unwrap();
+    assert_eq!(report.unexpected, Some(1), "{report}");
+    assert_eq!(report.unexpected_sample, ids(&stranger));
+    assert_eq!((report.lost, report.duplicated), (0, 0));
+    assert!(report.rollups_consistent);
+    assert!(!report.is_clean());
+}
+
+#[tokio::test]
+async fn the_checker_detects_a_planted_rollup_inconsistency() {
+    let db = test_db!();
+    let (_sink, acked, attempted) = checked_store(&db).await;
+    let client = db.client().await;
+    // One rollup row counted twice, another with revenue drifted.
+    client
+        .batch_execute(
+            "UPDATE ad_metrics_minute SET events = events * 2, cost_micros = cost_micros * 2
+             WHERE ctid = (SELECT ctid FROM ad_metrics_minute ORDER BY minute LIMIT 1);
+             UPDATE ad_metrics_minute SET revenue_micros = revenue_micros + 1
+             WHERE ctid = (SELECT ctid FROM ad_metrics_minute ORDER BY minute DESC LIMIT 1);",
+        )
+        .await
+        .unwrap();
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let report = check(&view, &acked, Some(&attempted)).await.unwrap();
+    assert!(!report.rollups_consistent, "{report}");
+    assert_eq!(report.inconsistent_rollups, 2, "{report}");
+    assert!(report.duplicated >= 1, "{report}");
+    assert_eq!((report.lost, report.unexpected), (0, Some(0)));
+    let doubled: BTreeMap<_, _> = report
+        .inconsistent_sample
+        .iter()
+        .map(|m| {
+            (
+                m.key.minute,
+                (m.stored.unwrap().events, m.recomputed.unwrap().events),
+            )
+        })
+        .collect();
+    assert!(doubled.values().any(|(s, r)| *s == 2 * r), "{doubled:?}");
+}

@@ -1,0 +1,155 @@
+//! End-to-end drain rate: the poller over the embedded broker into the SQLite sink.
+//!
+//! Pre-fills a broker queue (in a temporary directory) with `--envelopes` envelopes of
+//! `--events-per-envelope` synthetic events, then runs `workers::poller::Poller` over
+//! `QueueSource` into `SqliteSink`, write cap off, until every event is written, and prints
+//! events/s (events written / elapsed) and batches. Only the drain is timed.
+//!
+//! `cargo run --release -p workers --example drain -- --envelopes 2000 [--batch-events 1000]
+//! [--events-per-envelope 100] [--advertisers 200] [--loops 2] [--concurrent-batches 2]`
+#![allow(clippy::print_stdout)] // An example whose output is the measurement.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shared::embedded::{Broker, QueueSource, DEV_QUEUE, DEV_TOPIC};
+use shared::envelope::{EnvelopeConfig, PackedEvent, Packer};
+use shared::event::{AdEvent, ValidationPolicy};
+use shared::sqlite_sink::SqliteSink;
+use shared::synthetic::SyntheticEvents;
+use shared::SystemClock;
+use tokio_util::sync::CancellationToken;
+use workers::poller::{Poller, PollerConfig};
+
+/// Envelopes published per broker transaction while pre-filling.
+const PUBLISH_CHUNK: usize = 100;
+/// How often the drain checks whether it is done.
+const CHECK_EVERY: Duration = Duration::from_millis(5);
+
+struct Args {
+    envelopes: usize,
+    events_per_envelope: usize,
+    batch_events: usize,
+    advertisers: u64,
+    loops: usize,
+    concurrent_batches: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        envelopes: 2_000,
+        events_per_envelope: 100,
+        batch_events: PollerConfig::default().max_batch_events,
+        advertisers: 200,
+        loops: PollerConfig::default().loops,
+        concurrent_batches: PollerConfig::default().max_concurrent_batches,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let n: u64 = value
+            .parse()
+            .map_err(|e| format!("{flag} {value:?}: {e}"))?;
+        let size = usize::try_from(n).map_err(|e| format!("{flag}: {e}"))?;
+        match flag.as_str() {
+            "--envelopes" => a.envelopes = size,
+            "--events-per-envelope" => a.events_per_envelope = size.max(1),
+            "--batch-events" => a.batch_events = size.max(1),
+            "--advertisers" => a.advertisers = n,
+            "--loops" => a.loops = size,
+            "--concurrent-batches" => a.concurrent_batches = size,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    Ok(a)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::open(dir.path().join("broker.db"))?;
+    broker.dev_topology().await?;
+    let sink = SqliteSink::open(dir.path().join("events.db"))?;
+
+    // One envelope of `events_per_envelope` mixed-type events each.
+    let packer = Packer::new(EnvelopeConfig {
+        split_by_type: false,
+        ..EnvelopeConfig::default()
+    });
+    let mut g = SyntheticEvents::new(42, args.advertisers);
+    let policy = ValidationPolicy::default();
+    let fill = Instant::now();
+    let mut envelopes = Vec::with_capacity(PUBLISH_CHUNK);
+    let mut total_events = 0_u64;
+    for n in 0..args.envelopes {
+        let events = (0..args.events_per_envelope)
+            .map(|_| AdEvent::from_json(g.event(), &policy, &SystemClock))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("synthetic event is invalid: {e:?}"))?;
+        let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new).collect();
+        let envs = packer.pack("bench", &packed)?;
+        if envs.len() != 1 {
+            return Err(format!("{} events did not fit one envelope", packed.len()).into());
+        }
+        total_events += events.len() as u64;
+        envelopes.extend(envs);
+        if envelopes.len() == PUBLISH_CHUNK || n + 1 == args.envelopes {
+            broker.publish(DEV_TOPIC, &envelopes).await?;
+            envelopes.clear();
+        }
+    }
+    println!(
+        "filled {} envelopes, {total_events} events in {:.1} s",
+        args.envelopes,
+        fill.elapsed().as_secs_f64()
+    );
+
+    let config = PollerConfig {
+        loops: args.loops,
+        max_batch_events: args.batch_events,
+        max_batch_messages: args.batch_events.div_ceil(args.events_per_envelope),
+        max_concurrent_batches: args.concurrent_batches,
+        max_events_per_sec: None,
+        receive_wait: Duration::from_millis(100),
+        ..PollerConfig::default()
+    };
+    let poller = Poller::new(
+        Arc::new(QueueSource::new(broker.clone(), DEV_QUEUE)),
+        Arc::new(sink.clone()),
+        config,
+    )?;
+    let metrics = poller.metrics();
+    let shutdown = CancellationToken::new();
+    let start = Instant::now();
+    let run = tokio::spawn(poller.run(shutdown.clone()));
+    loop {
+        let m = metrics.snapshot();
+        if m.written + m.duplicates >= total_events || m.dead_lettered > 0 {
+            break;
+        }
+        tokio::time::sleep(CHECK_EVERY).await;
+    }
+    let elapsed = start.elapsed();
+    shutdown.cancel();
+    run.await?;
+
+    let m = metrics.snapshot();
+    let stored = sink.events_stored().await?;
+    let rollups = sink.rollup_rows().await?;
+    let left = broker.queue_stats(DEV_QUEUE).await?;
+    println!(
+        "drained {} events in {:.3} s: {:.0} events/s; {} batches ({:.0} events each), \
+         {} duplicates, {} dead-lettered; {stored} stored, {rollups} rollup rows, \
+         {} messages left",
+        m.written,
+        elapsed.as_secs_f64(),
+        m.written as f64 / elapsed.as_secs_f64(),
+        m.batches,
+        m.written as f64 / m.batches.max(1) as f64,
+        m.duplicates,
+        m.dead_lettered,
+        left.visible + left.in_flight + left.delayed
+    );
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! The poller runtime: N concurrent receive loops over any [`Source`], each coalescing
+//! deliveries into a batch, handing it to the core and settling the outcome through the
+//! source.
+//!
+//! Around the core it adds what a long-lived consumer needs: a visibility heartbeat for long
+//! batches, a circuit breaker that stops receiving while the sink is down, a write cap
+//! (events per second and concurrent batches) that protects the store, and graceful shutdown
+//! (stop receiving, finish and settle the batches in flight, return).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::{DeliveryId, Sink, Source};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::core::{self, BatchOutcome, CoreConfig, Decision, PreparedDelivery};
+use crate::metrics::Metrics;
+use crate::write_cap::{CappedSink, WriteCap};
+
+/// Most messages one SQS `ReceiveMessage` call returns.
+pub const MAX_RECEIVE_MESSAGES: usize = 10;
+/// Longest wait before retrying a receive that failed.
+const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How the poller runs.
+#[derive(Debug, Clone)]
+pub struct PollerConfig {
+    /// Concurrent receive loops. Default 2.
+    pub loops: usize,
+    /// Messages asked for per receive call (SQS allows at most 10). Default 10.
+    pub receive_max_messages: usize,
+    /// Long-poll wait of a receive while no batch is open. Default 20 s.
+    pub receive_wait: Duration,
+    /// A batch stops growing at this many valid events (one receive may pass it). Default 1,000.
+    pub max_batch_events: usize,
+    /// A batch stops growing at this many messages. Default 100.
+    pub max_batch_messages: usize,
+    /// A batch stops growing this long after its first message arrived. Default 1 s.
+    pub max_batch_wait: Duration,
+    /// The queue's visibility timeout; each heartbeat extends invisibility by this. Default 30 s.
+    pub visibility_timeout: Duration,
+    /// How often a batch in progress extends its visibility, counted from its first
+    /// receive; well under `visibility_timeout`. Default 10 s.
+    pub heartbeat_every: Duration,
+    /// Most batches written at once, over all loops. Default 2.
+    pub max_concurrent_batches: usize,
+    /// Most events written per second, over all loops; `None` for no cap. Default 5,000.
+    pub max_events_per_sec: Option<u32>,
+    /// Events the write cap lets through at once after a quiet spell; any 1 s window holds
+    /// at most `max_events_per_sec + burst_events` (a larger single write overdraws). Default 1,000.
+    pub burst_events: u32,
+    /// The circuit breaker.
+    pub breaker: BreakerConfig,
+    /// The batch core.
+    pub core: CoreConfig,
+}
+
+impl Default for PollerConfig {
+    fn default() -> Self {
+        Self {
+            loops: 2,
+            receive_max_messages: MAX_RECEIVE_MESSAGES,
+            receive_wait: Duration::from_secs(20),
+            max_batch_events: 1_000,
+            max_batch_messages: 100,
+            max_batch_wait: Duration::from_secs(1),
+            visibility_timeout: Duration::from_secs(30),
+            heartbeat_every: Duration::from_secs(10),
+            max_concurrent_batches: 2,
+            max_events_per_sec: Some(5_000),
+            burst_events: 1_000,
+            breaker: BreakerConfig::default(),
+            core: CoreConfig::default(),
+        }
+    }
+}
+
+/// A setting the poller cannot run with.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PollerConfigError {
+    /// A count that must be at least one is zero.
+    #[error("{field} must be at least 1")]
+    Zero {
+        /// The setting.
+        field: &'static str,
+    },
+    /// The heartbeat or the batch wait would let the visibility lapse.
+    #[error(
+        "{field} ({value_ms} ms) must be shorter than visibility_timeout ({visibility_ms} ms)"
+    )]
+    NotUnderVisibility {
+        /// The setting.
+        field: &'static str,
+        /// Its value.
+        value_ms: u128,
+        /// The visibility timeout.
+        visibility_ms: u128,
+    },
+}
+
+impl PollerConfig {
+    /// Checks the settings against each other.
+    ///
+    /// # Errors
+    /// The first setting that cannot work.
+    pub fn validate(&self) -> Result<(), PollerConfigError> {
+        for (field, v) in [
+            ("loops", self.loops),
+            ("receive_max_messages", self.receive_max_messages),
+            ("max_batch_events", self.max_batch_events),
+            ("max_batch_messages", self.max_batch_messages),
+            ("max_concurrent_batches", self.max_concurrent_batches),
+        ] {
+            if v == 0 {
+                return Err(PollerConfigError::Zero { field });
+            }
+        }
+        for (field, v) in [
+            ("heartbeat_every", self.heartbeat_every),
+            ("max_batch_wait", self.max_batch_wait),
+        ] {
+            if v.is_zero() || v >= self.visibility_timeout {
+                return Err(PollerConfigError::NotUnderVisibility {
+                    field,
+                    value_ms: v.as_millis(),
+                    visibility_ms: self.visibility_timeout.as_millis(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The poller: build it, take its metrics, then `run` it until shutdown.
+#[derive(Debug)]
+pub struct Poller {
+    ctx: Arc<Ctx>,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    source: Arc<dyn Source>,
+    sink: Arc<dyn Sink>,
+    config: PollerConfig,
+    breaker: CircuitBreaker,
+    batches: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+/// Deliveries coalesced into one batch.
+struct Batch {
+    prepared: Vec<PreparedDelivery>,
+    events: usize,
+    first_received: Instant,
+}
+
+impl Poller {
+    /// A poller draining `source` into `sink`.
+    ///
+    /// # Errors
+    /// [`PollerConfigError`] when the settings cannot work together.
+    pub fn new(
+        source: Arc<dyn Source>,
+        sink: Arc<dyn Sink>,
+        config: PollerConfig,
+    ) -> Result<Self, PollerConfigError> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        let sink: Arc<dyn Sink> = match config.max_events_per_sec {
+            Some(rate) => Arc::new(CappedSink::new(
+                sink,
+                Arc::new(WriteCap::new(rate, config.burst_events)),
+            )),
+            None => sink,
+        };
+        Ok(Self {
+            ctx: Arc::new(Ctx {
+                source,
+                sink,
+                breaker: CircuitBreaker::new(config.breaker, Arc::clone(&metrics)),
+                batches: Arc::new(Semaphore::new(config.max_concurrent_batches)),
+                config,
+                metrics,
+            }),
+        })
+    }
+
+    /// The live counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.ctx.metrics)
+    }
+
+    /// Runs the receive loops until `shutdown` is cancelled, then lets the batches in flight
+    /// finish and settle, and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        info!(loops = self.ctx.config.loops, "Poller started");
+        let mut loops = JoinSet::new();
+        for n in 0..self.ctx.config.loops {
+            loops.spawn(receive_loop(Arc::clone(&self.ctx), shutdown.clone(), n));
+        }
+        while let Some(done) = loops.join_next().await {
+            if let Err(e) = done {
+                error!(error = %e, "Receive loop died");
+            }
+        }
+        info!("Poller stopped");
+    }
+}
+
+async fn receive_loop(ctx: Arc<Ctx>, shutdown: CancellationToken, n: usize) {
+    let mut receive_backoff = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            () = ctx.breaker.ready(ctx.sink.as_ref()) => {}
+        }
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            p = Arc::clone(&ctx.batches).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        // The breaker may have opened while this loop waited for a permit.
+        if ctx.breaker.state() != crate::metrics::BreakerState::Closed {
+            continue;
+        }
+        let batch = match receive_batch(&ctx, &shutdown).await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => continue,
+            Err(e) => {
+                ctx.metrics.add_receive_errors(1);
+                warn!(loop_no = n, error = %e, backoff_ms = receive_backoff.as_millis(), "Receive failed");
+                drop(permit);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(receive_backoff) => {}
+                }
+                receive_backoff = (receive_backoff * 2).min(MAX_RECEIVE_BACKOFF);
+                continue;
+            }
+        };
+        receive_backoff = Duration::from_millis(100);
+        // Not cancellable: a batch received is finished and settled, shutdown or not.
+        process(&ctx, batch).await;
+        drop(permit);
+    }
+    debug!(loop_no = n, "Receive loop stopped");
+}
+
+/// Receives until the batch holds `max_batch_events` events or `max_batch_messages`
+/// messages, or `max_batch_wait` passed since its first message; `None` when a long poll
+/// found nothing.
+async fn receive_batch(
+    ctx: &Ctx,
+    shutdown: &CancellationToken,
+) -> Result<Option<Batch>, shared::SourceError> {
+    let cfg = &ctx.config;
+    let mut batch: Option<Batch> = None;
+    loop {
+        let (wait, want) = match &batch {
+            None => (
+                cfg.receive_wait,
+                cfg.receive_max_messages.min(cfg.max_batch_messages),
+            ),
+            Some(b) => {
+                let deadline = b.first_received + cfg.max_batch_wait;
+                let now = Instant::now();
+                if now >= deadline
+                    || b.events >= cfg.max_batch_events
+                    || b.prepared.len() >= cfg.max_batch_messages
+                {
+                    break;
+                }
+                let room = cfg.max_batch_messages - b.prepared.len();
+                (deadline - now, cfg.receive_max_messages.min(room))
+            }
+        };
+        let received = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            r = ctx.source.receive(want, wait) => r,
+        };
+        let deliveries = match received {
+            Ok(d) => d,
+            // Keep what was received; it is processed and settled now.
+            Err(e) if batch.is_some() => {
+                warn!(error = %e, "Receive failed while coalescing; processing what arrived");
+                ctx.metrics.add_receive_errors(1);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        if deliveries.is_empty() {
+            if batch.is_none() {
+                return Ok(None);
+            }
+            continue;
+        }
+        ctx.metrics.add_received(deliveries.len() as u64);
+        let b = batch.get_or_insert_with(|| Batch {
+            prepared: Vec::new(),
+            events: 0,
+            first_received: Instant::now(),
+        });
+        for d in &deliveries {
+            let p = core::prepare(d, &cfg.core);
+            b.events += p.event_count();
+            b.prepared.push(p);
+        }
+    }
+    Ok(batch)
+}
+
+async fn process(ctx: &Ctx, batch: Batch) {
+    let ids: Vec<DeliveryId> = batch.prepared.iter().map(|p| p.id().clone()).collect();
+    let events = batch.events;
+    ctx.metrics.add_events_valid(events as u64);
+    let stop = CancellationToken::new();
+    let beat = tokio::spawn(heartbeat(
+        Arc::clone(&ctx.source),
+        ids.clone(),
+        batch.first_received + ctx.config.heartbeat_every,
+        ctx.config.heartbeat_every,
+        ctx.config.visibility_timeout,
+        stop.clone(),
+    ));
+    let outcome = core::write_prepared(batch.prepared, ctx.sink.as_ref(), &ctx.config.core).await;
+    // No extension may follow a settlement: stop the heartbeat and wait for it.
+    stop.cancel();
+    if let Err(e) = beat.await {
+        error!(error = %e, "Heartbeat task died");
+    }
+    ctx.breaker.record(&outcome);
+    settle(ctx, &outcome, events).await;
+}
+
+async fn heartbeat(
+    source: Arc<dyn Source>,
+    ids: Vec<DeliveryId>,
+    first: Instant,
+    every: Duration,
+    by: Duration,
+    stop: CancellationToken,
+) {
+    let mut next = first;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        match source.extend(&ids, by).await {
+            Ok(()) => debug!(
+                deliveries = ids.len(),
+                by_ms = by.as_millis(),
+                "Extended visibility"
+            ),
+            Err(e) => warn!(deliveries = ids.len(), error = %e, "Visibility heartbeat failed"),
+        }
+        next += every;
+    }
+}
+
+async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
+    let m = &ctx.metrics;
+    m.add_batches(1);
+    m.add_written(outcome.written.inserted as u64);
+    m.add_duplicates(outcome.written.duplicates as u64);
+
+    let mut acks = Vec::new();
+    let mut retries = Vec::new();
+    let mut letters_sent = 0_usize;
+    for s in &outcome.settlements {
+        match &s.decision {
+            Decision::Ack => acks.push(s.id.clone()),
+            Decision::RetryLater(delay) => retries.push((s.id.clone(), *delay)),
+            Decision::AckWithLetters(letters) | Decision::DeadLetter(letters) => {
+                match ctx.source.dead_letter(&s.id, letters).await {
+                    Ok(()) => {
+                        letters_sent += letters.len();
+                        m.add_dead_lettered(letters.len() as u64);
+                        if matches!(s.decision, Decision::AckWithLetters(_)) {
+                            m.add_acked(1);
+                        }
+                        for l in letters {
+                            warn!(
+                                message_id = %s.message_id,
+                                code = %l.reason.code,
+                                reason = %l.reason.message,
+                                "Dead-lettered"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        // It comes back after its visibility lapses and is decided again.
+                        m.add_settle_errors(1);
+                        warn!(message_id = %s.message_id, error = %e, "Dead-letter failed");
+                    }
+                }
+            }
+        }
+    }
+    if !acks.is_empty() {
+        match ctx.source.ack(&acks).await {
+            Ok(()) => m.add_acked(acks.len() as u64),
+            Err(e) => {
+                m.add_settle_errors(1);
+                warn!(deliveries = acks.len(), error = %e, "Ack failed; they will be redelivered as duplicates");
+            }
+        }
+    }
+    if !retries.is_empty() {
+        match ctx.source.retry_later(&retries).await {
+            Ok(()) => m.add_retried(retries.len() as u64),
+            Err(e) => {
+                m.add_settle_errors(1);
+                warn!(deliveries = retries.len(), error = %e, "Retry-later failed; they return after their visibility lapses");
+            }
+        }
+    }
+    info!(
+        deliveries = outcome.settlements.len(),
+        events,
+        inserted = outcome.written.inserted,
+        duplicates = outcome.written.duplicates,
+        acked = acks.len(),
+        retried = retries.len(),
+        dead_lettered = letters_sent,
+        sink_error = outcome.sink_error.as_deref().unwrap_or(""),
+        "Settled batch"
+    );
+}

@@ -1,0 +1,323 @@
+//! The poller runtime over the in-memory source, under paused tokio time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{envelope, events, until, TestSink};
+use shared::memory_source::{MemorySource, MemorySourceConfig, REASON_MAX_RECEIVES};
+use shared::{Sink, Source};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use workers::breaker::BreakerConfig;
+use workers::core::REASON_UNDECODABLE;
+use workers::{BreakerState, Metrics, Poller, PollerConfig};
+
+fn source(max_receive_count: Option<u32>) -> Arc<MemorySource> {
+    Arc::new(MemorySource::new(MemorySourceConfig {
+        visibility_timeout: Duration::from_secs(30),
+        max_receive_count,
+        ..MemorySourceConfig::default()
+    }))
+}
+
+fn config() -> PollerConfig {
+    PollerConfig {
+        receive_wait: Duration::from_secs(1),
+        max_batch_wait: Duration::from_millis(200),
+        max_events_per_sec: None,
+        ..PollerConfig::default()
+    }
+}
+
+fn start(
+    source: &Arc<MemorySource>,
+    sink: Arc<dyn Sink>,
+    config: PollerConfig,
+) -> (Arc<Metrics>, CancellationToken, JoinHandle<()>) {
+    let poller = Poller::new(Arc::clone(source) as Arc<dyn Source>, sink, config).unwrap();
+    let metrics = poller.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(poller.run(token.clone()));
+    (metrics, token, handle)
+}
+
+/// Sends `n` envelopes of `per` events each; returns their message ids.
+fn fill(source: &MemorySource, seed: u64, n: u64, per: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| source.send_envelope(&envelope(&events(seed + i, per))))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_poller_writes_every_event_and_acks_each_batch_in_one_call() {
+    let src = source(Some(5));
+    fill(&src, 100, 40, 5);
+    let sink = TestSink::new();
+    let (metrics, token, handle) = start(&src, sink.clone(), config());
+    until("queue drained", Duration::from_secs(60), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+
+    assert_eq!(sink.stored(), 200);
+    let m = metrics.snapshot();
+    assert_eq!(
+        (m.received, m.acked, m.written, m.dead_lettered),
+        (40, 40, 200, 0)
+    );
+    assert_eq!(src.ack_calls() as u64, m.batches);
+    assert!(
+        m.batches < 40,
+        "deliveries were coalesced: {} batches",
+        m.batches
+    );
+    assert_eq!(src.stale_receipts(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_message_is_dead_lettered_on_its_first_receive() {
+    let src = source(Some(5));
+    let id = src.send("garbage", BTreeMap::new());
+    let sink = TestSink::new();
+    let (metrics, token, handle) = start(&src, sink.clone(), config());
+    until("dead-lettered", Duration::from_secs(60), || {
+        !src.dead_letters().is_empty()
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap();
+
+    let dlq = src.dead_letters();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].source_message_id, id);
+    assert_eq!(dlq[0].reason.code, REASON_UNDECODABLE);
+    assert_eq!(
+        dlq[0].attributes[shared::source::ATTR_ERROR_CODE],
+        REASON_UNDECODABLE
+    );
+    assert_eq!(metrics.snapshot().received, 1);
+    assert!(src.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_failing_transiently_is_retried_with_growing_delays_then_redriven_by_max_receives(
+) {
+    let src = source(Some(4));
+    let bad = events(7, 1);
+    let id = src.send_envelope(&envelope(&bad));
+    let sink = TestSink::new();
+    sink.transient_for.lock().unwrap().insert(bad[0].event_id);
+    let cfg = PollerConfig {
+        // Keep the breaker out of it: this is about one message's retries.
+        breaker: BreakerConfig {
+            failure_threshold: 100,
+            ..BreakerConfig::default()
+        },
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), cfg);
+    until("redriven", Duration::from_secs(600), || {
+        !src.dead_letters().is_empty()
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap();
+
+    let delays = src.retry_delays(&id);
+    assert_eq!(delays.len(), 4, "{delays:?}");
+    for (i, d) in delays.iter().enumerate() {
+        let base = Duration::from_secs(1 << i);
+        assert!(
+            *d <= base && *d >= base.mul_f64(0.8).max(Duration::from_secs(1)),
+            "{delays:?}"
+        );
+    }
+    assert!(delays.windows(2).all(|w| w[1] > w[0]), "{delays:?}");
+    let dlq = src.dead_letters();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].reason.code, REASON_MAX_RECEIVES);
+    assert_eq!(metrics.snapshot().retried, 4);
+    assert_eq!(sink.stored(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_outage_opens_the_breaker_so_no_valid_message_reaches_the_dlq() {
+    let src = source(Some(3));
+    let ids = fill(&src, 200, 30, 5);
+    let sink = TestSink::new();
+    sink.inner.set_fail_always(true);
+    let cfg = PollerConfig {
+        max_batch_messages: 5,
+        breaker: BreakerConfig {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(5),
+            max_cooldown: Duration::from_secs(20),
+        },
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), cfg);
+
+    // Ten minutes of outage: far longer than max_receive_count × the retry delays.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(metrics.snapshot().breaker_state, BreakerState::Open);
+    assert!(src.dead_letters().is_empty());
+    let most = ids
+        .iter()
+        .filter_map(|id| src.receive_count(id))
+        .max()
+        .unwrap();
+    assert!(
+        most < 3,
+        "a message was received {most} times during the outage"
+    );
+    let received_during_outage = metrics.snapshot().received;
+    assert!(
+        received_during_outage <= 20,
+        "{received_during_outage} receives while the sink was down"
+    );
+
+    sink.inner.set_fail_always(false);
+    until("queue drained", Duration::from_secs(600), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+
+    assert!(src.dead_letters().is_empty());
+    assert_eq!(sink.stored(), 150);
+    let m = metrics.snapshot();
+    assert_eq!(m.written, 150, "each event stored exactly once");
+    assert_eq!(m.breaker_state, BreakerState::Closed);
+    assert!(m.breaker_opened >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_write_cap_holds_events_per_second_and_concurrent_batches() {
+    let src = source(Some(5));
+    fill(&src, 300, 100, 10);
+    let sink = TestSink::with_delay(Duration::from_millis(20));
+    let cfg = PollerConfig {
+        loops: 3,
+        receive_max_messages: 1,
+        max_batch_messages: 1,
+        max_concurrent_batches: 2,
+        max_events_per_sec: Some(200),
+        burst_events: 10,
+        ..config()
+    };
+    let start_at = Instant::now();
+    let (_metrics, token, handle) = start(&src, sink.clone(), cfg);
+    until("queue drained", Duration::from_secs(60), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+
+    assert_eq!(sink.stored(), 1000);
+    let log = sink.log.lock().unwrap().clone();
+    for (t, _) in &log {
+        let in_window: usize = log
+            .iter()
+            .filter(|(u, _)| *u >= *t && *u < *t + Duration::from_secs(1))
+            .map(|(_, n)| n)
+            .sum();
+        assert!(
+            in_window <= 210,
+            "{in_window} events in the second from {:?}",
+            *t - start_at
+        );
+    }
+    let took = log.last().unwrap().0 - start_at;
+    assert!(
+        took >= Duration::from_millis(4_900),
+        "1000 events at 200/s took only {took:?}"
+    );
+    assert!(sink.max_in_flight.load(Ordering::SeqCst) <= 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_heartbeat_keeps_a_slow_batch_invisible_until_it_is_acked() {
+    let src = Arc::new(MemorySource::new(MemorySourceConfig {
+        visibility_timeout: Duration::from_secs(3),
+        max_receive_count: Some(5),
+        ..MemorySourceConfig::default()
+    }));
+    let id = src.send_envelope(&envelope(&events(400, 3)));
+    let sink = TestSink::with_delay(Duration::from_secs(10));
+    let cfg = PollerConfig {
+        visibility_timeout: Duration::from_secs(3),
+        heartbeat_every: Duration::from_secs(1),
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), cfg);
+    until("acked", Duration::from_secs(60), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+
+    // Without the heartbeat the second loop would receive it again after 3 s.
+    assert_eq!(metrics.snapshot().received, 1);
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 1);
+    assert!(src.extend_calls() >= 8, "{} extensions", src.extend_calls());
+    assert_eq!(src.stale_receipts(), 0);
+    assert_eq!(src.deleted(), vec![id]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_receiving_and_finishes_and_acks_the_batches_in_flight() {
+    let src = source(Some(5));
+    let ids = fill(&src, 500, 5, 4);
+    let sink = TestSink::with_delay(Duration::from_secs(5));
+    let cfg = PollerConfig {
+        loops: 1,
+        receive_max_messages: 1,
+        max_batch_messages: 1,
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), cfg);
+    until("a write in flight", Duration::from_secs(10), || {
+        sink.attempts.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    token.cancel();
+    let cancelled_at = Instant::now();
+    handle.await.unwrap();
+
+    assert!(
+        Instant::now() - cancelled_at >= Duration::from_secs(4),
+        "run returned before its batch finished"
+    );
+    assert_eq!(sink.stored(), 4);
+    assert_eq!(src.deleted(), vec![ids[0].clone()]);
+    let m = metrics.snapshot();
+    assert_eq!((m.received, m.acked), (1, 1));
+    assert_eq!(src.len(), 4);
+    assert!(ids[1..].iter().all(|id| src.receive_count(id) == Some(0)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sns_wrapped_messages_are_drained_like_raw_ones() {
+    let src = source(Some(5));
+    let evs = events(600, 3);
+    let env = envelope(&evs);
+    let note = serde_json::json!({"Type": "Notification", "MessageId": "n1", "Message": env.body})
+        .to_string();
+    src.send(note, BTreeMap::new());
+    let sink = TestSink::new();
+    let (_metrics, token, handle) = start(&src, sink.clone(), config());
+    until("drained", Duration::from_secs(60), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+    assert_eq!(sink.stored(), 3);
+    assert!(src.dead_letters().is_empty());
+}
+
+#[test]
+fn a_heartbeat_not_under_the_visibility_timeout_is_refused() {
+    let cfg = PollerConfig {
+        heartbeat_every: Duration::from_secs(30),
+        ..PollerConfig::default()
+    };
+    assert!(cfg.validate().is_err());
+    assert!(PollerConfig::default().validate().is_ok());
+}
