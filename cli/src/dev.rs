@@ -39,8 +39,23 @@ pub(crate) struct DevArgs {
 
 /// Runs the pipeline until Ctrl-C or SIGTERM: then the HTTP server stops taking requests and
 /// answers those in flight, and the workers finish and settle the batches they hold.
-pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     shared::telemetry::init();
+    // `--broker kafka` without bootstrap servers: an in-process mock cluster, for trying the
+    // Kafka transport with nothing installed. It lives until this function returns.
+    let _mock = if args.broker.is_keyed() && args.broker.kafka.kafka_bootstrap_servers.is_none() {
+        let mock = args
+            .broker
+            .start_kafka_mock()
+            .context("starting the in-process mock Kafka cluster")?;
+        info!(
+            bootstrap = mock.bootstrap_servers(),
+            "Started an in-process mock Kafka cluster (nothing is kept when dev stops)"
+        );
+        Some(mock)
+    } else {
+        None
+    };
     let data_dir = &args.broker.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -68,7 +83,11 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let stop_workers = CancellationToken::new();
     let workers = tokio::spawn(poller.run(stop_workers.clone()));
 
-    let state = AppState::new(publisher, keys, args.ingest.config());
+    let state = AppState::new(
+        publisher,
+        keys,
+        args.ingest.config_for(args.broker.is_keyed()),
+    );
     let listener = tokio::net::TcpListener::bind(args.ingest.listen)
         .await
         .with_context(|| format!("binding {}", args.ingest.listen))?;
