@@ -6,10 +6,14 @@
 //! - [`localstack`]: LocalStack reachability and throw-away topics/queues.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
+//! - [`sqlite_view`]: the checker's view of the SQLite store.
+//! - [`kafka`]: the mock Kafka cluster, test settings and a topic reader.
 
 pub mod checker;
 pub mod dev_process;
+pub mod kafka;
 pub mod localstack;
+pub mod sqlite_view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
