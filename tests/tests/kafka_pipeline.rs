@@ -241,3 +241,46 @@ async fn a_poison_message_goes_to_the_dlq_topic_with_its_reason_and_origin_and_t
     assert!(report.is_clean(), "{report:?}");
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spillway_dev_on_kafka_without_bootstrap_servers_runs_on_an_in_process_mock_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = tests::dev_process::DevProcess::start(
+        dir.path(),
+        &[
+            "--broker",
+            "kafka",
+            "--receive-wait-secs",
+            "1",
+            "--batch-max-wait-ms",
+            "200",
+        ],
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let mut g = SyntheticEvents::new(9, 4);
+    let events: Vec<Value> = (0..300).map(|_| g.event()).collect();
+    for chunk in events.chunks(100) {
+        let resp = client
+            .post(dev.events_url())
+            .bearer_auth(&dev.key)
+            .json(&chunk)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    }
+    let store = SqliteSink::open(dir.path().join("store.db")).unwrap();
+    wait_stored(&store, 300, Duration::from_secs(60)).await;
+    let status = dev.terminate(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "{status:?}");
+    let ids = ids_of(&events);
+    let report = check(
+        &SqliteStoreView::new(dir.path().join("store.db")),
+        &ids,
+        Some(&ids),
+    )
+    .await
+    .unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
