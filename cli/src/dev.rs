@@ -92,7 +92,7 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.ingest.listen))?;
     let addr = listener.local_addr()?;
-    print_welcome(addr, data_dir)?;
+    print_welcome(addr, data_dir, &args.broker)?;
     serve(listener, state, shutdown_signal())
         .await
         .context("serving HTTP")?;
@@ -127,7 +127,11 @@ pub(crate) fn load_or_create_dev_key(data_dir: &Path) -> anyhow::Result<String> 
 }
 
 #[allow(clippy::print_stdout)]
-fn print_welcome(addr: std::net::SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
+fn print_welcome(
+    addr: std::net::SocketAddr,
+    data_dir: &Path,
+    broker: &BrokerSettings,
+) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc().format(&Rfc3339)?;
     let id = uuid::Uuid::new_v4();
     let key_path = data_dir.join(DEV_KEY_FILE);
@@ -142,7 +146,13 @@ fn print_welcome(addr: std::net::SocketAddr, data_dir: &Path) -> anyhow::Result<
          \"cost_micros\":1500,\"currency\":\"USD\"}}'",
         key_path.display()
     );
-    println!("Then: spillway stats --data-dir {}", data_dir.display());
+    match (broker.broker, &broker.kafka.kafka_bootstrap_servers) {
+        (shared::settings::BrokerKind::Kafka, Some(servers)) => println!(
+            "Then: spillway stats --data-dir {} --broker kafka --kafka-bootstrap-servers {servers}",
+            data_dir.display()
+        ),
+        _ => println!("Then: spillway stats --data-dir {}", data_dir.display()),
+    }
     println!("Press Ctrl-C to stop (requests and batches in flight finish first).");
     std::io::stdout().flush()?;
     Ok(())

@@ -3,7 +3,7 @@
 //! # Layout
 //! - `dev`: the whole pipeline in one process (see [`dev`]).
 //! - `loadgen`: synthetic load against an ingest endpoint (see [`loadgen`]).
-//! - `stats`: queue, DLQ and store figures (see [`stats`]).
+//! - `stats`: queue, DLQ and store figures (see [`stats`]; Kafka in [`stats_kafka`]).
 //! - `setup`: declare the topology (see [`setup`]).
 //! - `migrate`: PostgreSQL migrations (see [`migrate`]).
 
@@ -12,6 +12,7 @@ mod loadgen;
 mod migrate;
 mod setup;
 mod stats;
+mod stats_kafka;
 
 use clap::{Parser, Subcommand};
 

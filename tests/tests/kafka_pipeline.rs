@@ -159,6 +159,37 @@ async fn http_to_kafka_to_a_group_of_two_workers_stores_each_valid_unique_event_
         Some(messages[0].headers[ATTR_PARTITION_KEY].as_str())
     );
 
+    // `spillway stats --broker kafka` sees the group caught up and the store full.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        let out = std::process::Command::new(tests::dev_process::spillway_bin().unwrap())
+            .args(["stats", "--json", "--broker", "kafka"])
+            .args([
+                "--kafka-bootstrap-servers",
+                &bootstrap,
+                "--kafka-group",
+                "e2e",
+            ])
+            .args(["--sink", "sqlite", "--sqlite-path"])
+            .arg(&store_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if stats["lag"] == 0 || Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(stats["lag"], 0, "{stats}");
+    assert_eq!(stats["partitions"].as_array().unwrap().len(), 4, "{stats}");
+    assert_eq!(stats["events_stored"], 2_000, "{stats}");
+    assert_eq!(stats["dlq_depth"], 0, "{stats}");
+
     w1.stop().await;
     w2.stop().await;
     app.shutdown().await.unwrap();

@@ -11,8 +11,10 @@
 //! - [`source`]: `KafkaSource` — consumer group with offsets stored only behind a contiguous
 //!   prefix of finished work, in-process redelivery with backoff, a DLQ topic, rebalance hooks.
 //! - [`tracker`]: the per-partition offset tracker (pure, property-tested).
+//! - [`lag`]: read-only partition watermarks, committed offsets and lag, for `spillway stats`.
 //! - [`mock`]: `MockKafka`, librdkafka's mock cluster kept alive on a thread of its own.
 
+pub mod lag;
 pub mod mock;
 pub mod publisher;
 pub mod source;
