@@ -148,3 +148,28 @@ impl IngestSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: IngestSettings,
+    }
+
+    #[test]
+    fn a_keyed_broker_gets_key_buckets_unless_told_otherwise() {
+        let cli = Cli::parse_from(["spillway-ingest"]);
+        assert_eq!(
+            cli.settings.config_for(true).envelope.key_buckets,
+            shared::envelope::DEFAULT_KEY_BUCKETS
+        );
+        assert_eq!(cli.settings.config_for(false).envelope.key_buckets, 0);
+        let cli = Cli::parse_from(["spillway-ingest", "--envelope-key-buckets", "0"]);
+        assert_eq!(cli.settings.config_for(true).envelope.key_buckets, 0);
+    }
+}

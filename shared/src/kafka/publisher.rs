@@ -57,8 +57,9 @@ impl ProducerConfig {
         }
     }
 
-    /// The librdkafka producer configuration: `acks=all` and `enable.idempotence=true` are
-    /// fixed (the extras cannot weaken what a 2xx promises… unless an operator insists).
+    /// The librdkafka producer configuration, with `acks=all` and `enable.idempotence=true`
+    /// (what a 2xx relies on). The extras are applied last, so an operator can still override
+    /// them; doing so weakens that promise.
     pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
         self.client.client_config(&[
             ("acks", "all".into()),
@@ -228,5 +229,39 @@ impl Publisher for KafkaPublisher {
                 message: "topic has no partitions (does it exist?)".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn envelope(attrs: &[(&str, &str)]) -> Envelope {
+        Envelope {
+            body: String::new(),
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
+            event_count: 0,
+        }
+    }
+
+    #[test]
+    fn the_key_is_the_partition_key_else_the_tenant() {
+        let keyed = envelope(&[(ATTR_PARTITION_KEY, "17"), (ATTR_TENANT, "acme")]);
+        assert_eq!(envelope_key(&keyed), "17");
+        assert_eq!(envelope_key(&envelope(&[(ATTR_TENANT, "acme")])), "acme");
+        assert_eq!(envelope_key(&envelope(&[])), "");
+    }
+
+    #[test]
+    fn acks_all_and_idempotence_are_set() {
+        let c = ProducerConfig::new(KafkaClientConfig::new("127.0.0.1:9"), "t").client_config();
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("compression.type"), Some("lz4"));
     }
 }
