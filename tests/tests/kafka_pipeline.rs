@@ -315,3 +315,71 @@ async fn spillway_dev_on_kafka_without_bootstrap_servers_runs_on_an_in_process_m
     .unwrap();
     assert!(report.is_clean(), "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_answers_503_while_kafka_is_down_and_202_once_it_is_back() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let mut config = producer_config(&bootstrap);
+    config.delivery_timeout = Duration::from_secs(2);
+    let publisher = Arc::new(KafkaPublisher::new(&config).unwrap());
+    let app = spawn_ingest(
+        publisher,
+        IngestConfig {
+            publish_attempts: 2,
+            publish_backoff: Duration::from_millis(50),
+            // One envelope per request, so the topic holds one message per 202.
+            envelope: EnvelopeConfig {
+                split_by_type: false,
+                ..EnvelopeConfig::default()
+            },
+            ..IngestConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut g = SyntheticEvents::new(31, 2);
+    let first: Vec<Value> = (0..10).map(|_| g.event()).collect();
+    let resp = app.post_events().json(&first).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+
+    mock.broker_down(1).unwrap();
+    let second: Vec<Value> = (0..10).map(|_| g.event()).collect();
+    let started = Instant::now();
+    let resp = app.post_events().json(&second).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        503,
+        "no delivery report, no 2xx: {}",
+        resp.text().await.unwrap()
+    );
+    println!("503 after {:?} with the broker down", started.elapsed());
+
+    mock.broker_up(1).unwrap();
+    // The client retries the same request: safe, event_id is the idempotency key.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = app.post_events().json(&second).send().await.unwrap();
+        if resp.status() == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after the broker came back",
+            resp.status()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let messages = tokio::task::spawn_blocking({
+        let b = bootstrap.clone();
+        move || read_topic(&b, TOPIC, 1, 2, Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let published: String = messages.iter().map(|m| m.payload.as_str()).collect();
+    for e in first.iter().chain(&second) {
+        assert!(published.contains(e["event_id"].as_str().unwrap()));
+    }
+    app.shutdown().await.unwrap();
+}

@@ -13,11 +13,18 @@ use rdkafka::mocking::MockCluster;
 #[error("mock Kafka cluster: {0}")]
 pub struct MockError(String);
 
+/// What the mock thread is asked to do.
+#[derive(Debug)]
+enum Command {
+    /// Take a broker down (`false`) or bring it back up (`true`), then answer.
+    Broker(i32, bool, mpsc::Sender<Result<(), String>>),
+}
+
 /// A running mock cluster; dropping it stops the cluster.
 #[derive(Debug)]
 pub struct MockKafka {
     bootstrap_servers: String,
-    stop: Option<mpsc::Sender<()>>,
+    commands: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -30,7 +37,7 @@ impl MockKafka {
         let topics: Vec<(String, i32)> =
             topics.iter().map(|(t, p)| ((*t).to_owned(), *p)).collect();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
         // The cluster handle is not `Send`: it lives and dies on this thread.
         let thread = std::thread::Builder::new()
             .name("kafka-mock".into())
@@ -49,8 +56,19 @@ impl MockKafka {
                     }
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-                // Runs until told to stop or until the handle is dropped.
-                let _ = stop_rx.recv();
+                // Serves commands until the handle is dropped.
+                while let Ok(cmd) = cmd_rx.recv() {
+                    match cmd {
+                        Command::Broker(id, up, reply) => {
+                            let r = if up {
+                                cluster.broker_up(id)
+                            } else {
+                                cluster.broker_down(id)
+                            };
+                            let _ = reply.send(r.map_err(|e| e.to_string()));
+                        }
+                    }
+                }
                 drop(cluster);
             })
             .map_err(|e| MockError(e.to_string()))?;
@@ -60,7 +78,7 @@ impl MockKafka {
             .map_err(MockError)?;
         Ok(Self {
             bootstrap_servers,
-            stop: Some(stop_tx),
+            commands: Some(cmd_tx),
             thread: Some(thread),
         })
     }
@@ -69,11 +87,39 @@ impl MockKafka {
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap_servers
     }
+
+    /// Takes broker `id` (1-based) down: its connections drop and it refuses new ones.
+    ///
+    /// # Errors
+    /// When librdkafka refuses.
+    pub fn broker_down(&self, id: i32) -> Result<(), MockError> {
+        self.broker(id, false)
+    }
+
+    /// Brings broker `id` back up.
+    ///
+    /// # Errors
+    /// When librdkafka refuses.
+    pub fn broker_up(&self, id: i32) -> Result<(), MockError> {
+        self.broker(id, true)
+    }
+
+    fn broker(&self, id: i32, up: bool) -> Result<(), MockError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .as_ref()
+            .ok_or_else(|| MockError("stopped".into()))?
+            .send(Command::Broker(id, up, tx))
+            .map_err(|_| MockError("the mock thread died".into()))?;
+        rx.recv()
+            .map_err(|_| MockError("the mock thread died".into()))?
+            .map_err(MockError)
+    }
 }
 
 impl Drop for MockKafka {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        drop(self.commands.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

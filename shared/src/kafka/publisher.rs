@@ -68,6 +68,12 @@ impl ProducerConfig {
             ("linger.ms", millis(self.linger)),
             ("batch.size", self.batch_bytes.to_string()),
             ("message.timeout.ms", millis(self.delivery_timeout)),
+            // A request in flight does not time out before request.timeout.ms (30 s by
+            // default), which would stretch a publish well past the delivery timeout.
+            (
+                "request.timeout.ms",
+                millis(self.delivery_timeout.min(Duration::from_secs(30))),
+            ),
         ])
     }
 }
