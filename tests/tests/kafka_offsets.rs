@@ -179,14 +179,24 @@ async fn a_crash_while_a_slow_batch_runs_loses_nothing_from_its_offset_on() {
         slow_event,
         stuck: AtomicBool::new(false),
     });
-    let source = Arc::new(KafkaSource::new(&consumer_config(&bootstrap, "crash")).unwrap());
-    let poller = Poller::new(
-        source.clone() as Arc<dyn Source>,
-        slow.clone(),
-        config.clone(),
-    )
-    .unwrap();
-    let task = tokio::spawn(poller.run(CancellationToken::new()));
+    // The first worker runs on a runtime of its own, so that "crashing" it (shutting that
+    // runtime down) drops every task it had, as a dying process would.
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    doomed.spawn({
+        let (bootstrap, slow, config) = (bootstrap.clone(), slow.clone(), config.clone());
+        async move {
+            let source = Arc::new(KafkaSource::new(&consumer_config(&bootstrap, "crash")).unwrap());
+            let poller = Poller::new(source.clone() as Arc<dyn Source>, slow, config).unwrap();
+            let _ = tx.send(source);
+            poller.run(CancellationToken::new()).await;
+        }
+    });
+    let source = rx.await.unwrap();
 
     // Everything but the slow envelope gets stored (two loops keep going around it).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -207,9 +217,18 @@ async fn a_crash_while_a_slow_batch_runs_loses_nothing_from_its_offset_on() {
         "later batches finished, the position waits at the slow one"
     );
 
-    // Crash: the process dies with the slow batch unfinished.
-    task.abort();
-    let _ = task.await;
+    // Crash: the worker dies with the slow batch unfinished. Its tasks let go of the source
+    // as the runtime winds down; wait for that, so the old member has left the group before
+    // the new one joins (else a rebalance mid-run would re-read a few offsets twice).
+    doomed.shutdown_background();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&source) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the aborted poller still holds the source"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(source);
 
     let source = Arc::new(KafkaSource::new(&consumer_config(&bootstrap, "crash")).unwrap());
