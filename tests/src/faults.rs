@@ -1,7 +1,7 @@
 //! Fault injectors for the fault tests.
 //!
 //! - [`TripleSource`]: a [`Source`] decorator that delivers every message of the real source
-//!   three times: once more in the same receive, once more in a later one.
+//!   three times: once more in the same receive (room permitting), once more in a later one.
 //! - [`DroppingProxy`]: a TCP proxy that forwards each request and, for a fraction of the
 //!   connections, closes the client's connection once the server has begun to answer,
 //!   without relaying the answer: the request took effect but the client never learns it.
@@ -22,8 +22,9 @@ use tokio::task::JoinHandle;
 const COPY_PREFIX: &str = "copy-";
 
 /// Delivers every message of `inner` three times: the real delivery and a copy in the same
-/// receive, and a second copy at the head of a later receive (after the real one was
-/// probably acknowledged: a redelivery after the ack, as SQS may do).
+/// receive (in a later one when the receive is full), and a second copy at the head of a
+/// later receive (after the real one was probably acknowledged: a redelivery after the ack,
+/// as SQS may do).
 ///
 /// Settling a copy does not touch the real message (its receipt is the real one's, which a
 /// real broker would have invalidated): `ack` and `dead_letter` of a copy are recorded and
@@ -110,9 +111,14 @@ impl Source for TripleSource {
             for d in real {
                 let now = Self::copy_of(&mut state, &d);
                 let later = Self::copy_of(&mut state, &d);
-                state.later.push_back(later);
                 out.push(d);
-                out.push(now);
+                // Never more than `max`: a copy without room waits for a later receive.
+                if out.len() < max {
+                    out.push(now);
+                } else {
+                    state.later.push_back(now);
+                }
+                state.later.push_back(later);
             }
         }
         let copies = {

@@ -147,6 +147,13 @@ async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
     wait_drained(&broker, QUEUE, Duration::from_secs(10))
         .await
         .unwrap();
+    // The last count, once everything is acknowledged (and so committed).
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM ad_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    samples.rows.push((started.elapsed().as_secs_f64(), n));
     worker.terminate(Duration::from_secs(30)).unwrap();
     ingest.terminate(Duration::from_secs(30)).unwrap();
     let report = report.unwrap();
