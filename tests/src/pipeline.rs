@@ -156,6 +156,18 @@ impl Drop for Process {
 /// # Errors
 /// When it cannot start or does not listen within 60 s.
 pub fn start_ingest(data_dir: &Path) -> anyhow::Result<(Process, SocketAddr)> {
+    start_ingest_on(data_dir, &["--broker", "embedded", "--topic", TOPIC])
+}
+
+/// `spillway-ingest` with `broker_args` (e.g. `--broker aws --topic-arn …`; AWS settings come
+/// from the environment), accepting [`KEY`]; returns once it accepts connections.
+///
+/// # Errors
+/// When it cannot start or does not listen within 60 s.
+pub fn start_ingest_on(
+    data_dir: &Path,
+    broker_args: &[&str],
+) -> anyhow::Result<(Process, SocketAddr)> {
     let addr = DevProcess::free_addr()?;
     let keys = format!(
         r#"[{{"sha256":"{}","tenant":"faults","advertisers":"*"}}]"#,
@@ -164,9 +176,10 @@ pub fn start_ingest(data_dir: &Path) -> anyhow::Result<(Process, SocketAddr)> {
     let mut process = Process::spawn(
         "spillway-ingest",
         Command::new(binary("spillway-ingest")?)
-            .args(["--broker", "embedded", "--data-dir"])
+            .arg("--data-dir")
             .arg(data_dir)
-            .args(["--topic", TOPIC, "--listen", &addr.to_string()])
+            .args(broker_args)
+            .args(["--listen", &addr.to_string()])
             .env("SPILLWAY_API_KEYS", keys),
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -190,12 +203,32 @@ pub fn start_worker(
     database_url: &str,
     extra: &[&str],
 ) -> anyhow::Result<Process> {
+    start_worker_on(
+        data_dir,
+        &["--broker", "embedded", "--queue", QUEUE],
+        database_url,
+        extra,
+    )
+}
+
+/// `spillway-worker --sink postgres` with `broker_args` (e.g. `--broker aws --queue-url …`)
+/// into `database_url`, with `extra` flags.
+///
+/// # Errors
+/// When it cannot be spawned.
+pub fn start_worker_on(
+    data_dir: &Path,
+    broker_args: &[&str],
+    database_url: &str,
+    extra: &[&str],
+) -> anyhow::Result<Process> {
     Process::spawn(
         "spillway-worker",
         Command::new(binary("spillway-worker")?)
-            .args(["--broker", "embedded", "--data-dir"])
+            .arg("--data-dir")
             .arg(data_dir)
-            .args(["--queue", QUEUE, "--sink", "postgres", "--database-url"])
+            .args(broker_args)
+            .args(["--sink", "postgres", "--database-url"])
             .arg(database_url)
             .args(extra),
     )
