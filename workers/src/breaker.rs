@@ -13,10 +13,12 @@
 //!    missing table, a full disk, lock timeouts everywhere).
 //!
 //! When the failures all came from **one** message and the store answers, the breaker closes
-//! even if that message's events still fail: nothing tells a store outage from one
-//! message the store chokes on, and staying open would stall the worker forever, the message
-//! never reaching its DLQ. Closing lets its receive count grow until the queue's redrive moves
-//! it to the DLQ. A failed probe opens it again for twice the cool-down, up to a maximum.
+//! even if that message's events still fail: with one message nothing tells a store that
+//! refuses every write from a message the store chokes on, and staying open would stall the
+//! worker forever, the message never reaching its DLQ. Closing lets its receive count grow
+//! until the queue's redrive moves it to the DLQ (the price: a store that answers but refuses
+//! every write, while only one message is in the queue, lets that message go to the DLQ).
+//! A failed probe opens it again for twice the cool-down, up to a maximum.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
