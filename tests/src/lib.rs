@@ -8,11 +8,20 @@
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
 //! - [`sqlite_view`]: the checker's view of the SQLite store.
 //! - [`kafka`]: the mock Kafka cluster, test settings and a topic reader.
+//! - [`postgres`]: a throw-away database on the shared server, and a private server a fault
+//!   test may stop and restart.
+//! - [`pipeline`]: `spillway-ingest`, `spillway-worker` and `spillway loadgen` as child
+//!   processes over one embedded broker, for fault tests.
+//! - [`faults`]: fault injectors: a source that delivers every message three times, and a
+//!   TCP proxy that drops responses.
 
 pub mod checker;
 pub mod dev_process;
+pub mod faults;
 pub mod kafka;
 pub mod localstack;
+pub mod pipeline;
+pub mod postgres;
 pub mod sqlite_view;
 
 use std::net::SocketAddr;

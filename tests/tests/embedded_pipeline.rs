@@ -291,6 +291,10 @@ impl Sink for RecordingSink {
             .push((Instant::now(), events.len()));
         Ok(report)
     }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.inner.ping().await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,6 +411,16 @@ impl Sink for SwitchableSink {
             });
         }
         self.inner.write(events).await
+    }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(SinkError::Unavailable {
+                store: "test".into(),
+                message: "switched off".into(),
+            });
+        }
+        self.inner.ping().await
     }
 }
 

@@ -148,6 +148,10 @@ impl Sink for SlowOnOne {
         }
         self.inner.write(events).await
     }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.inner.ping().await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
