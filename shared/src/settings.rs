@@ -124,9 +124,10 @@ pub struct KafkaSettings {
     #[arg(long, env = "SPILLWAY_KAFKA_MOCK_PARTITIONS", default_value_t = 4)]
     pub kafka_mock_partitions: i32,
 
-    /// Kafka: extra librdkafka property KEY=VALUE for every client (repeatable; the variable
-    /// takes a comma-separated list), e.g. client.id=ingest-1.
-    #[arg(long, env = "SPILLWAY_KAFKA_CONFIG", value_delimiter = ',')]
+    /// Kafka: extra librdkafka property KEY=VALUE for every client, applied last (repeatable;
+    /// several in one value or in the variable are separated by `;`, since values such as
+    /// `partition.assignment.strategy=range,roundrobin` hold commas), e.g. client.id=ingest-1.
+    #[arg(long, env = "SPILLWAY_KAFKA_CONFIG", value_delimiter = ';')]
     pub kafka_config: Vec<String>,
 }
 
@@ -519,4 +520,55 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("Shutdown signal received");
+}
+
+#[cfg(all(test, feature = "kafka"))]
+mod kafka_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        broker: BrokerSettings,
+    }
+
+    #[test]
+    fn kafka_needs_bootstrap_servers_and_takes_properties_with_commas() {
+        let cli = Cli::parse_from(["x", "--broker", "kafka"]);
+        assert!(matches!(
+            cli.broker.kafka_client_config(),
+            Err(SettingsError::Missing {
+                flag: "kafka-bootstrap-servers",
+                ..
+            })
+        ));
+        let cli = Cli::parse_from([
+            "x",
+            "--broker",
+            "kafka",
+            "--kafka-bootstrap-servers",
+            "a:9092,b:9092",
+            "--kafka-config",
+            "client.id=w1;partition.assignment.strategy=range,roundrobin",
+            "--kafka-config",
+            "socket.keepalive.enable=true",
+        ]);
+        let c = cli.broker.kafka_client_config().unwrap();
+        assert_eq!(c.bootstrap_servers, "a:9092,b:9092");
+        assert_eq!(c.extra["partition.assignment.strategy"], "range,roundrobin");
+        assert_eq!(c.extra.len(), 3);
+        let bad = Cli::parse_from([
+            "x",
+            "--kafka-bootstrap-servers",
+            "a:1",
+            "--kafka-config",
+            "oops",
+        ]);
+        assert!(matches!(
+            bad.broker.kafka_client_config(),
+            Err(SettingsError::Kafka(_))
+        ));
+    }
 }
