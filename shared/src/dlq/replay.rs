@@ -1,0 +1,722 @@
+//! The replay, export and import engine over any [`DlqBroker`].
+//!
+//! Replay leases dead letters in batches, decides for each one (filter, loop guard, ingest
+//! validation for a topic, `--max`), sends those to move to the destination, and deletes them
+//! from the DLQ only after the destination acknowledged them. Messages it does not move stay
+//! leased (hidden) until the run ends, so one run looks at each message once, and are then
+//! released: they are untouched but for their receive count. A killed run leaves every message
+//! in the DLQ, at the destination, or — sent and not yet deleted — in both; leases lapse and
+//! nothing is lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::inspect::{for_topic, inspect, Filter};
+use super::ndjson::{ExportReader, ExportWriter};
+use super::{now_ms, DlqBroker, DlqError, Outgoing, ATTR_REPLAY_COUNT, DEFAULT_MAX_REPLAYS};
+use crate::clock::SystemClock;
+use crate::event::ValidationPolicy;
+use crate::source::DeliveryId;
+
+/// Rounds in a row that only return messages already looked at before a worker stops (their
+/// lease lapsed during a long run).
+const MAX_STALE_ROUNDS: u32 = 3;
+/// Most refusals listed in a report (all are counted).
+const MAX_LISTED_REFUSALS: usize = 50;
+
+/// Where replayed messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A queue: bodies and attributes as they are, plus the replay counter.
+    Queue(String),
+    /// A topic: ingest validation runs again on every event; the original envelope body is
+    /// published with its attributes, minus the failure attributes, plus the replay counter.
+    Topic(String),
+}
+
+impl Target {
+    /// The queue or topic name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Queue(n) | Self::Topic(n) => n,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Queue(n) => format!("queue {n}"),
+            Self::Topic(n) => format!("topic {n}"),
+        }
+    }
+}
+
+/// How a replay (or export) runs.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Which messages to take.
+    pub filter: Filter,
+    /// Most messages per second sent (`None`: as fast as the brokers go).
+    pub rate_per_sec: Option<f64>,
+    /// Most messages to move (or export).
+    pub max_messages: Option<u64>,
+    /// Concurrent lease → send → delete loops.
+    pub concurrency: usize,
+    /// Decide and count only: nothing is sent or deleted.
+    pub dry_run: bool,
+    /// Messages already replayed this many times are refused.
+    pub max_replays: u32,
+    /// How long a leased message stays hidden; should exceed the run.
+    pub lease: Duration,
+    /// Validation re-run for a topic (the ingest rules: schema and time window).
+    pub validation: ValidationPolicy,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            filter: Filter::default(),
+            rate_per_sec: None,
+            max_messages: None,
+            concurrency: 1,
+            dry_run: false,
+            max_replays: DEFAULT_MAX_REPLAYS,
+            lease: Duration::from_secs(600),
+            validation: ValidationPolicy::default(),
+        }
+    }
+}
+
+/// A message the run did not move, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    /// Its message id.
+    pub message_id: String,
+    /// Why it stays in the DLQ.
+    pub reason: String,
+}
+
+/// Counts as a run goes (also handed to the progress callback).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Counts {
+    /// Distinct messages looked at.
+    pub scanned: u64,
+    /// Messages that passed the filter.
+    pub matched: u64,
+    /// Messages sent and deleted from the DLQ.
+    pub moved: u64,
+    /// Dry run: messages that would have moved.
+    pub would_move: u64,
+    /// Messages the filter left alone.
+    pub skipped_by_filter: u64,
+    /// Messages refused because they were replayed `max_replays` times already.
+    pub refused_max_replays: u64,
+    /// Messages refused because an event fails ingest validation (topic replay).
+    pub refused_invalid: u64,
+    /// Matching messages left alone because `max_messages` was reached.
+    pub left_by_max: u64,
+    /// Messages the destination refused (still in the DLQ).
+    pub send_failed: u64,
+    /// Messages sent whose delete from the DLQ did not happen (now in both places).
+    pub sent_not_deleted: u64,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// The DLQ.
+    pub dlq: String,
+    /// The destination (`queue NAME` or `topic NAME`).
+    pub target: String,
+    /// Whether it was a dry run.
+    pub dry_run: bool,
+    /// The counts.
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Wall time of the run in seconds.
+    pub elapsed_secs: f64,
+    /// Messages moved (or, dry run, would move) per second of the run.
+    pub messages_per_sec: f64,
+    /// Broker API calls (transactions on the embedded broker) the run made, by operation.
+    pub api_calls: BTreeMap<String, u64>,
+    /// All of them.
+    pub api_calls_total: u64,
+    /// API calls per message moved (per message scanned on a dry run).
+    pub api_calls_per_message: f64,
+    /// The first refusals, with their reasons.
+    pub refusals: Vec<Refusal>,
+    /// Why the run stopped early, when it did.
+    pub error: Option<String>,
+}
+
+/// Called with the counts after each batch.
+pub type Progress = Arc<dyn Fn(&Counts) + Send + Sync>;
+
+/// Paces sends to a rate: the n-th message may go at `start + n / rate`.
+#[derive(Debug)]
+struct Pacer {
+    rate: Option<f64>,
+    start: Option<Instant>,
+    granted: f64,
+}
+
+impl Pacer {
+    /// When `n` more messages may go.
+    fn reserve(&mut self, n: usize) -> Option<Instant> {
+        let rate = self.rate?;
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let at = start + Duration::from_secs_f64(self.granted / rate);
+        self.granted += n as f64;
+        Some(at)
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Leased, not moved: message id → latest receipt (released at the end).
+    held: HashMap<String, DeliveryId>,
+    counts: Counts,
+    refusals: Vec<Refusal>,
+    reserved: u64,
+}
+
+struct Run<'a> {
+    port: &'a dyn DlqBroker,
+    dlq: &'a str,
+    target: &'a Target,
+    opts: &'a ReplayOptions,
+    state: Mutex<State>,
+    pacer: Mutex<Pacer>,
+    abort: AtomicBool,
+    progress: Option<Progress>,
+    batch: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn refuse(state: &mut State, message_id: &str, reason: String) {
+    if state.refusals.len() < MAX_LISTED_REFUSALS {
+        state.refusals.push(Refusal {
+            message_id: message_id.to_owned(),
+            reason,
+        });
+    }
+}
+
+/// Batch size: the broker's, smaller under a low rate so a batch is at most ~1/10 s of sends.
+fn batch_size(port: &dyn DlqBroker, rate: Option<f64>) -> usize {
+    let max = port.max_batch().max(1);
+    match rate {
+        Some(r) if r > 0.0 => {
+            let per_tenth = (r / 10.0).floor();
+            if per_tenth < 1.0 {
+                1
+            } else if per_tenth >= max as f64 {
+                max
+            } else {
+                // In range: per_tenth is a whole number between 1 and max.
+                format!("{per_tenth:.0}").parse().unwrap_or(max)
+            }
+        }
+        _ => max,
+    }
+}
+
+impl Run<'_> {
+    fn report_progress(&self) {
+        if let Some(p) = &self.progress {
+            let counts = lock(&self.state).counts.clone();
+            p(&counts);
+        }
+    }
+
+    /// One worker: lease → decide → send → delete until the DLQ has nothing new.
+    async fn work(&self) -> Result<(), DlqError> {
+        let mut stale_rounds = 0;
+        let clock = SystemClock;
+        while !self.abort.load(Ordering::Relaxed) {
+            if let Some(max) = self.opts.max_messages {
+                if lock(&self.state).reserved >= max {
+                    break;
+                }
+            }
+            let leased = self
+                .port
+                .lease(self.dlq, self.batch, self.opts.lease)
+                .await?;
+            if leased.is_empty() {
+                break;
+            }
+            let now = now_ms();
+            let mut to_move: Vec<(DeliveryId, String, Outgoing)> = Vec::new();
+            let mut fresh = 0;
+            {
+                let mut st = lock(&self.state);
+                for l in leased {
+                    let id = l.message.message_id.clone();
+                    if let Some(r) = st.held.get_mut(&id) {
+                        // Seen already; its lease lapsed and it came back: keep holding it.
+                        *r = l.receipt;
+                        continue;
+                    }
+                    fresh += 1;
+                    st.counts.scanned += 1;
+                    let m = &l.message;
+                    let inspection = inspect(m);
+                    if !self.opts.filter.matches(m, &inspection, now) {
+                        st.counts.skipped_by_filter += 1;
+                        st.held.insert(id, l.receipt);
+                        continue;
+                    }
+                    st.counts.matched += 1;
+                    let replays = m.replay_count();
+                    if replays >= self.opts.max_replays {
+                        st.counts.refused_max_replays += 1;
+                        refuse(
+                            &mut st,
+                            &id,
+                            format!(
+                                "refused: already replayed {replays} time(s), --max-replays is \
+                                 {}; it keeps failing, so look at it (`spillway dlq peek`) before \
+                                 raising --max-replays",
+                                self.opts.max_replays
+                            ),
+                        );
+                        st.held.insert(id, l.receipt);
+                        continue;
+                    }
+                    let out = match self.target {
+                        Target::Queue(_) => Ok(m.to_outgoing()),
+                        Target::Topic(_) => {
+                            for_topic(m, &inspection, &self.opts.validation, &clock)
+                        }
+                    };
+                    let mut out = match out {
+                        Ok(o) => o,
+                        Err(reason) => {
+                            st.counts.refused_invalid += 1;
+                            refuse(&mut st, &id, format!("refused: {reason}"));
+                            st.held.insert(id, l.receipt);
+                            continue;
+                        }
+                    };
+                    if self.opts.max_messages.is_some_and(|max| st.reserved >= max) {
+                        st.counts.left_by_max += 1;
+                        st.held.insert(id, l.receipt);
+                        continue;
+                    }
+                    st.reserved += 1;
+                    if self.opts.dry_run {
+                        st.counts.would_move += 1;
+                        st.held.insert(id, l.receipt);
+                        continue;
+                    }
+                    out.attributes
+                        .insert(ATTR_REPLAY_COUNT.to_owned(), (replays + 1).to_string());
+                    to_move.push((l.receipt, id, out));
+                }
+            }
+            if fresh == 0 {
+                stale_rounds += 1;
+                if stale_rounds >= MAX_STALE_ROUNDS {
+                    break;
+                }
+                continue;
+            }
+            stale_rounds = 0;
+            if !to_move.is_empty() {
+                self.move_batch(to_move).await?;
+            }
+            self.report_progress();
+        }
+        Ok(())
+    }
+
+    /// Sends a batch, then deletes from the DLQ exactly the messages the destination took.
+    async fn move_batch(&self, batch: Vec<(DeliveryId, String, Outgoing)>) -> Result<(), DlqError> {
+        let at = lock(&self.pacer).reserve(batch.len());
+        if let Some(at) = at {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let outgoing: Vec<Outgoing> = batch.iter().map(|(_, _, o)| o.clone()).collect();
+        let sent = match self.target {
+            Target::Queue(q) => self.port.send(q, &outgoing).await,
+            Target::Topic(t) => self.port.publish(t, &outgoing).await,
+        };
+        let outcome = match sent {
+            Ok(o) => o,
+            Err(e) => {
+                // Not acknowledged: they stay in the DLQ (released at the end).
+                let mut st = lock(&self.state);
+                for (r, id, _) in batch {
+                    st.held.insert(id, r);
+                }
+                return Err(e);
+            }
+        };
+        let failed: HashMap<usize, String> = outcome.failed.into_iter().collect();
+        let mut delete = Vec::with_capacity(batch.len());
+        {
+            let mut st = lock(&self.state);
+            for (i, (r, id, _)) in batch.into_iter().enumerate() {
+                if let Some(reason) = failed.get(&i) {
+                    st.counts.send_failed += 1;
+                    refuse(
+                        &mut st,
+                        &id,
+                        format!("{} refused it: {reason}", self.target.describe()),
+                    );
+                    st.held.insert(id, r);
+                } else {
+                    delete.push(r);
+                }
+            }
+        }
+        let n = delete.len() as u64;
+        match self.port.delete(self.dlq, &delete).await {
+            Ok(stale) => {
+                let mut st = lock(&self.state);
+                st.counts.moved += n - stale as u64;
+                st.counts.sent_not_deleted += stale as u64;
+                Ok(())
+            }
+            Err(e) => {
+                lock(&self.state).counts.sent_not_deleted += n;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Replays dead letters from `dlq` to `target`. Setup errors (the DLQ or destination does not
+/// exist) are returned; a failure during the run stops it and is in the report's `error`,
+/// after every unmoved message was released.
+///
+/// # Errors
+/// [`DlqError`] when the run could not start.
+pub async fn replay(
+    port: &dyn DlqBroker,
+    dlq: &str,
+    target: &Target,
+    opts: &ReplayOptions,
+    progress: Option<Progress>,
+) -> Result<ReplayReport, DlqError> {
+    if target.name() == dlq {
+        return Err(DlqError::Invalid(format!(
+            "the destination is the DLQ itself ({dlq})"
+        )));
+    }
+    if let Some(r) = opts.rate_per_sec {
+        if !(r > 0.0 && r.is_finite()) {
+            return Err(DlqError::Invalid(format!(
+                "--rate must be positive, not {r}"
+            )));
+        }
+    }
+    // Fail fast, before leasing anything, on a DLQ that does not exist.
+    port.stats(dlq).await?;
+    let calls_before = port.calls();
+    let started = Instant::now();
+    let run = Run {
+        port,
+        dlq,
+        target,
+        opts,
+        state: Mutex::new(State::default()),
+        pacer: Mutex::new(Pacer {
+            rate: opts.rate_per_sec,
+            start: None,
+            granted: 0.0,
+        }),
+        abort: AtomicBool::new(false),
+        progress,
+        batch: batch_size(port, opts.rate_per_sec),
+    };
+    let workers = (0..opts.concurrency.max(1)).map(|_| async {
+        let r = run.work().await;
+        if r.is_err() {
+            run.abort.store(true, Ordering::Relaxed);
+        }
+        r
+    });
+    let results = futures::future::join_all(workers).await;
+    let mut error = results
+        .into_iter()
+        .find_map(Result::err)
+        .map(|e| e.to_string());
+    let held: Vec<DeliveryId> = lock(&run.state).held.drain().map(|(_, r)| r).collect();
+    if let Err(e) = port.release(dlq, &held).await {
+        let msg = format!(
+            "releasing {} unmoved messages failed ({e}); they come back when their lease lapses",
+            held.len()
+        );
+        error = Some(error.map_or(msg.clone(), |prev| format!("{prev}; {msg}")));
+    }
+    let state = run
+        .state
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    let elapsed = started.elapsed().as_secs_f64();
+    let (api_calls, api_calls_total) = calls_since(&calls_before, &port.calls());
+    let done = if opts.dry_run {
+        state.counts.would_move
+    } else {
+        state.counts.moved
+    };
+    let per = if opts.dry_run {
+        state.counts.scanned
+    } else {
+        done
+    };
+    Ok(ReplayReport {
+        dlq: dlq.to_owned(),
+        target: target.describe(),
+        dry_run: opts.dry_run,
+        counts: state.counts,
+        elapsed_secs: elapsed,
+        messages_per_sec: if elapsed > 0.0 {
+            done as f64 / elapsed
+        } else {
+            0.0
+        },
+        api_calls,
+        api_calls_total,
+        api_calls_per_message: if per > 0 {
+            api_calls_total as f64 / per as f64
+        } else {
+            0.0
+        },
+        refusals: state.refusals,
+        error,
+    })
+}
+
+fn calls_since(
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+) -> (BTreeMap<String, u64>, u64) {
+    let diff: BTreeMap<String, u64> = after
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    let total = diff.values().sum();
+    (diff, total)
+}
+
+/// What an export did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// The DLQ.
+    pub dlq: String,
+    /// The file.
+    pub path: String,
+    /// Distinct messages looked at.
+    pub scanned: u64,
+    /// Messages written (and fsynced).
+    pub exported: u64,
+    /// Exported messages deleted from the DLQ (`--delete`).
+    pub deleted: u64,
+    /// Exported messages whose delete did not happen (lease lapsed): still in the DLQ.
+    pub not_deleted: u64,
+    /// Wall time in seconds.
+    pub elapsed_secs: f64,
+    /// Broker API calls the run made.
+    pub api_calls_total: u64,
+}
+
+/// Exports the dead letters of `dlq` that pass `opts.filter` (at most `opts.max_messages`) to
+/// `path`, one JSON object per line. With `delete`, the exported messages are deleted from
+/// the DLQ only after the file was fsynced; otherwise every message is released untouched.
+///
+/// # Errors
+/// [`DlqError`]; every leased message is released first (a failure before the fsync deletes
+/// nothing).
+pub async fn export(
+    port: &dyn DlqBroker,
+    dlq: &str,
+    path: &Path,
+    delete: bool,
+    opts: &ReplayOptions,
+    progress: Option<Progress>,
+) -> Result<ExportReport, DlqError> {
+    port.stats(dlq).await?;
+    let calls_before = port.calls();
+    let started = Instant::now();
+    // message id → (latest receipt, exported?)
+    let mut seen: HashMap<String, (DeliveryId, bool)> = HashMap::new();
+    let mut counts = Counts::default();
+    let written = async {
+        let mut writer = ExportWriter::create(path)?;
+        let mut stale_rounds = 0;
+        loop {
+            if opts.max_messages.is_some_and(|m| writer.written() >= m) {
+                break;
+            }
+            let leased = port.lease(dlq, port.max_batch(), opts.lease).await?;
+            if leased.is_empty() {
+                break;
+            }
+            let now = now_ms();
+            let mut fresh = 0;
+            for l in leased {
+                if let Some(entry) = seen.get_mut(&l.message.message_id) {
+                    entry.0 = l.receipt;
+                    continue;
+                }
+                fresh += 1;
+                counts.scanned += 1;
+                let take = opts.filter.matches(&l.message, &inspect(&l.message), now)
+                    && opts.max_messages.is_none_or(|m| writer.written() < m);
+                if take {
+                    writer.write(&l.message)?;
+                    counts.matched += 1;
+                } else {
+                    counts.skipped_by_filter += 1;
+                }
+                seen.insert(l.message.message_id, (l.receipt, take));
+            }
+            if let Some(p) = &progress {
+                p(&counts);
+            }
+            if fresh == 0 {
+                stale_rounds += 1;
+                if stale_rounds >= MAX_STALE_ROUNDS {
+                    break;
+                }
+            } else {
+                stale_rounds = 0;
+            }
+        }
+        writer.finish()
+    }
+    .await;
+    let (exported_receipts, others): (Vec<_>, Vec<_>) = seen.into_values().partition(|(_, e)| *e);
+    let mut release: Vec<DeliveryId> = others.into_iter().map(|(r, _)| r).collect();
+    let exported_receipts: Vec<DeliveryId> =
+        exported_receipts.into_iter().map(|(r, _)| r).collect();
+    let exported = match written {
+        Ok(n) => n,
+        Err(e) => {
+            release.extend(exported_receipts);
+            let _ = port.release(dlq, &release).await;
+            return Err(e);
+        }
+    };
+    let (mut deleted, mut not_deleted) = (0, 0);
+    if delete {
+        // The file is fsynced: only now may the exported messages go.
+        let n = exported_receipts.len() as u64;
+        match port.delete(dlq, &exported_receipts).await {
+            Ok(stale) => {
+                not_deleted = stale as u64;
+                deleted = n - not_deleted;
+            }
+            Err(e) => {
+                let _ = port.release(dlq, &release).await;
+                return Err(e);
+            }
+        }
+    } else {
+        release.extend(exported_receipts);
+    }
+    port.release(dlq, &release).await?;
+    let (_, api_calls_total) = calls_since(&calls_before, &port.calls());
+    Ok(ExportReport {
+        dlq: dlq.to_owned(),
+        path: path.display().to_string(),
+        scanned: counts.scanned,
+        exported,
+        deleted,
+        not_deleted,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        api_calls_total,
+    })
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The file.
+    pub path: String,
+    /// The destination.
+    pub target: String,
+    /// Messages sent and acknowledged.
+    pub imported: u64,
+    /// Wall time in seconds.
+    pub elapsed_secs: f64,
+    /// Broker API calls the run made.
+    pub api_calls_total: u64,
+}
+
+/// Sends every message of an export file to `target`, bodies, attributes and FIFO ids as they
+/// are (no replay counter, no validation: the inverse of [`export`]), at most `rate_per_sec`.
+///
+/// # Errors
+/// [`DlqError`] naming the file line or the refused message; the messages before it were
+/// imported (the error says how many).
+pub async fn import(
+    port: &dyn DlqBroker,
+    path: &Path,
+    target: &Target,
+    rate_per_sec: Option<f64>,
+    progress: Option<Progress>,
+) -> Result<ImportReport, DlqError> {
+    let mut reader = ExportReader::open(path)?;
+    let calls_before = port.calls();
+    let started = Instant::now();
+    let mut pacer = Pacer {
+        rate: rate_per_sec,
+        start: None,
+        granted: 0.0,
+    };
+    let batch = batch_size(port, rate_per_sec);
+    let mut counts = Counts::default();
+    loop {
+        let chunk = reader.next_chunk(batch)?;
+        if chunk.is_empty() {
+            break;
+        }
+        if let Some(at) = pacer.reserve(chunk.len()) {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let out: Vec<Outgoing> = chunk.iter().map(super::DlqMessage::to_outgoing).collect();
+        let sent = match target {
+            Target::Queue(q) => port.send(q, &out).await,
+            Target::Topic(t) => port.publish(t, &out).await,
+        };
+        let imported_before = counts.moved;
+        let outcome = sent.map_err(|e| {
+            DlqError::Invalid(format!(
+                "{e}; {imported_before} messages were imported before this batch"
+            ))
+        })?;
+        if let Some((i, reason)) = outcome.failed.first() {
+            return Err(DlqError::Invalid(format!(
+                "{} refused message {:?}: {reason}; {} of this batch and {imported_before} \
+                 before it were imported",
+                target.describe(),
+                chunk[*i].message_id,
+                chunk.len() - outcome.failed.len(),
+            )));
+        }
+        counts.moved += chunk.len() as u64;
+        if let Some(p) = &progress {
+            p(&counts);
+        }
+    }
+    let (_, api_calls_total) = calls_since(&calls_before, &port.calls());
+    Ok(ImportReport {
+        path: path.display().to_string(),
+        target: target.describe(),
+        imported: counts.moved,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        api_calls_total,
+    })
+}
