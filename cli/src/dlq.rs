@@ -46,21 +46,31 @@ pub(crate) struct DlqArgs {
 enum DlqCommand {
     /// Depth (visible / in flight / delayed), oldest age, and counts by error code, event type
     /// and advertiser (from a sample on large queues, saying so).
-    #[command(after_help = "Examples:\n  spillway dlq stats\n  spillway dlq stats --broker aws --dlq \"$SPILLWAY_DLQ_URL\" --json")]
+    #[command(
+        after_help = "Examples:\n  spillway dlq stats\n  spillway dlq stats --broker aws --dlq \"$SPILLWAY_DLQ_URL\" --json"
+    )]
     Stats(StatsArgs),
     /// Show messages with attributes, receive count and decoded events, without consuming them.
-    #[command(after_help = "Examples:\n  spillway dlq peek -n 3\n  spillway dlq peek --json | jq '.messages[].attributes'\n\nOn SQS a peek receives and releases at once: ApproximateReceiveCount goes up by one.")]
+    #[command(
+        after_help = "Examples:\n  spillway dlq peek -n 3\n  spillway dlq peek --json | jq '.messages[].attributes'\n\nOn SQS a peek receives and releases at once: ApproximateReceiveCount goes up by one."
+    )]
     Peek(PeekArgs),
     /// Write every message (body, attributes, ids) to an NDJSON file; --delete removes them
     /// from the DLQ only after the file is fsynced.
-    #[command(after_help = "Examples:\n  spillway dlq export --out dlq.ndjson\n  spillway dlq export --out bad-clicks.ndjson --type click --error-code invalid_event --delete")]
+    #[command(
+        after_help = "Examples:\n  spillway dlq export --out dlq.ndjson\n  spillway dlq export --out bad-clicks.ndjson --type click --error-code invalid_event --delete"
+    )]
     Export(ExportArgs),
     /// Send the messages of an export file to a queue or topic, byte for byte.
-    #[command(after_help = "Examples:\n  spillway dlq import dlq.ndjson --to events-worker-dlq\n  spillway dlq import dlq.ndjson --broker aws --to https://sqs.us-east-1.amazonaws.com/123/q --rate 100")]
+    #[command(
+        after_help = "Examples:\n  spillway dlq import dlq.ndjson --to events-worker-dlq\n  spillway dlq import dlq.ndjson --broker aws --to https://sqs.us-east-1.amazonaws.com/123/q --rate 100"
+    )]
     Import(ImportArgs),
     /// Move dead letters back to their source queue, another queue or a topic: filtered,
     /// rate-limited, send first and delete after, with a replay counter against loops.
-    #[command(after_help = "Examples:\n  spillway dlq replay --to source --dry-run\n  spillway dlq replay --to source --error-code max_receives --rate 200\n  spillway dlq replay --to topic:events --type conversion --match '$.campaign_id=cmp-7' --max 1000\n  spillway dlq replay --broker aws --dlq \"$SPILLWAY_DLQ_URL\" --to \"$SPILLWAY_TOPIC_ARN\" --concurrency 4\n\nSafety: a message is deleted from the DLQ only after the destination acknowledged it; a\nkilled run leaves every message in the DLQ, at the destination, or (sent, not yet deleted)\nin both, which the store counts once. Messages it does not move stay hidden for the run\n(--lease-secs) and are released at the end.")]
+    #[command(
+        after_help = "Examples:\n  spillway dlq replay --to source --dry-run\n  spillway dlq replay --to source --error-code max_receives --rate 200\n  spillway dlq replay --to topic:events --type conversion --match '$.campaign_id=cmp-7' --max 1000\n  spillway dlq replay --broker aws --dlq \"$SPILLWAY_DLQ_URL\" --to \"$SPILLWAY_TOPIC_ARN\" --concurrency 4\n\nSafety: a message is deleted from the DLQ only after the destination acknowledged it; a\nkilled run leaves every message in the DLQ, at the destination, or (sent, not yet deleted)\nin both, which the store counts once. Messages it does not move stay hidden for the run\n(--lease-secs) and are released at the end."
+    )]
     Replay(ReplayArgs),
     /// SQS native redrive (StartMessageMoveTask): start it, see its status, or cancel it.
     #[command(
@@ -69,7 +79,9 @@ enum DlqCommand {
     )]
     Redrive(RedriveArgs),
     /// Delete every message of the DLQ (needs --yes).
-    #[command(after_help = "Examples:\n  spillway dlq export --out keep.ndjson && spillway dlq purge --yes")]
+    #[command(
+        after_help = "Examples:\n  spillway dlq export --out keep.ndjson && spillway dlq purge --yes"
+    )]
     Purge(PurgeArgs),
 }
 
@@ -460,9 +472,9 @@ async fn stats(a: StatsArgs) -> anyhow::Result<()> {
         in_flight: s.in_flight,
         delayed: s.delayed,
         total: s.total(),
-        oldest_age_secs: s.oldest_age_secs.or_else(|| {
-            sample.iter().filter_map(|m| m.age_secs(now)).max()
-        }),
+        oldest_age_secs: s
+            .oldest_age_secs
+            .or_else(|| sample.iter().filter_map(|m| m.age_secs(now)).max()),
         sampled: (sample.len() as u64) < s.total() || s.oldest_age_secs.is_none(),
         sample_size: sample.len(),
         by_error_code: BTreeMap::new(),
@@ -749,7 +761,10 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
         let listed = report.refusals.len() as u64;
         let refused = c.refused_max_replays + c.refused_invalid + c.send_failed;
         if refused > listed {
-            println!("  … and {} more refusals (--json lists 50)", refused - listed);
+            println!(
+                "  … and {} more refusals (--json lists 50)",
+                refused - listed
+            );
         }
     }
     if let Some(e) = &report.error {
@@ -791,7 +806,10 @@ async fn redrive(a: RedriveArgs) -> anyhow::Result<()> {
             if c.common.json {
                 return print_json(&t);
             }
-            println!("cancelling the redrive of {} ({} moved so far)", o.dlq, t.moved);
+            println!(
+                "cancelling the redrive of {} ({} moved so far)",
+                o.dlq, t.moved
+            );
             Ok(())
         }
         None => {
@@ -804,10 +822,7 @@ async fn redrive(a: RedriveArgs) -> anyhow::Result<()> {
                         .context("--rate must be a whole number of messages per second")
                 })
                 .transpose()?;
-            let t = o
-                .port
-                .start_redrive(&o.dlq, a.to.as_deref(), rate)
-                .await?;
+            let t = o.port.start_redrive(&o.dlq, a.to.as_deref(), rate).await?;
             if a.common.json {
                 return print_json(&t);
             }

@@ -4,11 +4,13 @@
 //! - [`spawn_ingest`]: the ingest API on a real socket (port 0) over a given publisher.
 //! - [`TestApp`]: its address, a client, and a clean shutdown.
 //! - [`localstack`]: LocalStack reachability and throw-away topics/queues.
+//! - [`dlq`]: dead letters, the `spillway dlq` CLI as a child process, whole-queue reads.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
 
 pub mod checker;
 pub mod dev_process;
+pub mod dlq;
 pub mod localstack;
 
 use std::net::SocketAddr;
