@@ -23,6 +23,9 @@ use shared::event::ValidationPolicy;
 use shared::settings::{BrokerKind, BrokerSettings, BROKER_DB};
 use shared::source::ATTR_ERROR_CODE;
 
+/// Replay loops when `--concurrency` is not given (a non-FIFO DLQ).
+const DEFAULT_CONCURRENCY: usize = 4;
+
 const EXAMPLES: &str = "\
 Examples:
   spillway dlq stats                                   # embedded broker under ./.spillway
@@ -233,9 +236,10 @@ struct ReplayArgs {
     #[arg(long)]
     max: Option<u64>,
 
-    /// Concurrent lease → send → delete loops.
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
+    /// Concurrent lease → send → delete loops (default: 4, or 1 for a FIFO queue, which keeps
+    /// the order within a message group).
+    #[arg(long)]
+    concurrency: Option<usize>,
 
     /// Change nothing: report what would move (messages are leased and released).
     #[arg(long)]
@@ -695,7 +699,14 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
         filter: a.filter.filter()?,
         rate_per_sec: a.rate,
         max_messages: a.max,
-        concurrency: a.concurrency.max(1),
+        concurrency: a
+            .concurrency
+            .unwrap_or(if o.dlq.ends_with(".fifo") {
+                1
+            } else {
+                DEFAULT_CONCURRENCY
+            })
+            .max(1),
         dry_run: a.dry_run,
         max_replays: a.max_replays,
         lease: Duration::from_secs(a.lease_secs.max(1)),

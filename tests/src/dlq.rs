@@ -66,26 +66,58 @@ pub fn event_id(body: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Sends messages to a queue through the port, in batches.
+/// Sends messages to a queue through the port, in batches, 8 batches at a time.
 ///
 /// # Errors
 /// A broker error or a refused message.
 pub async fn seed(port: &dyn DlqBroker, queue: &str, messages: &[Outgoing]) -> anyhow::Result<()> {
-    for chunk in messages.chunks(500) {
-        let out = port.send(queue, chunk).await?;
-        if let Some((i, why)) = out.failed.first() {
-            bail!("seeding {queue}: message {i} refused: {why}");
+    let chunk = port.max_batch().max(1);
+    for group in messages.chunks(chunk * 8) {
+        let sends = group.chunks(chunk).map(|c| port.send(queue, c));
+        for out in futures::future::join_all(sends).await {
+            if let Some((i, why)) = out?.failed.first() {
+                bail!("seeding {queue}: message {i} refused: {why}");
+            }
         }
     }
     Ok(())
 }
 
-/// Every message of a queue (read and released at once: nothing is consumed).
+/// Every message of a queue, read without consuming it: the embedded broker reads its rows;
+/// elsewhere 4 readers lease everything (for 120 s) and then release it all.
 ///
 /// # Errors
 /// A broker error.
 pub async fn read_all(port: &dyn DlqBroker, queue: &str) -> anyhow::Result<Vec<DlqMessage>> {
-    Ok(port.peek(queue, usize::MAX).await?)
+    if port.kind() == "embedded" {
+        return Ok(port.peek(queue, usize::MAX).await?);
+    }
+    let reader = || async {
+        let mut got = Vec::new();
+        loop {
+            let batch = port
+                .lease(queue, port.max_batch(), Duration::from_secs(120))
+                .await?;
+            if batch.is_empty() {
+                return Ok::<_, shared::dlq::DlqError>(got);
+            }
+            got.extend(batch);
+        }
+    };
+    let mut leased = Vec::new();
+    let mut failed = None;
+    for r in futures::future::join_all((0..4).map(|_| reader())).await {
+        match r {
+            Ok(got) => leased.extend(got),
+            Err(e) => failed = Some(e),
+        }
+    }
+    let receipts: Vec<_> = leased.iter().map(|l| l.receipt.clone()).collect();
+    port.release(queue, &receipts).await?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(leased.into_iter().map(|l| l.message).collect())
 }
 
 /// `spillway dlq <args>` with `extra_env`, to completion.

@@ -137,9 +137,13 @@ pub struct ReplayReport {
     /// The counts.
     #[serde(flatten)]
     pub counts: Counts,
-    /// Wall time of the run in seconds.
+    /// Wall time of the run in seconds (connecting, leasing, the final empty receive and the
+    /// release included).
     pub elapsed_secs: f64,
-    /// Messages moved (or, dry run, would move) per second of the run.
+    /// Seconds from the first send to the last delete (the window `--rate` paces).
+    pub moving_secs: f64,
+    /// Messages moved per second of the moving window (dry run: messages scanned per second
+    /// of the run).
     pub messages_per_sec: f64,
     /// Broker API calls (transactions on the embedded broker) the run made, by operation.
     pub api_calls: BTreeMap<String, u64>,
@@ -156,27 +160,39 @@ pub struct ReplayReport {
 /// Called with the counts after each batch.
 pub type Progress = Arc<dyn Fn(&Counts) + Send + Sync>;
 
-/// Paces sends to a rate: the n-th message may go at `start + n / rate`.
+/// Paces sends to a rate: each message takes `1 / rate` seconds of a schedule. When sends fall
+/// behind the schedule (a slow broker), at most [`CATCH_UP`] of lost time is made up, so a
+/// stall is never followed by a long burst above the rate.
 #[derive(Debug)]
 struct Pacer {
     rate: Option<f64>,
-    start: Option<Instant>,
-    granted: f64,
+    next: Option<Instant>,
 }
 
+/// Most schedule time a late sender may make up at once.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
 impl Pacer {
+    fn new(rate: Option<f64>) -> Self {
+        Self { rate, next: None }
+    }
+
     /// When `n` more messages may go.
     fn reserve(&mut self, n: usize) -> Option<Instant> {
         let rate = self.rate?;
-        let start = *self.start.get_or_insert_with(Instant::now);
-        let at = start + Duration::from_secs_f64(self.granted / rate);
-        self.granted += n as f64;
+        let now = Instant::now();
+        let floor = now.checked_sub(CATCH_UP).unwrap_or(now);
+        let at = self.next.map_or(now, |next| next.max(floor));
+        self.next = Some(at + Duration::from_secs_f64(n as f64 / rate));
         Some(at)
     }
 }
 
 #[derive(Debug, Default)]
 struct State {
+    /// When the first send started and the last delete ended.
+    first_send: Option<Instant>,
+    last_done: Option<Instant>,
     /// Leased, not moved: message id → latest receipt (released at the end).
     held: HashMap<String, DeliveryId>,
     counts: Counts,
@@ -240,21 +256,25 @@ impl Run<'_> {
     async fn work(&self) -> Result<(), DlqError> {
         let mut stale_rounds = 0;
         let clock = SystemClock;
+        // Messages to move, gathered over leases until a full batch (fewer, fuller calls).
+        let mut pending: Vec<(DeliveryId, String, Outgoing)> = Vec::new();
         while !self.abort.load(Ordering::Relaxed) {
             if let Some(max) = self.opts.max_messages {
                 if lock(&self.state).reserved >= max {
                     break;
                 }
             }
-            let leased = self
-                .port
-                .lease(self.dlq, self.batch, self.opts.lease)
-                .await?;
+            let leased = match self.port.lease(self.dlq, self.batch, self.opts.lease).await {
+                Ok(l) => l,
+                Err(e) => {
+                    self.hold(pending);
+                    return Err(e);
+                }
+            };
             if leased.is_empty() {
                 break;
             }
             let now = now_ms();
-            let mut to_move: Vec<(DeliveryId, String, Outgoing)> = Vec::new();
             let mut fresh = 0;
             {
                 let mut st = lock(&self.state);
@@ -263,6 +283,10 @@ impl Run<'_> {
                     if let Some(r) = st.held.get_mut(&id) {
                         // Seen already; its lease lapsed and it came back: keep holding it.
                         *r = l.receipt;
+                        continue;
+                    }
+                    if let Some(p) = pending.iter_mut().find(|(_, pid, _)| *pid == id) {
+                        p.0 = l.receipt;
                         continue;
                     }
                     fresh += 1;
@@ -319,7 +343,7 @@ impl Run<'_> {
                     }
                     out.attributes
                         .insert(ATTR_REPLAY_COUNT.to_owned(), (replays + 1).to_string());
-                    to_move.push((l.receipt, id, out));
+                    pending.push((l.receipt, id, out));
                 }
             }
             if fresh == 0 {
@@ -330,12 +354,28 @@ impl Run<'_> {
                 continue;
             }
             stale_rounds = 0;
-            if !to_move.is_empty() {
-                self.move_batch(to_move).await?;
+            if pending.len() >= self.batch {
+                self.move_batch(std::mem::take(&mut pending)).await?;
             }
             self.report_progress();
         }
+        if !pending.is_empty() {
+            if self.abort.load(Ordering::Relaxed) {
+                self.hold(pending);
+            } else {
+                self.move_batch(pending).await?;
+                self.report_progress();
+            }
+        }
         Ok(())
+    }
+
+    /// Keeps leased messages, unsent, to release them at the end.
+    fn hold(&self, messages: Vec<(DeliveryId, String, Outgoing)>) {
+        let mut st = lock(&self.state);
+        for (r, id, _) in messages {
+            st.held.insert(id, r);
+        }
     }
 
     /// Sends a batch, then deletes from the DLQ exactly the messages the destination took.
@@ -344,6 +384,9 @@ impl Run<'_> {
         if let Some(at) = at {
             tokio::time::sleep_until(at.into()).await;
         }
+        lock(&self.state)
+            .first_send
+            .get_or_insert_with(Instant::now);
         let outgoing: Vec<Outgoing> = batch.iter().map(|(_, _, o)| o.clone()).collect();
         let sent = match self.target {
             Target::Queue(q) => self.port.send(q, &outgoing).await,
@@ -353,10 +396,7 @@ impl Run<'_> {
             Ok(o) => o,
             Err(e) => {
                 // Not acknowledged: they stay in the DLQ (released at the end).
-                let mut st = lock(&self.state);
-                for (r, id, _) in batch {
-                    st.held.insert(id, r);
-                }
+                self.hold(batch);
                 return Err(e);
             }
         };
@@ -382,6 +422,7 @@ impl Run<'_> {
         match self.port.delete(self.dlq, &delete).await {
             Ok(stale) => {
                 let mut st = lock(&self.state);
+                st.last_done = Some(Instant::now());
                 st.counts.moved += n - stale as u64;
                 st.counts.sent_not_deleted += stale as u64;
                 Ok(())
@@ -429,11 +470,7 @@ pub async fn replay(
         target,
         opts,
         state: Mutex::new(State::default()),
-        pacer: Mutex::new(Pacer {
-            rate: opts.rate_per_sec,
-            start: None,
-            granted: 0.0,
-        }),
+        pacer: Mutex::new(Pacer::new(opts.rate_per_sec)),
         abort: AtomicBool::new(false),
         progress,
         batch: batch_size(port, opts.rate_per_sec),
@@ -463,6 +500,10 @@ pub async fn replay(
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner);
     let elapsed = started.elapsed().as_secs_f64();
+    let moving = match (state.first_send, state.last_done) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+        _ => 0.0,
+    };
     let (api_calls, api_calls_total) = calls_since(&calls_before, &port.calls());
     let done = if opts.dry_run {
         state.counts.would_move
@@ -474,17 +515,21 @@ pub async fn replay(
     } else {
         done
     };
+    let rate = if opts.dry_run && elapsed > 0.0 {
+        state.counts.scanned as f64 / elapsed
+    } else if moving > 0.0 {
+        done as f64 / moving
+    } else {
+        0.0
+    };
     Ok(ReplayReport {
         dlq: dlq.to_owned(),
         target: target.describe(),
         dry_run: opts.dry_run,
         counts: state.counts,
         elapsed_secs: elapsed,
-        messages_per_sec: if elapsed > 0.0 {
-            done as f64 / elapsed
-        } else {
-            0.0
-        },
+        moving_secs: moving,
+        messages_per_sec: rate,
         api_calls,
         api_calls_total,
         api_calls_per_message: if per > 0 {
@@ -671,11 +716,7 @@ pub async fn import(
     let mut reader = ExportReader::open(path)?;
     let calls_before = port.calls();
     let started = Instant::now();
-    let mut pacer = Pacer {
-        rate: rate_per_sec,
-        start: None,
-        granted: 0.0,
-    };
+    let mut pacer = Pacer::new(rate_per_sec);
     let batch = batch_size(port, rate_per_sec);
     let mut counts = Counts::default();
     loop {
@@ -719,4 +760,23 @@ pub async fn import(
         elapsed_secs: started.elapsed().as_secs_f64(),
         api_calls_total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_spaces_batches_and_makes_up_at_most_a_second() {
+        let mut p = Pacer::new(Some(100.0));
+        let t0 = p.reserve(10).unwrap();
+        let t1 = p.reserve(10).unwrap();
+        assert_eq!(t1 - t0, Duration::from_millis(100));
+        // Pretend the sender stalled for 5 s: the schedule restarts no more than 1 s back.
+        p.next = Some(Instant::now().checked_sub(Duration::from_secs(5)).unwrap());
+        let late = p.reserve(10).unwrap();
+        let behind = Instant::now() - late;
+        assert!(behind <= CATCH_UP + Duration::from_millis(50), "{behind:?}");
+        assert!(Pacer::new(None).reserve(10).is_none());
+    }
 }
