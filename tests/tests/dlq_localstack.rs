@@ -243,7 +243,16 @@ async fn rate_200_holds_within_ten_percent() {
     let child = spawn_dlq(
         &aws(
             &t.dlq_url,
-            &["replay", "--to", "source", "--rate", "200", "--json"],
+            &[
+                "replay",
+                "--to",
+                "source",
+                "--rate",
+                "200",
+                "--concurrency",
+                "8",
+                "--json",
+            ],
         ),
         &[],
     )
