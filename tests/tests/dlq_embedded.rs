@@ -547,3 +547,113 @@ async fn bad_addresses_and_unreachable_endpoints_get_clear_errors() {
     let e = stderr_of(&args(&d, &["redrive"]), &[]);
     assert!(e.contains("no native redrive"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_combine_and_max_caps_the_moves_across_concurrent_loops() {
+    let (dir, port) = setup().await;
+    let mut letters = dead_letters(400, 9, Some(DEV_QUEUE));
+    for (i, m) in letters.iter_mut().enumerate() {
+        if i % 4 == 0 {
+            m.attributes
+                .insert(ATTR_ERROR_CODE.into(), "invalid_event".into());
+        }
+    }
+    seed(&port, DEV_DLQ, &letters).await.unwrap();
+    let d = data_dir_args(dir.path());
+    let campaign = {
+        let v: serde_json::Value = serde_json::from_str(&letters[0].body).unwrap();
+        v["events"][0]["campaign_id"].as_str().unwrap().to_owned()
+    };
+    let expect_match = letters
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| i % 4 == 0 && m.body.contains(&format!("\"campaign_id\":\"{campaign}\"")))
+        .count();
+    assert!(expect_match > 0);
+    let matcher = format!("$.campaign_id={campaign}");
+    let dry = json_of(
+        &run_dlq(
+            &args(
+                &d,
+                &[
+                    "replay",
+                    "--to",
+                    "source",
+                    "--error-code",
+                    "invalid_event",
+                    "--advertiser",
+                    EVEN_ADVERTISER,
+                    "--match",
+                    &matcher,
+                    "--older-than",
+                    "0s",
+                    "--newer-than",
+                    "1h",
+                    "--dry-run",
+                    "--json",
+                ],
+            ),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dry["would_move"], expect_match, "{dry}");
+    let none = json_of(
+        &run_dlq(
+            &args(
+                &d,
+                &[
+                    "replay",
+                    "--to",
+                    "source",
+                    "--older-than",
+                    "1h",
+                    "--dry-run",
+                    "--json",
+                ],
+            ),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        none["would_move"], 0,
+        "every letter is younger than an hour"
+    );
+    let capped = json_of(
+        &run_dlq(
+            &args(
+                &d,
+                &[
+                    "replay",
+                    "--to",
+                    "source",
+                    "--max",
+                    "123",
+                    "--concurrency",
+                    "4",
+                    "--json",
+                ],
+            ),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(capped["moved"], 123, "{capped}");
+    assert_eq!(port.stats(DEV_QUEUE).await.unwrap().total(), 123);
+    let left = port.stats(DEV_DLQ).await.unwrap();
+    assert_eq!((left.visible, left.in_flight), (400 - 123, 0));
+    let bad = run_dlq(
+        &args(
+            &d,
+            &["replay", "--to", "source", "--match", "campaign_id=x"],
+        ),
+        &[],
+    )
+    .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("a path starts with '$'"));
+}
