@@ -258,6 +258,11 @@ struct ReplayArgs {
     /// older than ingest's --max-age-secs).
     #[arg(long)]
     no_time_window: bool,
+
+    /// FIFO destination: refuse FIFO messages younger than this (seconds), which SQS would drop
+    /// as duplicates inside its 5-minute deduplication window. 0 turns the guard off.
+    #[arg(long, default_value_t = 360)]
+    fifo_dedup_guard_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -715,6 +720,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
         } else {
             ValidationPolicy::default()
         },
+        fifo_dedup_guard: Duration::from_secs(a.fifo_dedup_guard_secs),
     };
     let bar = progress_bar(
         a.common.json,
@@ -754,6 +760,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
         for (label, n) in [
             ("refused: --max-replays", c.refused_max_replays),
             ("refused: invalid events", c.refused_invalid),
+            ("refused: FIFO dedup window", c.refused_dedup_window),
             ("left: --max reached", c.left_by_max),
             ("refused by the destination", c.send_failed),
             ("sent, delete failed (in both)", c.sent_not_deleted),
@@ -770,7 +777,8 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             println!("  {}: {}", r.message_id, r.reason);
         }
         let listed = report.refusals.len() as u64;
-        let refused = c.refused_max_replays + c.refused_invalid + c.send_failed;
+        let refused =
+            c.refused_max_replays + c.refused_invalid + c.refused_dedup_window + c.send_failed;
         if refused > listed {
             println!(
                 "  … and {} more refusals (--json lists 50)",

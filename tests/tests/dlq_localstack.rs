@@ -493,3 +493,84 @@ async fn a_queue_url_that_does_not_exist_is_named_in_the_error() {
     let e = String::from_utf8_lossy(&sub_dlq.stderr);
     assert!(e.contains("cannot tell the source"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_replay_keeps_group_and_dedup_ids_and_guards_the_dedup_window() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let Some((port, _t)) = setup().await else {
+        return;
+    };
+    let config = localstack::sdk_config().await;
+    let sqs = aws_sdk_sqs::Client::new(&config);
+    let name = format!("spillway-fifo-{}", localstack::suffix());
+    let dlq_url = sqs
+        .create_queue()
+        .queue_name(format!("{name}-dlq.fifo"))
+        .attributes(QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let dlq_arn = localstack::queue_arn(&sqs, &dlq_url).await.unwrap();
+    let queue_url = sqs
+        .create_queue()
+        .queue_name(format!("{name}.fifo"))
+        .attributes(QueueAttributeName::FifoQueue, "true")
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 5}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let mut letters = dead_letters(20, 18, None);
+    for (i, m) in letters.iter_mut().enumerate() {
+        m.group_id = Some(format!("tenant-{}", i % 2));
+        m.dedup_id = Some(format!("dedup-{i}"));
+    }
+    seed(&port, &dlq_url, &letters).await.unwrap();
+
+    let guarded =
+        json_of(&run_dlq(&aws(&dlq_url, &["replay", "--to", "source", "--json"]), &[]).unwrap())
+            .unwrap();
+    assert_eq!(guarded["moved"], 0, "{guarded}");
+    assert_eq!(guarded["refused_dedup_window"], 20);
+    assert!(guarded["refusals"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("silently drop as a duplicate"));
+
+    let run = json_of(
+        &run_dlq(
+            &aws(
+                &dlq_url,
+                &[
+                    "replay",
+                    "--to",
+                    "source",
+                    "--fifo-dedup-guard-secs",
+                    "0",
+                    "--json",
+                ],
+            ),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["moved"], 20, "{run}");
+    let by_body: BTreeMap<&str, &Outgoing> = letters.iter().map(|m| (m.body.as_str(), m)).collect();
+    let moved = read_all(&port, &queue_url).await.unwrap();
+    assert_eq!(moved.len(), 20);
+    for m in &moved {
+        let original = by_body[m.body.as_str()];
+        assert_eq!(m.group_id, original.group_id);
+        assert_eq!(m.dedup_id, original.dedup_id);
+    }
+    assert_eq!(port.stats(&dlq_url).await.unwrap().total(), 0);
+}

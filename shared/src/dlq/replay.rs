@@ -74,7 +74,15 @@ pub struct ReplayOptions {
     pub lease: Duration,
     /// Validation re-run for a topic (the ingest rules: schema and time window).
     pub validation: ValidationPolicy,
+    /// A FIFO message (one with a deduplication id) sent to a FIFO destination (`.fifo`) is
+    /// refused while younger than this: SQS would silently drop it as a duplicate of the
+    /// original send within its 5-minute deduplication window, and deleting it from the DLQ
+    /// would then lose it.
+    pub fifo_dedup_guard: Duration,
 }
+
+/// Default of [`ReplayOptions::fifo_dedup_guard`]: SQS's 5-minute window plus a margin.
+pub const FIFO_DEDUP_GUARD: Duration = Duration::from_secs(360);
 
 impl Default for ReplayOptions {
     fn default() -> Self {
@@ -87,6 +95,7 @@ impl Default for ReplayOptions {
             max_replays: DEFAULT_MAX_REPLAYS,
             lease: Duration::from_secs(600),
             validation: ValidationPolicy::default(),
+            fifo_dedup_guard: FIFO_DEDUP_GUARD,
         }
     }
 }
@@ -117,6 +126,8 @@ pub struct Counts {
     pub refused_max_replays: u64,
     /// Messages refused because an event fails ingest validation (topic replay).
     pub refused_invalid: u64,
+    /// FIFO messages refused while still inside the destination's deduplication window.
+    pub refused_dedup_window: u64,
     /// Matching messages left alone because `max_messages` was reached.
     pub left_by_max: u64,
     /// Messages the destination refused (still in the DLQ).
@@ -310,6 +321,25 @@ impl Run<'_> {
                                  {}; it keeps failing, so look at it (`spillway dlq peek`) before \
                                  raising --max-replays",
                                 self.opts.max_replays
+                            ),
+                        );
+                        st.held.insert(id, l.receipt);
+                        continue;
+                    }
+                    let fifo_age = m.age_secs(now).unwrap_or(0);
+                    if m.dedup_id.is_some()
+                        && self.target.name().ends_with(".fifo")
+                        && fifo_age < self.opts.fifo_dedup_guard.as_secs()
+                    {
+                        st.counts.refused_dedup_window += 1;
+                        let wait = self.opts.fifo_dedup_guard.as_secs() - fifo_age;
+                        refuse(
+                            &mut st,
+                            &id,
+                            format!(
+                                "refused for now: sent {fifo_age} s ago with a FIFO deduplication \
+                                 id, which the FIFO destination would silently drop as a \
+                                 duplicate; replay it again in {wait} s"
                             ),
                         );
                         st.held.insert(id, l.receipt);
