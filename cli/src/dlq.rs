@@ -749,14 +749,14 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             "replay"
         };
         println!("{verb} {} → {}", report.dlq, report.target);
-        println!("  scanned                   {}", c.scanned);
-        println!("  matched the filter        {}", c.matched);
+        println!("  scanned                    {}", c.scanned);
+        println!("  matched the filter         {}", c.matched);
         if report.dry_run {
-            println!("  would move                {}", c.would_move);
+            println!("  would move                 {}", c.would_move);
         } else {
             println!("  moved (sent, then deleted) {}", c.moved);
         }
-        println!("  left alone by the filter  {}", c.skipped_by_filter);
+        println!("  left alone by the filter   {}", c.skipped_by_filter);
         for (label, n) in [
             ("refused: --max-replays", c.refused_max_replays),
             ("refused: invalid events", c.refused_invalid),
@@ -766,7 +766,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             ("sent, delete failed (in both)", c.sent_not_deleted),
         ] {
             if n > 0 {
-                println!("  {label:<26}{n}");
+                println!("  {label:<27}{n}");
             }
         }
         println!(
