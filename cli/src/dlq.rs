@@ -402,9 +402,9 @@ fn progress_bar(json: bool, len: Option<u64>, what: &'static str) -> Option<Prog
         None => ProgressBar::new_spinner(),
     };
     let template = if len.is_some() {
-        "{spinner} {msg} [{bar:30}] {pos}/{len} scanned ({per_sec}, eta {eta})"
+        "{spinner} {msg} [{bar:30}] {pos}/{len} scanned (eta {eta})"
     } else {
-        "{spinner} {msg} {pos} ({per_sec})"
+        "{spinner} {msg} {pos}"
     };
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
@@ -413,15 +413,26 @@ fn progress_bar(json: bool, len: Option<u64>, what: &'static str) -> Option<Prog
     Some(bar)
 }
 
-fn progress_callback(bar: Option<&ProgressBar>, imported: bool) -> Option<replay::Progress> {
+/// What a progress bar counts.
+#[derive(Debug, Clone, Copy)]
+enum Counting {
+    Imported,
+    Exported,
+    Moved,
+    WouldMove,
+}
+
+fn progress_callback(bar: Option<&ProgressBar>, counting: Counting) -> Option<replay::Progress> {
     let bar = bar?.clone();
     Some(Arc::new(move |c: &Counts| {
-        bar.set_position(if imported { c.moved } else { c.scanned });
-        bar.set_message(if imported {
-            "imported".to_owned()
-        } else {
-            format!("moved {} · would move {}", c.moved, c.would_move)
-        });
+        let (position, message) = match counting {
+            Counting::Imported => (c.moved, "imported".to_owned()),
+            Counting::Exported => (c.scanned, format!("exported {}", c.matched)),
+            Counting::Moved => (c.scanned, format!("moved {}", c.moved)),
+            Counting::WouldMove => (c.scanned, format!("would move {}", c.would_move)),
+        };
+        bar.set_position(position);
+        bar.set_message(message);
     }))
 }
 
@@ -638,7 +649,7 @@ async fn export(a: ExportArgs) -> anyhow::Result<()> {
         &a.out,
         a.delete,
         &opts,
-        progress_callback(bar.as_ref(), false),
+        progress_callback(bar.as_ref(), Counting::Exported),
     )
     .await;
     if let Some(b) = &bar {
@@ -678,7 +689,7 @@ async fn import(a: ImportArgs) -> anyhow::Result<()> {
         &a.file,
         &target,
         a.rate,
-        progress_callback(bar.as_ref(), true),
+        progress_callback(bar.as_ref(), Counting::Imported),
     )
     .await;
     if let Some(b) = &bar {
@@ -732,7 +743,14 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
         &o.dlq,
         &target,
         &opts,
-        progress_callback(bar.as_ref(), false),
+        progress_callback(
+            bar.as_ref(),
+            if a.dry_run {
+                Counting::WouldMove
+            } else {
+                Counting::Moved
+            },
+        ),
     )
     .await;
     if let Some(b) = &bar {

@@ -794,7 +794,124 @@ pub async fn import(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use async_trait::async_trait;
+
     use super::*;
+    use crate::dlq::embedded::EmbeddedDlq;
+    use crate::dlq::{DlqMessage, DlqStats, LeasedMessage, RedriveTask, SendOutcome};
+    use crate::embedded::{Broker, DEV_DLQ, DEV_QUEUE};
+
+    /// The real embedded port whose deletes fail, as when the process dies or the broker
+    /// becomes unreachable right after a send was acknowledged.
+    #[derive(Debug)]
+    struct DeleteFails(EmbeddedDlq);
+
+    #[async_trait]
+    impl DlqBroker for DeleteFails {
+        fn kind(&self) -> &'static str {
+            "embedded"
+        }
+        fn max_batch(&self) -> usize {
+            self.0.max_batch()
+        }
+        async fn stats(&self, q: &str) -> Result<DlqStats, DlqError> {
+            self.0.stats(q).await
+        }
+        async fn peek(&self, q: &str, n: usize) -> Result<Vec<DlqMessage>, DlqError> {
+            self.0.peek(q, n).await
+        }
+        async fn lease(
+            &self,
+            q: &str,
+            n: usize,
+            d: Duration,
+        ) -> Result<Vec<LeasedMessage>, DlqError> {
+            self.0.lease(q, n, d).await
+        }
+        async fn release(&self, q: &str, r: &[DeliveryId]) -> Result<(), DlqError> {
+            self.0.release(q, r).await
+        }
+        async fn delete(&self, q: &str, _r: &[DeliveryId]) -> Result<usize, DlqError> {
+            Err(DlqError::Unreachable {
+                operation: "delete".into(),
+                resource: q.into(),
+                detail: "injected".into(),
+            })
+        }
+        async fn send(&self, q: &str, m: &[Outgoing]) -> Result<SendOutcome, DlqError> {
+            self.0.send(q, m).await
+        }
+        async fn publish(&self, t: &str, m: &[Outgoing]) -> Result<SendOutcome, DlqError> {
+            self.0.publish(t, m).await
+        }
+        async fn purge(&self, q: &str) -> Result<Option<u64>, DlqError> {
+            self.0.purge(q).await
+        }
+        async fn source_queues(&self, d: &str) -> Result<Vec<String>, DlqError> {
+            self.0.source_queues(d).await
+        }
+        async fn is_topic(&self, n: &str) -> Result<bool, DlqError> {
+            self.0.is_topic(n).await
+        }
+        fn calls(&self) -> BTreeMap<&'static str, u64> {
+            self.0.calls()
+        }
+        async fn start_redrive(
+            &self,
+            d: &str,
+            t: Option<&str>,
+            r: Option<u32>,
+        ) -> Result<RedriveTask, DlqError> {
+            self.0.start_redrive(d, t, r).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delete_that_fails_after_the_send_stops_the_run_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(dir.path().join("b.db")).unwrap();
+        broker.dev_topology().await.unwrap();
+        let port = EmbeddedDlq::new(broker);
+        let letters: Vec<Outgoing> = (0..25)
+            .map(|i| Outgoing {
+                body: format!("letter {i}"),
+                ..Outgoing::default()
+            })
+            .collect();
+        port.send(DEV_DLQ, &letters).await.unwrap();
+        let failing = DeleteFails(port.clone());
+        let opts = ReplayOptions {
+            rate_per_sec: Some(100.0), // batches of 10
+            lease: Duration::from_secs(2),
+            ..ReplayOptions::default()
+        };
+        let target = Target::Queue(DEV_QUEUE.into());
+        let report = replay(&failing, DEV_DLQ, &target, &opts, None)
+            .await
+            .unwrap();
+        assert!(report.error.as_deref().unwrap_or("").contains("injected"));
+        assert_eq!(report.counts.moved, 0);
+        assert_eq!(report.counts.sent_not_deleted, 10, "one batch was sent");
+        // Sent and not deleted: in both. The rest was released, not lost.
+        assert_eq!(port.stats(DEV_QUEUE).await.unwrap().total(), 10);
+        let left = port.stats(DEV_DLQ).await.unwrap();
+        assert_eq!(
+            (left.total(), left.visible),
+            (25, 15),
+            "the sent 10 stay leased"
+        );
+        // Once the broker answers again, a rerun after the lease finishes the job; the 10 in
+        // both are sent twice, which the store's event_id counts once.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let again = replay(&port, DEV_DLQ, &target, &ReplayOptions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(again.counts.moved, 25);
+        assert_eq!(port.stats(DEV_DLQ).await.unwrap().total(), 0);
+        assert_eq!(port.stats(DEV_QUEUE).await.unwrap().total(), 35);
+    }
 
     #[test]
     fn the_pacer_spaces_batches_and_makes_up_at_most_a_second() {
