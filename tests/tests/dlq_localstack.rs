@@ -442,13 +442,51 @@ async fn replay_to_the_sns_topic_unwraps_notifications_and_revalidates() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn native_redrive_starts_reports_and_moves_everything() {
+async fn native_redrive_starts_reports_cancels_and_moves_everything() {
     let Some((port, t)) = setup().await else {
         return;
     };
     seed(&port, &t.dlq_url, &dead_letters(50, 17, None))
         .await
         .unwrap();
+    let status = || -> anyhow::Result<serde_json::Value> {
+        let s = json_of(&run_dlq(
+            &aws(&t.dlq_url, &["redrive", "status", "--json"]),
+            &[],
+        )?)?;
+        Ok(s["tasks"][0].clone())
+    };
+    // A slow task, cancelled while it runs.
+    let slow = json_of(
+        &run_dlq(
+            &aws(
+                &t.dlq_url,
+                &["redrive", "--to", &t.queue_url, "--rate", "1", "--json"],
+            ),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(slow["task_handle"].is_string(), "{slow}");
+    wait_until(Duration::from_secs(30), || async {
+        let s = status()?;
+        Ok(s["status"] == "RUNNING" && s["moved"].as_i64().unwrap_or(0) >= 1)
+    })
+    .await
+    .unwrap();
+    let cancelled =
+        json_of(&run_dlq(&aws(&t.dlq_url, &["redrive", "cancel", "--json"]), &[]).unwrap())
+            .unwrap();
+    assert_eq!(cancelled["status"], "CANCELLING");
+    wait_until(Duration::from_secs(30), || async {
+        Ok(status()?["status"] == "CANCELLED")
+    })
+    .await
+    .unwrap();
+    let left = port.stats(&t.dlq_url).await.unwrap().total();
+    assert!((1..50).contains(&left), "{left} left after the cancel");
+    // Then all of it.
     let started = json_of(
         &run_dlq(
             &aws(
@@ -462,11 +500,7 @@ async fn native_redrive_starts_reports_and_moves_everything() {
     .unwrap();
     assert!(started["task_handle"].is_string(), "{started}");
     wait_until(Duration::from_secs(60), || async {
-        let status = json_of(&run_dlq(
-            &aws(&t.dlq_url, &["redrive", "status", "--json"]),
-            &[],
-        )?)?;
-        Ok(status["tasks"][0]["status"] == "COMPLETED")
+        Ok(status()?["status"] == "COMPLETED")
     })
     .await
     .unwrap();
