@@ -20,7 +20,7 @@ use shared::dlq::replay::{self, Counts, ReplayOptions, Target};
 use shared::dlq::{now_ms, DlqBroker, DlqMessage, DEFAULT_MAX_REPLAYS};
 use shared::embedded::{Broker, ATTR_SOURCE_QUEUE, DEV_DLQ};
 use shared::event::ValidationPolicy;
-use shared::settings::{BrokerKind, BrokerSettings, BROKER_DB};
+use shared::settings::{BrokerKind, BROKER_DB};
 use shared::source::ATTR_ERROR_CODE;
 
 /// Replay loops when `--concurrency` is not given (a non-FIFO DLQ).
@@ -88,11 +88,22 @@ enum DlqCommand {
     Purge(PurgeArgs),
 }
 
-/// Which broker and which DLQ; shared by every subcommand.
+/// Which broker and which DLQ; shared by every subcommand (the broker flags and variables
+/// are those of `shared::settings::BrokerSettings`).
 #[derive(Debug, Args)]
 struct Common {
-    #[command(flatten)]
-    broker: BrokerSettings,
+    /// Broker: embedded (SQLite under --data-dir) or aws (SQS + SNS from the standard AWS
+    /// configuration: AWS_ENDPOINT_URL, AWS_REGION, profiles).
+    #[arg(long, env = "SPILLWAY_BROKER", value_enum, default_value = "embedded")]
+    broker: BrokerKind,
+
+    /// Directory of the embedded broker (broker.db).
+    #[arg(long, env = "SPILLWAY_DATA_DIR", default_value = ".spillway")]
+    data_dir: PathBuf,
+
+    /// AWS: the workers' DLQ URL, used when --dlq is not given.
+    #[arg(long, env = "SPILLWAY_DLQ_URL")]
+    dlq_url: Option<String>,
 
     /// The DLQ: an embedded queue name, or an SQS queue URL with --broker aws
     /// (default: events-worker-dlq, or --dlq-url with --broker aws).
@@ -321,9 +332,9 @@ struct Opened {
 }
 
 async fn open(common: &Common) -> anyhow::Result<Opened> {
-    match common.broker.broker {
+    match common.broker {
         BrokerKind::Embedded => {
-            let db = common.broker.data_dir.join(BROKER_DB);
+            let db = common.data_dir.join(BROKER_DB);
             if !db.exists() {
                 bail!(
                     "no embedded broker at {} (pass --data-dir, or --broker aws)",
@@ -340,7 +351,7 @@ async fn open(common: &Common) -> anyhow::Result<Opened> {
             let dlq = common
                 .dlq
                 .clone()
-                .or_else(|| common.broker.dlq_url.clone())
+                .or_else(|| common.dlq_url.clone())
                 .context("--broker aws needs the DLQ's queue URL: --dlq URL (or --dlq-url / SPILLWAY_DLQ_URL)")?;
             let config = shared::aws::load_config().await;
             Ok(Opened {
