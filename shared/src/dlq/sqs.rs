@@ -93,9 +93,15 @@ fn check_queue_url(url: &str) -> Result<(), DlqError> {
 }
 
 /// Maps an SDK error to what the operator must do about it.
-fn map_err<E>(operation: &str, resource: &str, what: &'static str, err: &SdkError<E>) -> DlqError
+fn map_err<E, R>(
+    operation: &str,
+    resource: &str,
+    what: &'static str,
+    err: &SdkError<E, R>,
+) -> DlqError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
 {
     let detail = format!("{}", DisplayErrorContext(err));
     match err {
@@ -651,6 +657,45 @@ mod tests {
         let big: Vec<Outgoing> = (0..5).map(|_| out(100_000)).collect();
         assert_eq!(plan(&big), vec![0..2, 2..4, 4..5]);
         assert!(plan(&[]).is_empty());
+    }
+
+    fn service_error(code: &str) -> DlqError {
+        use aws_sdk_sqs::error::ErrorMetadata;
+        use aws_sdk_sqs::operation::receive_message::ReceiveMessageError;
+        let err = ReceiveMessageError::generic(
+            ErrorMetadata::builder()
+                .code(code)
+                .message("the broker's words")
+                .build(),
+        );
+        map_err(
+            "sqs:ReceiveMessage",
+            "https://sqs/1/q",
+            "queue",
+            &SdkError::<_, ()>::service_error(err, ()),
+        )
+    }
+
+    #[test]
+    fn broker_errors_say_what_to_fix() {
+        let e = service_error("AccessDenied");
+        assert!(matches!(e, DlqError::Forbidden { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("permission denied for sqs:ReceiveMessage on https://sqs/1/q")
+                && text.contains("grant sqs:ReceiveMessage"),
+            "{text}"
+        );
+        let e = service_error("AWS.SimpleQueueService.NonExistentQueue");
+        assert!(
+            matches!(e, DlqError::NotFound { what: "queue", .. }),
+            "{e:?}"
+        );
+        assert!(service_error("RequestThrottled").is_transient());
+        assert!(matches!(
+            service_error("InvalidParameterValue"),
+            DlqError::Rejected { .. }
+        ));
     }
 
     #[test]
