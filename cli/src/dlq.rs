@@ -378,30 +378,31 @@ async fn resolve_target(port: &dyn DlqBroker, dlq: &str, to: &str) -> anyhow::Re
         });
     }
     let sources = port.source_queues(dlq).await?;
-    match sources.as_slice() {
-        [one] => return Ok(Target::Queue(one.clone())),
-        [] => {}
-        many => bail!(
-            "{} queues send dead letters to {dlq} ({}); pass --to with the one to replay to",
-            many.len(),
-            many.join(", ")
-        ),
+    if let [one] = sources.as_slice() {
+        return Ok(Target::Queue(one.clone()));
     }
-    // No redrive policy points here (an SNS subscription's DLQ, or a worker's --dlq-url):
-    // the letters may say where they came from.
+    // No single redrive policy names it (several queues share it, or it is the DLQ of an SNS
+    // subscription or of a worker's --dlq-url): the letters may say where they came from.
     let sample = port.peek(dlq, 100).await?;
-    let named: std::collections::BTreeSet<&str> = sample
+    if sample
         .iter()
-        .filter_map(|m| m.attributes.get(ATTR_SOURCE_QUEUE).map(String::as_str))
-        .collect();
-    match named.iter().collect::<Vec<_>>().as_slice() {
-        [one] => Ok(Target::Queue((**one).to_owned())),
-        _ => bail!(
-            "cannot tell the source of {dlq}: no queue's redrive policy names it and its messages \
-             carry no single {ATTR_SOURCE_QUEUE} attribute (is it the DLQ of an SNS \
-             subscription?); pass --to QUEUE or --to TOPIC"
-        ),
+        .any(|m| m.attributes.contains_key(ATTR_SOURCE_QUEUE))
+    {
+        return Ok(Target::SourceQueues);
     }
+    if sources.is_empty() {
+        bail!(
+            "cannot tell the source of {dlq}: no queue's redrive policy names it and its messages \
+             carry no {ATTR_SOURCE_QUEUE} attribute (is it the DLQ of an SNS subscription?); \
+             pass --to QUEUE or --to TOPIC"
+        );
+    }
+    bail!(
+        "{} queues send dead letters to {dlq} ({}) and its messages carry no \
+         {ATTR_SOURCE_QUEUE} attribute; pass --to with the one to replay to",
+        sources.len(),
+        sources.join(", ")
+    )
 }
 
 fn progress_bar(json: bool, len: Option<u64>, what: &'static str) -> Option<ProgressBar> {
@@ -789,6 +790,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
         for (label, n) in [
             ("refused: --max-replays", c.refused_max_replays),
             ("refused: invalid events", c.refused_invalid),
+            ("refused: no source queue", c.refused_no_source),
             ("refused: FIFO dedup window", c.refused_dedup_window),
             ("left: --max reached", c.left_by_max),
             ("refused by the destination", c.send_failed),
@@ -806,8 +808,11 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             println!("  {}: {}", r.message_id, r.reason);
         }
         let listed = report.refusals.len() as u64;
-        let refused =
-            c.refused_max_replays + c.refused_invalid + c.refused_dedup_window + c.send_failed;
+        let refused = c.refused_max_replays
+            + c.refused_invalid
+            + c.refused_no_source
+            + c.refused_dedup_window
+            + c.send_failed;
         if refused > listed {
             println!(
                 "  … and {} more refusals (--json lists 50)",

@@ -662,3 +662,48 @@ async fn filters_combine_and_max_caps_the_moves_across_concurrent_loops() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("a path starts with '$'"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn to_source_sends_each_letter_home_when_several_queues_share_the_dlq() {
+    let (dir, port) = setup().await;
+    let other = "events-worker-b";
+    port.broker()
+        .declare_queue(
+            other,
+            shared::embedded::QueueConfig {
+                max_receive_count: Some(5),
+                dlq: Some(DEV_DLQ.into()),
+                ..shared::embedded::QueueConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut letters = dead_letters(40, 10, Some(DEV_QUEUE));
+    for m in letters.iter_mut().skip(20) {
+        m.attributes
+            .insert(shared::embedded::ATTR_SOURCE_QUEUE.into(), other.into());
+    }
+    letters[39]
+        .attributes
+        .remove(shared::embedded::ATTR_SOURCE_QUEUE);
+    seed(&port, DEV_DLQ, &letters).await.unwrap();
+    let d = data_dir_args(dir.path());
+    let run = json_of(&run_dlq(&args(&d, &["replay", "--to", "source", "--json"]), &[]).unwrap())
+        .unwrap();
+    assert_eq!(run["target"], "each message's source queue");
+    assert_eq!(run["moved"], 39, "{run}");
+    assert_eq!(run["refused_no_source"], 1);
+    let home: BTreeSet<String> = letters[..20].iter().map(|m| event_id(&m.body)).collect();
+    let away: BTreeSet<String> = letters[20..39].iter().map(|m| event_id(&m.body)).collect();
+    let got_home: BTreeSet<String> = ids(&read_all(&port, DEV_QUEUE).await.unwrap())
+        .into_iter()
+        .collect();
+    let got_away: BTreeSet<String> = ids(&read_all(&port, other).await.unwrap())
+        .into_iter()
+        .collect();
+    assert_eq!((got_home, got_away), (home, away));
+    assert_eq!(
+        ids(&read_all(&port, DEV_DLQ).await.unwrap()),
+        vec![event_id(&letters[39].body)]
+    );
+}

@@ -20,6 +20,7 @@ use super::inspect::{for_topic, inspect, Filter};
 use super::ndjson::{ExportReader, ExportWriter};
 use super::{now_ms, DlqBroker, DlqError, Outgoing, ATTR_REPLAY_COUNT, DEFAULT_MAX_REPLAYS};
 use crate::clock::SystemClock;
+use crate::embedded::ATTR_SOURCE_QUEUE;
 use crate::event::ValidationPolicy;
 use crate::source::DeliveryId;
 
@@ -37,6 +38,9 @@ pub enum Target {
     /// A topic: ingest validation runs again on every event; the original envelope body is
     /// published with its attributes, minus the failure attributes, plus the replay counter.
     Topic(String),
+    /// Each message back to the queue its `spillway-source-queue` attribute names (a DLQ that
+    /// serves several queues); a message without it is refused.
+    SourceQueues,
 }
 
 impl Target {
@@ -44,6 +48,7 @@ impl Target {
     pub fn name(&self) -> &str {
         match self {
             Self::Queue(n) | Self::Topic(n) => n,
+            Self::SourceQueues => "",
         }
     }
 
@@ -51,6 +56,7 @@ impl Target {
         match self {
             Self::Queue(n) => format!("queue {n}"),
             Self::Topic(n) => format!("topic {n}"),
+            Self::SourceQueues => "each message's source queue".to_owned(),
         }
     }
 }
@@ -126,6 +132,9 @@ pub struct Counts {
     pub refused_max_replays: u64,
     /// Messages refused because an event fails ingest validation (topic replay).
     pub refused_invalid: u64,
+    /// Messages refused because they do not name their source queue (`--to source` on a DLQ
+    /// of several queues).
+    pub refused_no_source: u64,
     /// FIFO messages refused while still inside the destination's deduplication window.
     pub refused_dedup_window: u64,
     /// Matching messages left alone because `max_messages` was reached.
@@ -199,6 +208,9 @@ impl Pacer {
     }
 }
 
+/// A message decided for moving: its lease, id, what to send, and where.
+type Pending = (DeliveryId, String, Outgoing, Target);
+
 #[derive(Debug, Default)]
 struct State {
     /// When the first send started and the last delete ended.
@@ -268,7 +280,7 @@ impl Run<'_> {
         let mut stale_rounds = 0;
         let clock = SystemClock;
         // Messages to move, gathered over leases until a full batch (fewer, fuller calls).
-        let mut pending: Vec<(DeliveryId, String, Outgoing)> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         while !self.abort.load(Ordering::Relaxed) {
             if let Some(max) = self.opts.max_messages {
                 if lock(&self.state).reserved >= max {
@@ -296,7 +308,7 @@ impl Run<'_> {
                         *r = l.receipt;
                         continue;
                     }
-                    if let Some(p) = pending.iter_mut().find(|(_, pid, _)| *pid == id) {
+                    if let Some(p) = pending.iter_mut().find(|(_, pid, _, _)| *pid == id) {
                         p.0 = l.receipt;
                         continue;
                     }
@@ -326,9 +338,28 @@ impl Run<'_> {
                         st.held.insert(id, l.receipt);
                         continue;
                     }
+                    let dest = match self.target {
+                        Target::SourceQueues => match m.attributes.get(ATTR_SOURCE_QUEUE) {
+                            Some(q) if !q.is_empty() => Target::Queue(q.clone()),
+                            _ => {
+                                st.counts.refused_no_source += 1;
+                                refuse(
+                                    &mut st,
+                                    &id,
+                                    format!(
+                                        "refused: no {ATTR_SOURCE_QUEUE} attribute says where it \
+                                         came from; replay it with --to QUEUE"
+                                    ),
+                                );
+                                st.held.insert(id, l.receipt);
+                                continue;
+                            }
+                        },
+                        other => other.clone(),
+                    };
                     let fifo_age = m.age_secs(now).unwrap_or(0);
                     if m.dedup_id.is_some()
-                        && self.target.name().ends_with(".fifo")
+                        && dest.name().ends_with(".fifo")
                         && fifo_age < self.opts.fifo_dedup_guard.as_secs()
                     {
                         st.counts.refused_dedup_window += 1;
@@ -345,11 +376,11 @@ impl Run<'_> {
                         st.held.insert(id, l.receipt);
                         continue;
                     }
-                    let out = match self.target {
-                        Target::Queue(_) => Ok(m.to_outgoing()),
+                    let out = match dest {
                         Target::Topic(_) => {
                             for_topic(m, &inspection, &self.opts.validation, &clock)
                         }
+                        Target::Queue(_) | Target::SourceQueues => Ok(m.to_outgoing()),
                     };
                     let mut out = match out {
                         Ok(o) => o,
@@ -373,7 +404,7 @@ impl Run<'_> {
                     }
                     out.attributes
                         .insert(ATTR_REPLAY_COUNT.to_owned(), (replays + 1).to_string());
-                    pending.push((l.receipt, id, out));
+                    pending.push((l.receipt, id, out, dest));
                 }
             }
             if fresh == 0 {
@@ -401,15 +432,16 @@ impl Run<'_> {
     }
 
     /// Keeps leased messages, unsent, to release them at the end.
-    fn hold(&self, messages: Vec<(DeliveryId, String, Outgoing)>) {
+    fn hold(&self, messages: Vec<Pending>) {
         let mut st = lock(&self.state);
-        for (r, id, _) in messages {
+        for (r, id, _, _) in messages {
             st.held.insert(id, r);
         }
     }
 
-    /// Sends a batch, then deletes from the DLQ exactly the messages the destination took.
-    async fn move_batch(&self, batch: Vec<(DeliveryId, String, Outgoing)>) -> Result<(), DlqError> {
+    /// Sends a batch (one call per destination), then deletes from the DLQ exactly the
+    /// messages their destination took.
+    async fn move_batch(&self, batch: Vec<Pending>) -> Result<(), DlqError> {
         let at = lock(&self.pacer).reserve(batch.len());
         if let Some(at) = at {
             tokio::time::sleep_until(at.into()).await;
@@ -417,31 +449,51 @@ impl Run<'_> {
         lock(&self.state)
             .first_send
             .get_or_insert_with(Instant::now);
-        let outgoing: Vec<Outgoing> = batch.iter().map(|(_, _, o)| o.clone()).collect();
-        let sent = match self.target {
-            Target::Queue(q) => self.port.send(q, &outgoing).await,
-            Target::Topic(t) => self.port.publish(t, &outgoing).await,
-        };
-        let outcome = match sent {
-            Ok(o) => o,
-            Err(e) => {
-                // Not acknowledged: they stay in the DLQ (released at the end).
-                self.hold(batch);
-                return Err(e);
+        let mut groups: Vec<(&Target, Vec<usize>)> = Vec::new();
+        for (i, (_, _, _, dest)) in batch.iter().enumerate() {
+            match groups.iter_mut().find(|(d, _)| *d == dest) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((dest, vec![i])),
             }
-        };
-        let failed: HashMap<usize, String> = outcome.failed.into_iter().collect();
+        }
+        let mut refused: HashMap<usize, String> = HashMap::new();
+        let mut unsent: Vec<usize> = Vec::new();
+        let mut error = None;
+        for (dest, idx) in &groups {
+            if error.is_some() {
+                unsent.extend(idx);
+                continue;
+            }
+            let outgoing: Vec<Outgoing> = idx.iter().map(|&i| batch[i].2.clone()).collect();
+            let sent = match dest {
+                Target::Topic(t) => self.port.publish(t, &outgoing).await,
+                Target::Queue(q) => self.port.send(q, &outgoing).await,
+                Target::SourceQueues => Err(DlqError::Invalid("no destination".into())),
+            };
+            match sent {
+                Ok(outcome) => {
+                    for (j, reason) in outcome.failed {
+                        if let Some(&i) = idx.get(j) {
+                            refused.insert(i, format!("{} refused it: {reason}", dest.describe()));
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Not acknowledged: they stay in the DLQ (released at the end).
+                    unsent.extend(idx);
+                    error = Some(e);
+                }
+            }
+        }
         let mut delete = Vec::with_capacity(batch.len());
         {
             let mut st = lock(&self.state);
-            for (i, (r, id, _)) in batch.into_iter().enumerate() {
-                if let Some(reason) = failed.get(&i) {
+            for (i, (r, id, _, _)) in batch.into_iter().enumerate() {
+                if let Some(reason) = refused.remove(&i) {
                     st.counts.send_failed += 1;
-                    refuse(
-                        &mut st,
-                        &id,
-                        format!("{} refused it: {reason}", self.target.describe()),
-                    );
+                    refuse(&mut st, &id, reason);
+                    st.held.insert(id, r);
+                } else if unsent.contains(&i) {
                     st.held.insert(id, r);
                 } else {
                     delete.push(r);
@@ -455,7 +507,8 @@ impl Run<'_> {
                 st.last_done = Some(Instant::now());
                 st.counts.moved += n - stale as u64;
                 st.counts.sent_not_deleted += stale as u64;
-                Ok(())
+                drop(st);
+                error.map_or(Ok(()), Err)
             }
             Err(e) => {
                 lock(&self.state).counts.sent_not_deleted += n;
@@ -761,6 +814,11 @@ pub async fn import(
         let sent = match target {
             Target::Queue(q) => port.send(q, &out).await,
             Target::Topic(t) => port.publish(t, &out).await,
+            Target::SourceQueues => {
+                return Err(DlqError::Invalid(
+                    "import needs a named destination queue or topic".into(),
+                ))
+            }
         };
         let imported_before = counts.moved;
         let outcome = sent.map_err(|e| {
