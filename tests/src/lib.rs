@@ -7,11 +7,20 @@
 //! - [`dlq`]: dead letters, the `spillway dlq` CLI as a child process, whole-queue reads.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
+//! - [`postgres`]: a throw-away database on the shared server, and a private server a fault
+//!   test may stop and restart.
+//! - [`pipeline`]: `spillway-ingest`, `spillway-worker` and `spillway loadgen` as child
+//!   processes over one embedded broker, for fault tests.
+//! - [`faults`]: fault injectors: a source that delivers every message three times, and a
+//!   TCP proxy that drops responses.
 
 pub mod checker;
 pub mod dev_process;
 pub mod dlq;
+pub mod faults;
 pub mod localstack;
+pub mod pipeline;
+pub mod postgres;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
