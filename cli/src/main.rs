@@ -3,11 +3,13 @@
 //! # Layout
 //! - `dev`: the whole pipeline in one process (see [`dev`]).
 //! - `loadgen`: synthetic load against an ingest endpoint (see [`loadgen`]).
+//! - `dlq`: dead-letter queue stats, peek, export/import, replay, redrive, purge (see [`dlq`]).
 //! - `stats`: queue, DLQ and store figures (see [`stats`]).
 //! - `setup`: declare the topology (see [`setup`]).
 //! - `migrate`: PostgreSQL migrations (see [`migrate`]).
 
 mod dev;
+mod dlq;
 mod loadgen;
 mod migrate;
 mod setup;
@@ -40,6 +42,9 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Apply the PostgreSQL store's pending migrations.
     Migrate(migrate::MigrateArgs),
+    /// Inspect a dead-letter queue and move its messages back: stats, peek, export, import,
+    /// replay, redrive, purge.
+    Dlq(dlq::DlqArgs),
 }
 
 #[tokio::main]
@@ -51,5 +56,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Stats(args) => stats::run(args).await,
         Command::Setup(args) => setup::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     }
 }

@@ -4,6 +4,7 @@
 //! - [`spawn_ingest`]: the ingest API on a real socket (port 0) over a given publisher.
 //! - [`TestApp`]: its address, a client, and a clean shutdown.
 //! - [`localstack`]: LocalStack reachability and throw-away topics/queues.
+//! - [`dlq`]: dead letters, the `spillway dlq` CLI as a child process, whole-queue reads.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
 //! - [`postgres`]: a throw-away database on the shared server, and a private server a fault
@@ -15,6 +16,7 @@
 
 pub mod checker;
 pub mod dev_process;
+pub mod dlq;
 pub mod faults;
 pub mod localstack;
 pub mod pipeline;
