@@ -3,11 +3,13 @@
 //! # Layout
 //! - `dev`: the whole pipeline in one process (see [`dev`]).
 //! - `loadgen`: synthetic load against an ingest endpoint (see [`loadgen`]).
+//! - `dlq`: dead-letter queue stats, peek, export/import, replay, redrive, purge (see [`dlq`]).
 //! - `stats`: queue, DLQ and store figures (see [`stats`]; Kafka in [`stats_kafka`]).
 //! - `setup`: declare the topology (see [`setup`]).
 //! - `migrate`: PostgreSQL migrations (see [`migrate`]).
 
 mod dev;
+mod dlq;
 mod loadgen;
 mod migrate;
 mod setup;
@@ -36,11 +38,14 @@ enum Command {
     /// Post synthetic events to an ingest endpoint and report throughput and latency.
     Loadgen(loadgen::LoadgenArgs),
     /// Show queue depth, in flight, DLQ depth, oldest message age, stored events and rollups.
-    Stats(stats::StatsArgs),
+    Stats(Box<stats::StatsArgs>),
     /// Create the broker topology (embedded), or print how to deploy it (AWS).
-    Setup(setup::SetupArgs),
+    Setup(Box<setup::SetupArgs>),
     /// Apply the PostgreSQL store's pending migrations.
     Migrate(migrate::MigrateArgs),
+    /// Inspect a dead-letter queue and move its messages back: stats, peek, export, import,
+    /// replay, redrive, purge.
+    Dlq(Box<dlq::DlqArgs>),
 }
 
 #[tokio::main]
@@ -49,8 +54,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(*args).await,
         Command::Loadgen(args) => loadgen::run(args).await,
-        Command::Stats(args) => stats::run(args).await,
-        Command::Setup(args) => setup::run(args).await,
+        Command::Stats(args) => stats::run(*args).await,
+        Command::Setup(args) => setup::run(*args).await,
         Command::Migrate(args) => migrate::run(args).await,
+        Command::Dlq(args) => dlq::run(*args).await,
     }
 }

@@ -17,6 +17,8 @@
 //! - [`embedded`]: the embedded durable broker on SQLite (topics, queues, DLQs) and its
 //!   `Publisher`/`Source` adapters.
 //! - [`sqlite_sink`]: the SQLite store (`ad_events` and per-minute rollups) behind `Sink`.
+//! - [`dlq`]: the dead-letter port (stats, peek, lease → send → delete, purge, native
+//!   redrive) on the embedded broker and SQS/SNS, and the replay/export/import engine.
 //! - [`settings`]: broker and store selection shared by the binaries; shutdown signal.
 //! - [`postgres_sink`]: the PostgreSQL store (`PostgresSink`) and its versioned migrations.
 //! - [`clock`]: injected time, so time rules are testable.
@@ -26,6 +28,7 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod clock;
+pub mod dlq;
 pub mod embedded;
 pub mod envelope;
 pub mod event;

@@ -82,6 +82,15 @@ pub struct KafkaSettings {
     #[arg(long, env = "SPILLWAY_KAFKA_DLQ_TOPIC", default_value = "events-dlq")]
     pub kafka_dlq_topic: String,
 
+    /// Kafka: consumer group `spillway dlq replay` records what it moved in, so a rerun does
+    /// not resend (its own group, apart from the workers').
+    #[arg(
+        long,
+        env = "SPILLWAY_KAFKA_REPLAY_GROUP",
+        default_value = "spillway-dlq-replay"
+    )]
+    pub kafka_replay_group: String,
+
     /// Kafka: producer compression: none, snappy, lz4 or zstd.
     #[arg(long, env = "SPILLWAY_KAFKA_COMPRESSION", default_value = "lz4")]
     pub kafka_compression: KafkaCompressionArg,
@@ -129,6 +138,31 @@ pub struct KafkaSettings {
     /// `partition.assignment.strategy=range,roundrobin` hold commas), e.g. client.id=ingest-1.
     #[arg(long, env = "SPILLWAY_KAFKA_CONFIG", value_delimiter = ';')]
     pub kafka_config: Vec<String>,
+}
+
+impl KafkaSettings {
+    /// The Kafka connection settings.
+    ///
+    /// # Errors
+    /// No bootstrap servers, or a malformed `--kafka-config` entry.
+    #[cfg(feature = "kafka")]
+    pub fn client_config(&self) -> Result<crate::kafka::KafkaClientConfig, SettingsError> {
+        let k = self;
+        let servers = k
+            .kafka_bootstrap_servers
+            .clone()
+            .ok_or(SettingsError::Missing {
+                flag: "kafka-bootstrap-servers",
+                env: "SPILLWAY_KAFKA_BOOTSTRAP_SERVERS",
+                broker: "kafka",
+            })?;
+        let mut client = crate::kafka::KafkaClientConfig::new(servers);
+        for raw in &k.kafka_config {
+            let (key, value) = crate::kafka::parse_property(raw).map_err(SettingsError::Kafka)?;
+            client.extra.insert(key, value);
+        }
+        Ok(client)
+    }
 }
 
 /// Producer compression codec, as a flag value.
@@ -245,21 +279,7 @@ impl BrokerSettings {
     /// No bootstrap servers, or a malformed `--kafka-config` entry.
     #[cfg(feature = "kafka")]
     pub fn kafka_client_config(&self) -> Result<crate::kafka::KafkaClientConfig, SettingsError> {
-        let k = &self.kafka;
-        let servers = k
-            .kafka_bootstrap_servers
-            .clone()
-            .ok_or(SettingsError::Missing {
-                flag: "kafka-bootstrap-servers",
-                env: "SPILLWAY_KAFKA_BOOTSTRAP_SERVERS",
-                broker: "kafka",
-            })?;
-        let mut client = crate::kafka::KafkaClientConfig::new(servers);
-        for raw in &k.kafka_config {
-            let (key, value) = crate::kafka::parse_property(raw).map_err(SettingsError::Kafka)?;
-            client.extra.insert(key, value);
-        }
-        Ok(client)
+        self.kafka.client_config()
     }
 
     /// The Kafka producer settings for `topic`.

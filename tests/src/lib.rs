@@ -4,6 +4,7 @@
 //! - [`spawn_ingest`]: the ingest API on a real socket (port 0) over a given publisher.
 //! - [`TestApp`]: its address, a client, and a clean shutdown.
 //! - [`localstack`]: LocalStack reachability and throw-away topics/queues.
+//! - [`dlq`]: dead letters, the `spillway dlq` CLI as a child process, whole-queue reads.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
 //! - [`sqlite_view`]: the checker's view of the SQLite store.
@@ -17,6 +18,7 @@
 
 pub mod checker;
 pub mod dev_process;
+pub mod dlq;
 pub mod faults;
 pub mod kafka;
 pub mod localstack;

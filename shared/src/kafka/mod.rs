@@ -11,9 +11,11 @@
 //! - [`source`]: `KafkaSource` — consumer group with offsets stored only behind a contiguous
 //!   prefix of finished work, in-process redelivery with backoff, a DLQ topic, rebalance hooks.
 //! - [`tracker`]: the per-partition offset tracker (pure, property-tested).
+//! - [`dlq`]: the dead-letter port (`spillway dlq`) on a DLQ topic, replays tracked by a group.
 //! - [`lag`]: read-only partition watermarks, committed offsets and lag, for `spillway stats`.
 //! - [`mock`]: `MockKafka`, librdkafka's mock cluster kept alive on a thread of its own.
 
+pub mod dlq;
 pub mod lag;
 pub mod mock;
 pub mod publisher;

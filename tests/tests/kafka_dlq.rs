@@ -1,0 +1,227 @@
+//! `spillway dlq` on a Kafka DLQ topic (librdkafka's mock cluster): a filtered replay moves
+//! exactly the matching letters to the main topic, a rerun resends nothing (the replay group
+//! remembers what it moved, even past the letters it skipped), and a poison event a worker
+//! dead-lettered is re-ingested once the cause is fixed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use shared::dlq::{DlqBroker, ATTR_REPLAY_COUNT};
+use shared::event::AdEvent;
+use shared::kafka::dlq::KafkaDlq;
+use shared::kafka::{KafkaClientConfig, KafkaSource};
+use shared::sink::{Sink, SinkError, WriteReport};
+use shared::sqlite_sink::SqliteSink;
+use shared::synthetic::SyntheticEvents;
+use shared::Source;
+use tests::checker::check;
+use tests::dlq::{dead_letters, event_id, json_of, run_dlq, EVEN_ADVERTISER};
+use tests::kafka::{
+    consumer_config, mock_cluster, produce_to, read_topic, ReadMessage, DLQ_TOPIC, TOPIC,
+};
+use tests::sqlite_view::SqliteStoreView;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use workers::{Poller, PollerConfig};
+
+fn kafka_args(bootstrap: &str) -> Vec<String> {
+    ["--broker", "kafka", "--kafka-bootstrap-servers", bootstrap]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+
+fn dlq(bootstrap: &str, rest: &[&str]) -> Value {
+    let mut args: Vec<&str> = rest.to_vec();
+    let k = kafka_args(bootstrap);
+    args.extend(k.iter().map(String::as_str));
+    json_of(&run_dlq(&args, &[]).unwrap()).unwrap()
+}
+
+async fn read(bootstrap: &str, topic: &'static str, n: usize) -> Vec<ReadMessage> {
+    let b = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || read_topic(&b, topic, 1, n, Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_nothing() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let port = KafkaDlq::new(
+        KafkaClientConfig::new(&bootstrap),
+        "replay",
+        Some(TOPIC.to_owned()),
+    )
+    .unwrap();
+    let letters = dead_letters(200, 4, None);
+    let out = port.publish(DLQ_TOPIC, &letters).await.unwrap();
+    assert!(out.failed.is_empty());
+
+    let stats = dlq(
+        &bootstrap,
+        &["stats", "--json", "--kafka-replay-group", "replay"],
+    );
+    println!("before: {stats}");
+    let peek = port.peek(DLQ_TOPIC, 5).await.unwrap();
+    assert_eq!(peek.len(), 5);
+    assert_eq!(
+        port.stats(DLQ_TOPIC).await.unwrap().visible,
+        200,
+        "peek consumed nothing"
+    );
+
+    let replay = [
+        "replay",
+        "--to",
+        "source",
+        "--advertiser",
+        EVEN_ADVERTISER,
+        "--json",
+        "--kafka-replay-group",
+        "replay",
+    ];
+    let run = dlq(&bootstrap, &replay);
+    println!("first run: {run}");
+    assert_eq!(run["moved"], 100, "{run}");
+    assert_eq!(run["skipped_by_filter"], 100, "{run}");
+    let again = dlq(&bootstrap, &replay);
+    println!("rerun: {again}");
+    assert_eq!(again["moved"], 0, "a rerun resends nothing: {again}");
+    assert_eq!(
+        port.stats(DLQ_TOPIC).await.unwrap().visible,
+        100,
+        "the odd half waits"
+    );
+
+    let moved = read(&bootstrap, TOPIC, 100).await;
+    let even: BTreeSet<String> = letters
+        .iter()
+        .step_by(2)
+        .map(|m| event_id(&m.body))
+        .collect();
+    let got: BTreeSet<String> = moved.iter().map(|m| event_id(&m.payload)).collect();
+    assert_eq!(got, even);
+    assert!(moved.iter().all(|m| m.headers[ATTR_REPLAY_COUNT] == "1"));
+
+    // The rest, unfiltered; then nothing is left.
+    let mut all = replay.to_vec();
+    all.retain(|a| *a != "--advertiser" && *a != EVEN_ADVERTISER);
+    let run = dlq(&bootstrap, &all);
+    assert_eq!(run["moved"], 100, "{run}");
+    assert_eq!(dlq(&bootstrap, &all)["moved"], 0);
+    assert_eq!(port.stats(DLQ_TOPIC).await.unwrap().visible, 0);
+    let everything = read(&bootstrap, TOPIC, 200).await;
+    let ids: BTreeSet<String> = everything.iter().map(|m| event_id(&m.payload)).collect();
+    assert_eq!(ids.len(), 200, "each letter on the main topic once");
+}
+
+/// A store with a bug: it refuses, permanently, every event of one advertiser.
+#[derive(Debug)]
+struct RefusesAdvertiser {
+    inner: SqliteSink,
+    advertiser: String,
+}
+
+#[async_trait]
+impl Sink for RefusesAdvertiser {
+    async fn write(&self, events: &[AdEvent]) -> Result<WriteReport, SinkError> {
+        if events
+            .iter()
+            .any(|e| e.advertiser_id.as_str() == self.advertiser)
+        {
+            return Err(SinkError::Rejected {
+                store: "buggy".into(),
+                message: format!("cannot store advertiser {}", self.advertiser),
+            });
+        }
+        self.inner.write(events).await
+    }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.inner.ping().await
+    }
+}
+
+async fn run_until_stored(bootstrap: &str, store_path: &Path, sink: Arc<dyn Sink>, n: u64) {
+    let source = Arc::new(KafkaSource::new(&consumer_config(bootstrap, "workers")).unwrap());
+    let poller = Poller::new(
+        source as Arc<dyn Source>,
+        sink,
+        PollerConfig {
+            receive_wait: Duration::from_secs(1),
+            max_batch_wait: Duration::from_millis(100),
+            max_events_per_sec: None,
+            ..PollerConfig::default()
+        },
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(poller.run(stop.clone()));
+    let store = SqliteSink::open(store_path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.events_stored().await.unwrap() < n {
+        assert!(
+            Instant::now() < deadline,
+            "stored {}",
+            store.events_stored().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the batch that dead-letters settle before stopping.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_event_is_re_ingested_from_the_dlq_topic_once_the_cause_is_fixed() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store.db");
+    let mut g = SyntheticEvents::new(12, 3);
+    let mut events: Vec<Value> = (0..6).map(|_| g.event()).collect();
+    events[5]["advertiser_id"] = json!("adv-bug");
+    let bodies: Vec<String> = events
+        .iter()
+        .map(|e| json!({"v": 1, "events": [e]}).to_string())
+        .collect();
+    produce_to(&bootstrap, TOPIC, 0, &bodies).await.unwrap();
+
+    // The buggy store refuses one event: it goes to the DLQ topic, the rest is stored.
+    let buggy = Arc::new(RefusesAdvertiser {
+        inner: SqliteSink::open(&store_path).unwrap(),
+        advertiser: "adv-bug".into(),
+    });
+    run_until_stored(&bootstrap, &store_path, buggy, 5).await;
+    let letters = read(&bootstrap, DLQ_TOPIC, 1).await;
+    assert_eq!(letters[0].headers["spillway-error-code"], "sink_rejected");
+
+    // Fixed: replay the DLQ topic to the main topic, and the fixed worker stores it.
+    let run = dlq(&bootstrap, &["replay", "--to", "source", "--json"]);
+    assert_eq!(run["moved"], 1, "{run}");
+    run_until_stored(
+        &bootstrap,
+        &store_path,
+        Arc::new(SqliteSink::open(&store_path).unwrap()),
+        6,
+    )
+    .await;
+    let ids: Vec<Uuid> = events
+        .iter()
+        .map(|e| Uuid::parse_str(e["event_id"].as_str().unwrap()).unwrap())
+        .collect();
+    let report = check(&SqliteStoreView::new(&store_path), &ids, Some(&ids))
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
