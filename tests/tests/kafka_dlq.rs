@@ -79,6 +79,29 @@ async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_n
         "peek consumed nothing"
     );
 
+    // Export without --delete: every letter in the file, nothing moved.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dlq.ndjson");
+    let export = dlq(
+        &bootstrap,
+        &[
+            "export",
+            "--out",
+            file.to_str().unwrap(),
+            "--json",
+            "--kafka-replay-group",
+            "replay",
+        ],
+    );
+    println!("export: {export}");
+    let lines = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(lines.lines().count(), 200, "{export}");
+    assert_eq!(
+        port.stats(DLQ_TOPIC).await.unwrap().visible,
+        200,
+        "export moved nothing"
+    );
+
     let replay = [
         "replay",
         "--to",
