@@ -359,6 +359,10 @@ async fn open(common: &Common) -> anyhow::Result<Opened> {
                 dlq,
             })
         }
+        BrokerKind::Kafka => bail!(
+            "spillway dlq does not work on Kafka DLQ topics yet; `spillway stats --broker kafka` \
+             shows the DLQ topic's depth"
+        ),
     }
 }
 

@@ -4,7 +4,7 @@
 //! - `dev`: the whole pipeline in one process (see [`dev`]).
 //! - `loadgen`: synthetic load against an ingest endpoint (see [`loadgen`]).
 //! - `dlq`: dead-letter queue stats, peek, export/import, replay, redrive, purge (see [`dlq`]).
-//! - `stats`: queue, DLQ and store figures (see [`stats`]).
+//! - `stats`: queue, DLQ and store figures (see [`stats`]; Kafka in [`stats_kafka`]).
 //! - `setup`: declare the topology (see [`setup`]).
 //! - `migrate`: PostgreSQL migrations (see [`migrate`]).
 
@@ -14,6 +14,7 @@ mod loadgen;
 mod migrate;
 mod setup;
 mod stats;
+mod stats_kafka;
 
 use clap::{Parser, Subcommand};
 

@@ -41,7 +41,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         cli.broker.publisher().await.context("opening the broker")?
     };
-    let state = AppState::new(publisher, keys, cli.ingest.config());
+    let state = AppState::new(
+        publisher,
+        keys,
+        cli.ingest.config_for(cli.broker.is_keyed()),
+    );
     let listener = tokio::net::TcpListener::bind(cli.ingest.listen)
         .await
         .with_context(|| format!("binding {}", cli.ingest.listen))?;

@@ -12,6 +12,8 @@
 //! - [`memory_source`]: an in-memory `Source` with SQS-like visibility, for tests.
 //! - [`sink`]: the `Sink` port (idempotent writes) with an in-memory adapter.
 //! - [`aws`]: SNS publisher and SQS source (feature `aws`, on by default).
+//! - [`kafka`]: Kafka producer, consumer-group source with a DLQ topic, and the in-process mock
+//!   cluster (feature `kafka`).
 //! - [`embedded`]: the embedded durable broker on SQLite (topics, queues, DLQs) and its
 //!   `Publisher`/`Source` adapters.
 //! - [`sqlite_sink`]: the SQLite store (`ad_events` and per-minute rollups) behind `Sink`.
@@ -31,6 +33,8 @@ pub mod embedded;
 pub mod envelope;
 pub mod event;
 mod iso;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory_source;
 pub mod postgres_sink;
 pub mod publisher;

@@ -7,6 +7,8 @@
 //! - [`dlq`]: dead letters, the `spillway dlq` CLI as a child process, whole-queue reads.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
+//! - [`sqlite_view`]: the checker's view of the SQLite store.
+//! - [`kafka`]: the mock Kafka cluster, test settings and a topic reader.
 //! - [`postgres`]: a throw-away database on the shared server, and a private server a fault
 //!   test may stop and restart.
 //! - [`pipeline`]: `spillway-ingest`, `spillway-worker` and `spillway loadgen` as child
@@ -18,9 +20,11 @@ pub mod checker;
 pub mod dev_process;
 pub mod dlq;
 pub mod faults;
+pub mod kafka;
 pub mod localstack;
 pub mod pipeline;
 pub mod postgres;
+pub mod sqlite_view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
