@@ -5,11 +5,17 @@
 //! - [`TestApp`]: its address, a client, and a clean shutdown.
 //! - [`localstack`]: LocalStack reachability and throw-away topics/queues.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
+//! - [`lambda_emulator`]: a Lambda Runtime API emulator running the compiled binaries.
+//! - [`lambda_events`]: SQS, API Gateway v1/v2 and Function URL event fixtures.
+//! - [`pg`]: a throw-away PostgreSQL database per test.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
 
 pub mod checker;
 pub mod dev_process;
+pub mod lambda_emulator;
+pub mod lambda_events;
 pub mod localstack;
+pub mod pg;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
