@@ -15,6 +15,11 @@ mod stats;
 
 use clap::{Parser, Subcommand};
 
+// `dev` runs ingest and the workers, both allocation-heavy (request buffers, decoded events,
+// SQL parameters): mimalloc serves them faster than glibc malloc (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Spillway: a queue-buffered ingestion pipeline for ad-metric events.
 #[derive(Debug, Parser)]
 #[command(version, about, propagate_version = true)]

@@ -5,6 +5,11 @@
 //! `cargo bench -p shared --bench postgres_sink` (needs PostgreSQL: scripts/ensure-postgres.sh).
 //! `SPILLWAY_BENCH_PG` overrides the server URL (no database name), `SPILLWAY_BENCH_EVENTS`
 //! the events per round (default 50000).
+//!
+//! `SPILLWAY_BENCH_ADS=N` draws the events from N ads (each in one campaign) within one minute
+//! of each other, as a second of real traffic looks: many events per rollup row. Without it
+//! the events come from 100,000 ads spread over an hour, so nearly every event opens a rollup
+//! row of its own (the worst case for the rollups).
 #![allow(clippy::print_stdout)] // A harness-less bench reports on stdout.
 
 use std::error::Error;
@@ -28,12 +33,16 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, BoxError> {
     Ok(client)
 }
 
-fn synthetic(n: usize) -> Result<Vec<AdEvent>, BoxError> {
+fn synthetic(n: usize, ads: Option<u64>) -> Result<Vec<AdEvent>, BoxError> {
     let mut g = SyntheticEvents::new(42, 50);
+    if let Some(ads) = ads {
+        g = g.with_ads(ads);
+    }
+    let spread = if ads.is_some() { 60 } else { 3600 };
     let now = OffsetDateTime::now_utc();
     (0..n)
         .map(|i| {
-            let at = now - time::Duration::seconds(i64::try_from(i % 3600)?);
+            let at = now - time::Duration::seconds(i64::try_from(i % spread)?);
             AdEvent::from_json(g.event_at(at), &ValidationPolicy::default(), &SystemClock)
                 .map_err(|e| format!("invalid synthetic event: {e:?}").into())
         })
@@ -190,19 +199,23 @@ async fn main() -> Result<(), BoxError> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(50_000);
+    let ads: Option<u64> = std::env::var("SPILLWAY_BENCH_ADS")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?;
     let admin = connect(&format!("{server}/postgres")).await?;
     let db = format!("spillway_bench_{:016x}", rand_suffix());
     admin
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await?;
-    let outcome = bench(&format!("{server}/{db}"), n).await;
+    let outcome = bench(&format!("{server}/{db}"), n, ads).await;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await?;
     outcome
 }
 
-async fn bench(url: &str, n: usize) -> Result<(), BoxError> {
+async fn bench(url: &str, n: usize, ads: Option<u64>) -> Result<(), BoxError> {
     let sink = PostgresSink::new(&PostgresConfig {
         max_connections: 1,
         ..PostgresConfig::new(url)
@@ -216,10 +229,14 @@ async fn bench(url: &str, n: usize) -> Result<(), BoxError> {
              CREATE TABLE ad_events_raw (LIKE ad_events INCLUDING ALL);",
         )
         .await?;
-    let events = synthetic(n)?;
+    let events = synthetic(n, ads)?;
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     println!(
-        "postgres_sink bench: PostgreSQL {version}, {n} events per round in batches of {BATCH}, {ROUNDS} rounds"
+        "postgres_sink bench: PostgreSQL {version}, {n} events per round in batches of {BATCH}, {ROUNDS} rounds, {}",
+        match ads {
+            Some(ads) => format!("{ads} ads within one minute"),
+            None => "100,000 ads over an hour (about one rollup row per event)".into(),
+        }
     );
     let (mut sink_rates, mut copy_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut insert_rates = Vec::new();

@@ -12,6 +12,7 @@ use crate::event::EventType;
 pub struct SyntheticEvents {
     state: u64,
     advertisers: u64,
+    ads: Option<u64>,
 }
 
 impl SyntheticEvents {
@@ -20,7 +21,19 @@ impl SyntheticEvents {
         Self {
             state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             advertisers: advertisers.max(1),
+            ads: None,
         }
+    }
+
+    /// Draws every event from a fixed set of `ads` ads, each belonging to one campaign of one
+    /// advertiser, as real traffic does: a minute then holds at most `ads × 6` rollup keys
+    /// (one per ad and event type). Without it, advertiser, campaign and ad (out of 100,000)
+    /// are drawn independently, so nearly every event opens a rollup row of its own: the
+    /// worst case for the rollups.
+    #[must_use]
+    pub fn with_ads(mut self, ads: u64) -> Self {
+        self.ads = Some(ads.max(1));
+        self
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -36,8 +49,13 @@ impl SyntheticEvents {
         let id = Uuid::from_u64_pair(self.next_u64(), self.next_u64());
         let r = self.next_u64();
         let event_type = EventType::ALL[usize::try_from(r % 6).unwrap_or(0)];
-        let adv = r / 7 % self.advertisers;
-        let camp = r / 11 % 20;
+        let (adv, camp, ad) = match self.ads {
+            Some(ads) => {
+                let ad = r / 13 % ads;
+                (ad % self.advertisers, ad / self.advertisers % 20, ad)
+            }
+            None => (r / 7 % self.advertisers, r / 11 % 20, r / 13 % 100_000),
+        };
         let country =
             ["US", "DE", "GB", "FR", "JP", "BR"][usize::try_from(r / 29 % 6).unwrap_or(0)];
         let device =
@@ -48,7 +66,7 @@ impl SyntheticEvents {
             "occurred_at": at.format(&Rfc3339).unwrap_or_default(),
             "advertiser_id": format!("adv-{adv:04}"),
             "campaign_id": format!("cmp-{adv:04}-{camp:03}"),
-            "ad_id": format!("ad-{:06}", r / 13 % 100_000),
+            "ad_id": format!("ad-{ad:06}"),
             "publisher_id": format!("pub-{:05}", r / 17 % 5_000),
             "placement_id": format!("plc-{:04}", r / 19 % 1_000),
             "cost_micros": r / 23 % 5_000,
@@ -86,5 +104,24 @@ mod tests {
         }
         let avg = total / 1000;
         assert!((300..420).contains(&avg), "average size {avg}");
+    }
+
+    #[test]
+    fn with_ads_bounds_the_rollup_keys_and_ties_each_ad_to_one_campaign() {
+        let mut g = SyntheticEvents::new(3, 20).with_ads(50);
+        let mut owner = std::collections::HashMap::new();
+        let mut keys = std::collections::HashSet::new();
+        for _ in 0..5_000 {
+            let ev = g.event();
+            let ad = ev["ad_id"].as_str().unwrap().to_owned();
+            let campaign = (ev["advertiser_id"].clone(), ev["campaign_id"].clone());
+            assert_eq!(
+                owner.entry(ad.clone()).or_insert_with(|| campaign.clone()),
+                &campaign
+            );
+            keys.insert((ad, ev["type"].clone()));
+        }
+        assert_eq!(owner.len(), 50);
+        assert!(keys.len() <= 50 * 6, "{} keys", keys.len());
     }
 }

@@ -14,6 +14,7 @@ use rand::Rng;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use shared::envelope::{decode_message, ATTR_CONTENT_ENCODING, ATTR_TYPES};
+use shared::event::RawEvent;
 use shared::{
     AdEvent, Clock, DeadLetter, DeadLetterReason, Delivery, DeliveryId, EventType, FieldError,
     Sink, SinkError, SystemClock, ValidationPolicy, WriteReport,
@@ -228,14 +229,16 @@ pub fn prepare(delivery: &Delivery, cfg: &CoreConfig) -> PreparedDelivery {
 }
 
 fn validate(raw: &RawValue, cfg: &CoreConfig) -> Result<AdEvent, Vec<FieldError>> {
-    let value: Value = serde_json::from_str(raw.get()).map_err(|e| {
-        vec![FieldError::new(
-            "",
-            shared::ErrorCode::InvalidType,
-            e.to_string(),
-        )]
-    })?;
-    AdEvent::from_json(value, &cfg.policy, cfg.clock.as_ref())
+    // Read straight from the event's text, as ingest does: no `Value` tree in between.
+    RawEvent::from_json_str(raw.get(), &cfg.policy, cfg.clock.as_ref())
+        .map_err(|e| {
+            vec![FieldError::new(
+                "",
+                shared::ErrorCode::InvalidJson,
+                format!("not valid JSON: {e}"),
+            )]
+        })?
+        .validate()
 }
 
 fn join_errors(errors: &[FieldError]) -> String {
