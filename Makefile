@@ -1,5 +1,5 @@
 # One task runner; CI runs `lint` and `test` (see .ci/run).
-.PHONY: test lint fmt ci bench fuzz
+.PHONY: test lint fmt ci bench fuzz lambda
 
 test:
 	bash scripts/test.sh
@@ -16,3 +16,7 @@ ci: lint test
 
 bench:
 	cargo bench -p shared --bench ingest_path
+
+# Lambda zips (bootstrap per function, provided.al2023, glibc <= 2.34); ARCH=arm64 untested here.
+lambda:
+	bash scripts/lambda-build.sh

@@ -17,6 +17,9 @@ export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
 
 # Binaries spawned by the end-to-end tests (crash tests kill and restart them).
 cargo build --workspace --bins
+# The Lambda packages (tests/tests/lambda_package.rs checks their glibc and measures them);
+# installs cargo-zigbuild and zig into ~/.cache/spillway on first use.
+bash scripts/lambda-build.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast

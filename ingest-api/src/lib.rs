@@ -2,8 +2,8 @@
 //!
 //! `POST /v1/events` authenticates the key, rate-limits it, reads the body within its limits,
 //! validates every event, packs the accepted ones into envelopes and answers `202` only after
-//! the publisher acknowledged them all. One `Router`, served by `axum::serve` here and by the
-//! Lambda adapter later.
+//! the publisher acknowledged them all. One `Router`, served by `axum::serve` here and by
+//! `lambda_http` when the binary runs as a Lambda function (`src/main.rs`).
 //!
 //! # Layout
 //! - [`auth`]: API keys (SHA-256 hashes, tenants, advertiser allow-lists).

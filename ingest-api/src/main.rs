@@ -1,4 +1,6 @@
-//! `spillway-ingest`: the HTTP ingest API as a long-lived server.
+//! `spillway-ingest`: the HTTP ingest API as a long-lived server, or, when
+//! `AWS_LAMBDA_RUNTIME_API` is set, the same router behind API Gateway (HTTP API v2, REST
+//! v1) or a Function URL through `lambda_http`.
 
 use std::sync::Arc;
 
@@ -6,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use ingest_api::settings::IngestSettings;
 use ingest_api::{serve, shutdown_signal, AppState};
+use shared::lambda_init::{is_lambda, report_init_error};
 use shared::publisher::MemoryPublisher;
 use shared::settings::BrokerSettings;
 use shared::Publisher;
@@ -28,10 +31,34 @@ struct Cli {
     memory_publisher: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// With it set, API Gateway REST (v1) paths lose their stage prefix (`/prod/v1/events` →
+/// `/v1/events`), so the router sees the same paths behind every trigger.
+const IGNORE_STAGE_ENV: &str = "AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH";
+
+fn main() -> anyhow::Result<()> {
     shared::telemetry::init();
-    let cli = Cli::parse();
+    if is_lambda() {
+        if std::env::var_os(IGNORE_STAGE_ENV).is_none() {
+            // Still single-threaded here: no runtime, no other thread reads the environment.
+            std::env::set_var(IGNORE_STAGE_ENV, "true");
+        }
+        // One request at a time per execution environment: one thread is enough.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return rt.block_on(lambda_main());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(server_main())
+}
+
+/// Keys, publisher and state from the settings: built once per process (or per Lambda
+/// execution environment).
+async fn state(cli: &Cli) -> anyhow::Result<AppState> {
     let keys = cli.ingest.load_keys().context("loading API keys")?;
     if keys.is_empty() {
         tracing::warn!("No API key configured: every request will be answered 401");
@@ -41,11 +68,35 @@ async fn main() -> anyhow::Result<()> {
     } else {
         cli.broker.publisher().await.context("opening the broker")?
     };
-    let state = AppState::new(
+    Ok(AppState::new(
         publisher,
         keys,
         cli.ingest.config_for(cli.broker.is_keyed()),
-    );
+    ))
+}
+
+async fn lambda_main() -> anyhow::Result<()> {
+    let ready = async {
+        let cli = Cli::try_parse().context("reading the settings")?;
+        state(&cli).await
+    };
+    let state = match ready.await {
+        Ok(s) => s,
+        Err(e) => {
+            report_init_error(&format!("{e:#}")).await;
+            return Err(e);
+        }
+    };
+    tracing::info!("Ingest API ready for HTTP events (Lambda)");
+    lambda_http::run(ingest_api::router(state))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("Lambda runtime")
+}
+
+async fn server_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let state = state(&cli).await?;
     let listener = tokio::net::TcpListener::bind(cli.ingest.listen)
         .await
         .with_context(|| format!("binding {}", cli.ingest.listen))?;

@@ -9,6 +9,7 @@
 //!   decoding them back (raw or SNS-wrapped, identity or zstd).
 //! - [`publisher`]: the `Publisher` port with in-memory and channel adapters.
 //! - [`source`]: the `Source` port (receive, ack, retry later, extend, dead-letter).
+//! - [`lambda_init`]: whether the process runs on Lambda; reporting init failures there.
 //! - [`memory_source`]: an in-memory `Source` with SQS-like visibility, for tests.
 //! - [`sink`]: the `Sink` port (idempotent writes) with an in-memory adapter.
 //! - [`aws`]: SNS publisher and SQS source (feature `aws`, on by default).
@@ -35,6 +36,7 @@ pub mod event;
 mod iso;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod lambda_init;
 pub mod memory_source;
 pub mod postgres_sink;
 pub mod publisher;
@@ -54,5 +56,7 @@ pub use event::{AdEvent, ErrorCode, EventType, FieldError, ValidationPolicy};
 pub use postgres_sink::{migrate, PostgresConfig, PostgresError, PostgresSink, RollupRow};
 pub use publisher::{PublishError, PublishReport, Publisher};
 pub use sink::{Sink, SinkError, WriteReport};
-pub use source::{DeadLetter, DeadLetterReason, Delivery, DeliveryId, Source, SourceError};
+pub use source::{
+    DeadLetter, DeadLetterQueue, DeadLetterReason, Delivery, DeliveryId, Source, SourceError,
+};
 pub use sqlite_sink::SqliteSink;

@@ -84,6 +84,18 @@ impl SourceError {
     }
 }
 
+/// A dead-letter queue on its own, for runtimes that do not delete what they received
+/// themselves (the Lambda SQS handler: the event source mapping deletes the successes).
+#[async_trait]
+pub trait DeadLetterQueue: Send + Sync + Debug {
+    /// Sends `letters` to the DLQ, each with its reason as attributes; `Ok` only once the DLQ
+    /// acknowledged every one of them.
+    ///
+    /// # Errors
+    /// [`SourceError`]; letters sent before the failure may be sent again by a retry.
+    async fn send(&self, letters: &[DeadLetter]) -> Result<(), SourceError>;
+}
+
 /// Receives deliveries and settles them.
 #[async_trait]
 pub trait Source: Send + Sync + Debug {

@@ -1,14 +1,15 @@
 //! Spillway's batch workers.
 //!
 //! One pure batch core ([`core::process_batch`]) decides what happens to each delivery; runtimes
-//! only translate its outcome through the `Source` port. The poller is the long-lived runtime;
-//! Lambda and Kafka runtimes drive the same core.
+//! only translate its outcome through the `Source` port (or, on Lambda, into a partial batch
+//! response). The poller is the long-lived runtime; the Lambda handler drives the same core.
 //!
 //! # Layout
 //! - [`core`]: decode, validate, write and decide per delivery (ack, retry later with backoff,
 //!   dead-letter), knowing no broker.
 //! - [`poller`]: concurrent receive loops with batch coalescing, visibility heartbeat, circuit
 //!   breaker, write cap and graceful shutdown.
+//! - [`lambda`]: the Lambda runtime: an SQS event in, `batchItemFailures` out.
 //! - [`breaker`]: the circuit breaker that pauses receiving while the sink is down.
 //! - [`write_cap`]: the events-per-second token bucket and the capped sink.
 //! - [`settings`]: the poller's flags and environment variables.
@@ -16,6 +17,7 @@
 
 pub mod breaker;
 pub mod core;
+pub mod lambda;
 pub mod metrics;
 pub mod poller;
 pub mod settings;

@@ -1,9 +1,15 @@
-//! `spillway-worker`: drains a queue into the store with the poller runtime.
+//! `spillway-worker`: drains a queue into the store with the poller runtime, or, when
+//! `AWS_LAMBDA_RUNTIME_API` is set, handles SQS batches as a Lambda function.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use shared::lambda_init::{is_lambda, report_init_error};
 use shared::settings::{shutdown_signal, BrokerSettings, SinkSettings};
+use shared::DeadLetterQueue;
 use tokio_util::sync::CancellationToken;
+use workers::lambda::SqsHandler;
 use workers::settings::WorkerSettings;
 use workers::Poller;
 
@@ -19,9 +25,25 @@ struct Cli {
     worker: WorkerSettings,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     shared::telemetry::init();
+    if is_lambda() {
+        // One invocation at a time: a single-threaded runtime is all a Lambda needs, and it
+        // starts faster and smaller than a pool of worker threads.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return rt.block_on(lambda_main());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(poller_main())
+}
+
+async fn poller_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let source = cli.broker.source().await.context("opening the source")?;
     let sink = cli
@@ -42,4 +64,44 @@ async fn main() -> anyhow::Result<()> {
     poller.run(shutdown).await;
     tracing::info!("Worker drained in-flight batches and stopped");
     Ok(())
+}
+
+async fn lambda_main() -> anyhow::Result<()> {
+    let handler = match lambda_handler().await {
+        Ok(h) => h,
+        Err(e) => {
+            report_init_error(&format!("{e:#}")).await;
+            return Err(e);
+        }
+    };
+    tracing::info!("Worker ready for SQS batches (Lambda)");
+    workers::lambda::run(handler)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("Lambda runtime")
+}
+
+/// Settings, store and DLQ client: built once per execution environment.
+async fn lambda_handler() -> anyhow::Result<SqsHandler> {
+    let cli = Cli::try_parse().context("reading the settings")?;
+    let sink = cli
+        .sink
+        .open(&cli.broker.data_dir)
+        .await
+        .context("opening the store")?
+        .sink();
+    let dlq: Option<Arc<dyn DeadLetterQueue>> = match &cli.broker.dlq_url {
+        Some(url) => {
+            let config = shared::aws::load_config().await;
+            Some(Arc::new(shared::aws::sqs::SqsDeadLetterQueue::new(
+                shared::aws::sqs_client(&config),
+                url.clone(),
+            )))
+        }
+        None => {
+            tracing::warn!("No SPILLWAY_DLQ_URL: permanent failures are retried until the queue's redrive policy moves them");
+            None
+        }
+    };
+    Ok(SqsHandler::new(sink, dlq, cli.worker.lambda_config()))
 }

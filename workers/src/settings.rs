@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::breaker::BreakerConfig;
 use crate::core::CoreConfig;
+use crate::lambda::LambdaConfig;
 use crate::poller::PollerConfig;
 
 /// Settings of the poller runtime.
@@ -66,9 +67,36 @@ pub struct WorkerSettings {
     /// Longest retry delay, in seconds.
     #[arg(long, env = "SPILLWAY_RETRY_MAX_SECS", default_value_t = 300)]
     pub retry_max_secs: u64,
+
+    /// Lambda: a record is started only while this much time (ms) is left before the
+    /// invocation's deadline; later ones are reported in `batchItemFailures`.
+    #[arg(
+        long,
+        env = "SPILLWAY_LAMBDA_DEADLINE_MARGIN_MS",
+        default_value_t = 2_000
+    )]
+    pub lambda_deadline_margin_ms: u64,
 }
 
 impl WorkerSettings {
+    /// The batch core's configuration (retry delays).
+    pub fn core_config(&self) -> CoreConfig {
+        CoreConfig {
+            min_retry_delay: Duration::from_secs(self.retry_min_secs.max(1)),
+            max_retry_delay: Duration::from_secs(self.retry_max_secs.max(1)),
+            ..CoreConfig::default()
+        }
+    }
+
+    /// The Lambda handler's configuration.
+    pub fn lambda_config(&self) -> LambdaConfig {
+        LambdaConfig {
+            core: self.core_config(),
+            deadline_margin: Duration::from_millis(self.lambda_deadline_margin_ms),
+            max_consecutive_failures: self.breaker_failures.max(1) as usize,
+        }
+    }
+
     /// The poller configuration these settings describe.
     pub fn poller_config(&self) -> PollerConfig {
         PollerConfig {
@@ -86,11 +114,7 @@ impl WorkerSettings {
                 cooldown: Duration::from_secs(self.breaker_cooldown_secs),
                 max_cooldown: Duration::from_secs(self.breaker_max_cooldown_secs),
             },
-            core: CoreConfig {
-                min_retry_delay: Duration::from_secs(self.retry_min_secs.max(1)),
-                max_retry_delay: Duration::from_secs(self.retry_max_secs.max(1)),
-                ..CoreConfig::default()
-            },
+            core: self.core_config(),
             ..PollerConfig::default()
         }
     }

@@ -15,7 +15,8 @@ use aws_sdk_sqs::Client;
 
 use super::{ApiCalls, CallCounter};
 use crate::source::{
-    DeadLetter, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE, ATTR_ERROR_MESSAGE,
+    DeadLetter, DeadLetterQueue, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE,
+    ATTR_ERROR_MESSAGE,
 };
 
 /// Most messages per receive and entries per batch call.
@@ -63,29 +64,7 @@ impl SqsSource {
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let message = format!("{}", DisplayErrorContext(err));
-        let permanent = matches!(
-            err.code(),
-            Some(
-                "AWS.SimpleQueueService.NonExistentQueue"
-                    | "QueueDoesNotExist"
-                    | "AccessDenied"
-                    | "AccessDeniedException"
-                    | "InvalidAddress"
-                    | "ReceiptHandleIsInvalid"
-            )
-        );
-        if permanent {
-            SourceError::Rejected {
-                queue: queue.to_owned(),
-                message,
-            }
-        } else {
-            SourceError::Unavailable {
-                queue: queue.to_owned(),
-                message,
-            }
-        }
+        sdk_error(queue, err)
     }
 
     async fn change_visibility(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
@@ -257,40 +236,117 @@ impl Source for SqsSource {
         let dlq = self.config.dlq_url.as_deref().ok_or_else(|| {
             self.rejected("no dead-letter queue configured (set the DLQ URL)".into())
         })?;
-        for chunk in letters.chunks(MAX_BATCH_ENTRIES) {
-            let mut entries = Vec::with_capacity(chunk.len());
-            for (i, letter) in chunk.iter().enumerate() {
-                let mut b = SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(&letter.body);
-                for (k, v) in &letter.attributes {
-                    b = b.message_attributes(k, string_attr(v)?);
-                }
-                b = b
-                    .message_attributes(ATTR_ERROR_CODE, string_attr(&letter.reason.code)?)
-                    .message_attributes(
-                        ATTR_ERROR_MESSAGE,
-                        string_attr(truncate(&letter.reason.message, MAX_REASON_BYTES))?,
-                    );
-                entries.push(b.build().map_err(|e| self.rejected(e.to_string()))?);
-            }
-            self.calls.count("SendMessageBatch");
-            let out = self
-                .client
-                .send_message_batch()
-                .queue_url(dlq)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| self.error(dlq, &e))?;
-            if let Some(f) = out.failed().first() {
-                return Err(SourceError::Unavailable {
-                    queue: dlq.to_owned(),
-                    message: format!("send to DLQ failed: {}", f.code()),
-                });
-            }
-        }
+        send_letters(&self.client, dlq, &self.calls, letters).await?;
         // Only after the DLQ acknowledged every letter.
         self.ack(std::slice::from_ref(id)).await
+    }
+}
+
+/// Sends letters to an SQS queue with their reason attributes, in batches of ten.
+async fn send_letters(
+    client: &Client,
+    dlq: &str,
+    calls: &CallCounter,
+    letters: &[DeadLetter],
+) -> Result<(), SourceError> {
+    let rejected = |message: String| SourceError::Rejected {
+        queue: dlq.to_owned(),
+        message,
+    };
+    for chunk in letters.chunks(MAX_BATCH_ENTRIES) {
+        let mut entries = Vec::with_capacity(chunk.len());
+        for (i, letter) in chunk.iter().enumerate() {
+            let mut b = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(&letter.body);
+            for (k, v) in &letter.attributes {
+                b = b.message_attributes(k, string_attr(v)?);
+            }
+            b = b
+                .message_attributes(ATTR_ERROR_CODE, string_attr(&letter.reason.code)?)
+                .message_attributes(
+                    ATTR_ERROR_MESSAGE,
+                    string_attr(truncate(&letter.reason.message, MAX_REASON_BYTES))?,
+                );
+            entries.push(b.build().map_err(|e| rejected(e.to_string()))?);
+        }
+        calls.count("SendMessageBatch");
+        let out = client
+            .send_message_batch()
+            .queue_url(dlq)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| sdk_error(dlq, &e))?;
+        if let Some(f) = out.failed().first() {
+            return Err(SourceError::Unavailable {
+                queue: dlq.to_owned(),
+                message: format!("send to DLQ failed: {}", f.code()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Classifies an SQS error: a missing queue, a denied call or a bad receipt cannot be helped
+/// by a retry; anything else (network, throttling, 5xx) can.
+fn sdk_error<E>(queue: &str, err: &aws_sdk_sqs::error::SdkError<E>) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let message = format!("{}", DisplayErrorContext(err));
+    let permanent = matches!(
+        err.code(),
+        Some(
+            "AWS.SimpleQueueService.NonExistentQueue"
+                | "QueueDoesNotExist"
+                | "AccessDenied"
+                | "AccessDeniedException"
+                | "InvalidAddress"
+                | "ReceiptHandleIsInvalid"
+        )
+    );
+    if permanent {
+        SourceError::Rejected {
+            queue: queue.to_owned(),
+            message,
+        }
+    } else {
+        SourceError::Unavailable {
+            queue: queue.to_owned(),
+            message,
+        }
+    }
+}
+
+/// An SQS dead-letter queue on its own: `SendMessageBatch` with the reason attributes, the
+/// same letters [`SqsSource::dead_letter`] sends, without deleting anything.
+#[derive(Debug, Clone)]
+pub struct SqsDeadLetterQueue {
+    client: Client,
+    dlq_url: String,
+    calls: Arc<CallCounter>,
+}
+
+impl SqsDeadLetterQueue {
+    /// A DLQ at `dlq_url` over a client built once from the standard AWS configuration.
+    pub fn new(client: Client, dlq_url: String) -> Self {
+        Self {
+            client,
+            dlq_url,
+            calls: Arc::default(),
+        }
+    }
+
+    /// The SQS API calls made so far, by operation.
+    pub fn calls(&self) -> ApiCalls {
+        self.calls.snapshot()
+    }
+}
+
+#[async_trait]
+impl DeadLetterQueue for SqsDeadLetterQueue {
+    async fn send(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
+        send_letters(&self.client, &self.dlq_url, &self.calls, letters).await
     }
 }

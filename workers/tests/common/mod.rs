@@ -70,6 +70,8 @@ pub struct TestSink {
     pub inner: MemorySink,
     pub transient_for: Mutex<HashSet<EventId>>,
     pub reject: Mutex<HashSet<EventId>>,
+    /// Writes holding one of these panic (a bug in a sink, for the runtimes' isolation).
+    pub panic_for: Mutex<HashSet<EventId>>,
     pub delay: Mutex<Duration>,
     /// (start of the write, events) for every write that succeeded.
     pub log: Mutex<Vec<(Instant, usize)>>,
@@ -106,6 +108,10 @@ impl Sink for TestSink {
             tokio::time::sleep(delay).await;
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let panics = self.panic_for.lock().unwrap().clone();
+        if events.iter().any(|e| panics.contains(&e.event_id)) {
+            panic!("test sink: panic on a chosen event");
+        }
         let reject = self.reject.lock().unwrap().clone();
         if events.iter().any(|e| reject.contains(&e.event_id)) {
             return Err(SinkError::Rejected {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# `make lambda`: builds one `bootstrap` zip per function for the `provided.al2023` runtime.
+#
+#   ARCH=x86_64 (default) or ARCH=arm64   target architecture
+#   LAMBDA_OUT=dist/lambda                where the zips go
+#
+# Binaries are built with the size-optimised `lambda` profile and linked by zig against
+# glibc 2.34 (Amazon Linux 2023's) through cargo-zigbuild, both installed on first use into
+# ~/.cache/spillway by scripts/lambda-toolchain.sh. Only the x86_64 Rust target is installed
+# on the project's machines: ARCH=arm64 needs `rustup target add aarch64-unknown-linux-gnu`
+# and is untested here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ARCH="${ARCH:-x86_64}"
+case "$ARCH" in
+  x86_64 | amd64) ARCH=x86_64; TRIPLE=x86_64-unknown-linux-gnu ;;
+  arm64 | aarch64) ARCH=arm64; TRIPLE=aarch64-unknown-linux-gnu ;;
+  *) echo "lambda-build: ARCH must be x86_64 or arm64, not '$ARCH'" >&2; exit 2 ;;
+esac
+GLIBC=2.34
+OUT="${LAMBDA_OUT:-dist/lambda}/$ARCH"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+
+if ! rustup target list --installed 2>/dev/null | grep -qx "$TRIPLE"; then
+  echo "lambda-build: the Rust target $TRIPLE is not installed (rustup target add $TRIPLE)" >&2
+  exit 1
+fi
+TOOLCHAIN_PATH="$(bash scripts/lambda-toolchain.sh)"
+export PATH="$TOOLCHAIN_PATH:$PATH"
+
+start=$(date +%s)
+cargo zigbuild --locked --profile lambda --target "$TRIPLE.$GLIBC" \
+  -p ingest-api --bin spillway-ingest \
+  -p workers --bin spillway-worker --example lambda_hello
+echo "lambda-build: compiled in $(( $(date +%s) - start )) s" >&2
+
+BIN_DIR="$TARGET_DIR/$TRIPLE/lambda"
+mkdir -p "$OUT"
+package() { # function-name binary-path
+  local dir="$OUT/$1"
+  rm -rf "$dir" && mkdir -p "$dir"
+  cp "$2" "$dir/bootstrap"
+  chmod 755 "$dir/bootstrap"
+  rm -f "$OUT/$1.zip"
+  (cd "$dir" && zip -q -X -9 "../$1.zip" bootstrap)
+}
+package ingest "$BIN_DIR/spillway-ingest"
+package worker "$BIN_DIR/spillway-worker"
+package hello "$BIN_DIR/examples/lambda_hello"
+
+printf '%-8s %12s %12s  %s\n' function bootstrap zip path
+for f in ingest worker hello; do
+  printf '%-8s %12s %12s  %s\n' "$f" \
+    "$(stat -c %s "$OUT/$f/bootstrap")" "$(stat -c %s "$OUT/$f.zip")" "$OUT/$f.zip"
+done

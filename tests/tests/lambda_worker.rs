@@ -1,0 +1,480 @@
+//! The compiled `spillway-worker` run as a Lambda function against the Runtime API emulator:
+//! real SQS batches in, the exact `batchItemFailures` out; permanent failures in a real DLQ
+//! (LocalStack); a transient store failure made real by a PostgreSQL row lock.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use serde_json::{json, Value};
+use shared::envelope::{ContentEncoding, EnvelopeConfig, PackedEvent, Packer};
+use shared::synthetic::SyntheticEvents;
+use shared::{AdEvent, PostgresConfig, PostgresSink, SystemClock, ValidationPolicy};
+use tests::dev_process::bin_dir;
+use tests::lambda_emulator::{LambdaFunction, Outcome, RuntimeApi};
+use tests::lambda_events::{sns_notification, sqs_event, sqs_record};
+use tests::localstack;
+use tests::pg::TestDb;
+
+const POISON: &str = "{\"v\":1,\"events\":[{\"event_id\": 42"; // cut short: not JSON
+
+fn worker_bin() -> PathBuf {
+    let path = bin_dir().unwrap().join("spillway-worker");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+fn events(seed: u64, n: usize) -> Vec<AdEvent> {
+    let mut g = SyntheticEvents::new(seed, 3);
+    (0..n)
+        .map(|_| {
+            AdEvent::from_json(g.event(), &ValidationPolicy::structural(), &SystemClock).unwrap()
+        })
+        .collect()
+}
+
+/// One envelope (body, attributes) of `events`, identity or zstd.
+fn envelope(events: &[AdEvent], zstd: bool) -> (String, BTreeMap<String, String>) {
+    let packed: Vec<_> = events.iter().map(PackedEvent::new).collect();
+    let cfg = EnvelopeConfig {
+        split_by_type: false,
+        encoding: if zstd {
+            ContentEncoding::Zstd
+        } else {
+            ContentEncoding::Identity
+        },
+        ..EnvelopeConfig::default()
+    };
+    let env = Packer::new(cfg).pack("acme", &packed).unwrap().remove(0);
+    (env.body, env.attributes)
+}
+
+/// Ten message bodies: raw envelopes, SNS-wrapped ones (one zstd), the poison record at 3.
+/// Returns (body, attributes, events) per record.
+fn ten_messages(seed: u64) -> Vec<(String, BTreeMap<String, String>, Vec<AdEvent>)> {
+    (0..10_u64)
+        .map(|i| {
+            let evs = events(seed + i, 3);
+            if i == 3 {
+                return (POISON.to_owned(), BTreeMap::new(), Vec::new());
+            }
+            let (body, attrs) = envelope(&evs, i == 7);
+            if i % 2 == 1 {
+                // SNS-wrapped: the attributes travel inside the notification.
+                (sns_notification(&body, &attrs), BTreeMap::new(), evs)
+            } else {
+                (body, attrs, evs)
+            }
+        })
+        .collect()
+}
+
+/// Holds a row lock on `event_id` in `ad_events` (an uncommitted insert): the worker's
+/// insert of that event waits on it until the statement timeout, a transient failure.
+async fn lock_event(db: &TestDb, event_id: &str) -> tokio_postgres::Client {
+    let client = db.client().await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute(
+            "INSERT INTO ad_events (event_id, type, occurred_at, advertiser_id, campaign_id, ad_id, cost_micros) \
+             VALUES ($1::text::uuid, 'click', now(), 'lock', 'lock', 'lock', 0)",
+            &[&event_id],
+        )
+        .await
+        .unwrap();
+    client
+}
+
+async fn stored_ids(db: &TestDb) -> BTreeSet<String> {
+    let client = db.client().await.unwrap();
+    client
+        .query("SELECT event_id::text FROM ad_events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
+async fn migrated(db: &TestDb) {
+    PostgresSink::new(&PostgresConfig::new(db.url.clone()))
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+}
+
+fn failure_ids(response: &Value) -> Vec<String> {
+    response["batchItemFailures"]
+        .as_array()
+        .expect("batchItemFailures")
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Starts the worker as a Lambda function on PostgreSQL with a 1 s statement timeout.
+async fn start_worker(api: &RuntimeApi, db: &TestDb, dlq_url: &str) -> LambdaFunction {
+    let mut f = LambdaFunction::start(
+        &worker_bin(),
+        api,
+        &[
+            ("SPILLWAY_SINK", "postgres"),
+            ("DATABASE_URL", &db.url),
+            ("SPILLWAY_PG_STATEMENT_TIMEOUT_SECS", "1"),
+            ("SPILLWAY_DLQ_URL", dlq_url),
+            ("SPILLWAY_BROKER", "aws"),
+        ],
+    )
+    .unwrap();
+    f.wait_ready(api, Duration::from_secs(30)).await.unwrap();
+    f
+}
+
+#[tokio::test]
+async fn a_batch_of_ten_with_a_poison_record_and_a_locked_row_reports_exactly_the_locked_record() {
+    if !localstack::available().await {
+        return;
+    }
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    migrated(&db).await;
+    let sqs = aws_sdk_sqs::Client::new(&localstack::sdk_config().await);
+    let name = format!("lambda-worker-{}", localstack::suffix());
+    let (_queue, _arn, dlq_url) = localstack::create_queue(&sqs, &name, 30, 5).await.unwrap();
+
+    let messages = ten_messages(1_000);
+    let records: Vec<Value> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, (body, attrs, _))| sqs_record(&format!("msg-{i}"), body, attrs, 1))
+        .collect();
+    let locked = messages[6].2[1].event_id.to_string();
+    let lock = lock_event(&db, &locked).await;
+
+    let api = RuntimeApi::start("spillway-worker").await.unwrap();
+    let _worker = start_worker(&api, &db, &dlq_url).await;
+    let out = api
+        .invoke(&sqs_event(&records), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    assert_eq!(
+        out,
+        json!({"batchItemFailures": [{"itemIdentifier": "msg-6"}]})
+    );
+
+    // Everything but record 6 (and the poison record) is stored; record 6's events are not.
+    let stored = stored_ids(&db).await;
+    for (i, (_, _, evs)) in messages.iter().enumerate() {
+        for e in evs {
+            let id = e.event_id.to_string();
+            assert_eq!(stored.contains(&id), i != 6, "record {i}");
+        }
+    }
+    // The poison record is in the DLQ with its reason, once.
+    let dlq = sqs
+        .receive_message()
+        .queue_url(&dlq_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(2)
+        .message_attribute_names("All")
+        .send()
+        .await
+        .unwrap();
+    let letters = dlq.messages();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].body(), Some(POISON));
+    let code = letters[0].message_attributes().unwrap()["spillway-error-code"]
+        .string_value()
+        .unwrap();
+    assert_eq!(code, "undecodable");
+
+    // The lock goes away; the retried record is stored by the next invocation.
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    let retry = sqs_event(&[sqs_record("msg-6", &messages[6].0, &messages[6].1, 2)]);
+    let out = api
+        .invoke(&retry, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    assert_eq!(out, json!({"batchItemFailures": []}));
+    assert_eq!(stored_ids(&db).await.len(), 27);
+}
+
+#[tokio::test]
+async fn records_not_started_before_the_deadline_minus_the_margin_are_all_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = RuntimeApi::start("spillway-worker").await.unwrap();
+    let mut worker = LambdaFunction::start(
+        &worker_bin(),
+        &api,
+        &[
+            ("SPILLWAY_SINK", "sqlite"),
+            ("SPILLWAY_DATA_DIR", dir.path().to_str().unwrap()),
+            ("SPILLWAY_LAMBDA_DEADLINE_MARGIN_MS", "2000"),
+        ],
+    )
+    .unwrap();
+    worker
+        .wait_ready(&api, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let records: Vec<Value> = ten_messages(2_000)
+        .iter()
+        .enumerate()
+        .map(|(i, (body, attrs, _))| sqs_record(&format!("late-{i}"), body, attrs, 1))
+        .collect();
+    // 1 s left is under the 2 s margin: nothing may start.
+    let out = api
+        .invoke(&sqs_event(&records), Duration::from_secs(1))
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    let expected: Vec<String> = (0..10).map(|i| format!("late-{i}")).collect();
+    assert_eq!(failure_ids(&out), expected);
+    // With time to spare the same batch is stored; no DLQ is configured, so the poison record
+    // is left to the queue's redrive policy.
+    let out = api
+        .invoke(&sqs_event(&records), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    assert_eq!(failure_ids(&out), ["late-3"]);
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_open_its_store_reports_an_init_error_and_exits() {
+    let api = RuntimeApi::start("spillway-worker").await.unwrap();
+    let mut worker = LambdaFunction::start(
+        &worker_bin(),
+        &api,
+        &[
+            ("SPILLWAY_SINK", "sqlite"),
+            (
+                "SPILLWAY_SQLITE_PATH",
+                "/proc/spillway-no-such-dir/store.db",
+            ),
+        ],
+    )
+    .unwrap();
+    let code = worker.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert_ne!(code, Some(0));
+    let (error_type, body) = api.init_error().expect("an /init/error report");
+    assert_eq!(error_type.as_deref(), Some("Runtime.InitError"));
+    assert!(
+        body["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("opening the store"),
+        "{body}"
+    );
+    assert_eq!(
+        api.next_calls(),
+        0,
+        "no invocation is asked for after a failed init"
+    );
+}
+
+#[tokio::test]
+async fn an_event_that_is_not_an_sqs_batch_fails_the_invocation_and_the_function_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = RuntimeApi::start("spillway-worker").await.unwrap();
+    let mut worker = LambdaFunction::start(
+        &worker_bin(),
+        &api,
+        &[("SPILLWAY_DATA_DIR", dir.path().to_str().unwrap())],
+    )
+    .unwrap();
+    worker
+        .wait_ready(&api, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let out = api
+        .invoke(&json!({"Records": "nope"}), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Error { .. }), "{out:?}");
+    let (body, attrs, _) = &ten_messages(3_000)[0];
+    let ok = api
+        .invoke(
+            &sqs_event(&[sqs_record("m-0", body, attrs, 1)]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    assert_eq!(ok, json!({"batchItemFailures": []}));
+}
+
+/// What an event source mapping does, with a real queue: receive, hand the batch to the
+/// function, delete what it did not report. The messages left are exactly those reported.
+#[tokio::test]
+async fn the_failures_reported_for_a_real_sqs_batch_are_the_messages_left_in_the_queue() {
+    if !localstack::available().await {
+        return;
+    }
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    migrated(&db).await;
+    let sqs = aws_sdk_sqs::Client::new(&localstack::sdk_config().await);
+    let name = format!("lambda-esm-{}", localstack::suffix());
+    let (queue_url, queue_arn, dlq_url) =
+        localstack::create_queue(&sqs, &name, 3, 5).await.unwrap();
+    let messages = ten_messages(4_000);
+    for (i, (body, attrs, _)) in messages.iter().enumerate() {
+        let mut send = sqs.send_message().queue_url(&queue_url).message_body(body);
+        for (k, v) in attrs {
+            send = send.message_attributes(
+                k,
+                aws_sdk_sqs::types::MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(v)
+                    .build()
+                    .unwrap(),
+            );
+        }
+        let id = send.send().await.unwrap().message_id().unwrap().to_owned();
+        assert!(!id.is_empty(), "message {i}");
+    }
+    let locked = messages[2].2[0].event_id.to_string();
+    let lock = lock_event(&db, &locked).await;
+
+    // Receive the ten, as the event source mapping would, and turn them into an SqsEvent.
+    let mut received = Vec::new();
+    for _ in 0..20 {
+        if received.len() >= 10 {
+            break;
+        }
+        let out = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(8)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .unwrap();
+        received.extend(out.messages().to_vec());
+    }
+    assert_eq!(received.len(), 10);
+    let records: Vec<Value> = received
+        .iter()
+        .map(|m| {
+            let attrs: BTreeMap<String, String> = m
+                .message_attributes()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned())))
+                .collect();
+            let mut r = sqs_record(m.message_id().unwrap(), m.body().unwrap(), &attrs, 1);
+            r["receiptHandle"] = json!(m.receipt_handle().unwrap());
+            r["eventSourceARN"] = json!(queue_arn);
+            let system: serde_json::Map<String, Value> = m
+                .attributes()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str().to_owned(), json!(v)))
+                .collect();
+            r["attributes"] = Value::Object(system);
+            r
+        })
+        .collect();
+    let by_body: BTreeMap<&str, &str> = received
+        .iter()
+        .map(|m| (m.body().unwrap(), m.message_id().unwrap()))
+        .collect();
+    let locked_id = by_body[messages[2].0.as_str()].to_owned();
+
+    let api = RuntimeApi::start("spillway-worker").await.unwrap();
+    let _worker = start_worker(&api, &db, &dlq_url).await;
+    let out = api
+        .invoke(&sqs_event(&records), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    let failures = failure_ids(&out);
+    assert_eq!(failures, std::slice::from_ref(&locked_id));
+
+    // Delete the successes (the event source mapping's job), in batches of ten.
+    let entries: Vec<_> = received
+        .iter()
+        .filter(|m| !failures.contains(&m.message_id().unwrap().to_owned()))
+        .enumerate()
+        .map(|(i, m)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(m.receipt_handle().unwrap())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let deleted = sqs
+        .delete_message_batch()
+        .queue_url(&queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.failed().is_empty());
+
+    // The reported message comes back once its visibility lapses; nothing else is left.
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    let mut left = Vec::new();
+    for _ in 0..40 {
+        let out = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            out.messages()
+                .iter()
+                .map(|m| m.message_id().unwrap().to_owned()),
+        );
+        if !left.is_empty() {
+            // Give stragglers a moment, then stop.
+            let more = sqs
+                .receive_message()
+                .queue_url(&queue_url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            left.extend(
+                more.messages()
+                    .iter()
+                    .map(|m| m.message_id().unwrap().to_owned()),
+            );
+            break;
+        }
+    }
+    assert_eq!(left, [locked_id]);
+    // The poison message went to the DLQ; the store holds every valid event but the locked
+    // record's.
+    let dlq_depth = localstack::queue_depth(&sqs, &dlq_url).await.unwrap();
+    assert_eq!(dlq_depth.0, 1);
+    let stored = stored_ids(&db).await;
+    assert_eq!(stored.len(), 8 * 3);
+    assert!(!stored.contains(&locked));
+}

@@ -1,0 +1,292 @@
+//! The Lambda runtime: an SQS event source mapping hands the worker a batch of records; the
+//! same batch core decides for each, and the answer is an `SqsBatchResponse` whose
+//! `batchItemFailures` are exactly the messages to retry.
+//!
+//! Per record:
+//! - stored (or a duplicate) → not reported: the event source mapping deletes it;
+//! - permanent failure (undecodable, invalid event, refused by the store) → its letters are
+//!   sent to the DLQ with the reason attributes, then it is not reported (deleted). When the
+//!   DLQ cannot take them (or none is configured), it is reported and retried instead;
+//! - transient failure (store down, lock or statement timeout) → reported;
+//! - not started before the invocation deadline minus [`LambdaConfig::deadline_margin`] →
+//!   reported, so Lambda's timeout never fails the whole batch;
+//! - a panic while handling it → reported; its neighbours are unaffected.
+//!
+//! The batch is written in one store call first (one transaction for the whole batch); when
+//! that call fails transiently or panics, records are written one by one so a single record
+//! that the store chokes on (a locked row) is the only one retried. An SQS record always
+//! has a message id; should one lack it and need a retry, the handler fails the whole
+//! invocation (everything is retried, nothing lost) since it cannot name it.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use shared::{DeadLetterQueue, Delivery, DeliveryId, Sink};
+use tracing::{error, info, warn};
+
+use crate::core::{prepare, write_prepared, CoreConfig, Decision, PreparedDelivery, SinkHealth};
+
+/// The SQS system attribute carrying how many times a message was received.
+const ATTR_RECEIVE_COUNT: &str = "ApproximateReceiveCount";
+
+/// How the Lambda handler behaves.
+#[derive(Debug, Clone)]
+pub struct LambdaConfig {
+    /// The batch core's rules.
+    pub core: CoreConfig,
+    /// A record is started only while at least this much time is left before the
+    /// invocation's deadline; later ones are reported for retry. Default 2 s.
+    pub deadline_margin: Duration,
+    /// While writing records one by one, this many transient failures in a row with nothing
+    /// stored mean the store is down: the remaining records are reported without trying.
+    /// Default 3.
+    pub max_consecutive_failures: usize,
+}
+
+impl Default for LambdaConfig {
+    fn default() -> Self {
+        Self {
+            core: CoreConfig::default(),
+            deadline_margin: Duration::from_secs(2),
+            max_consecutive_failures: 3,
+        }
+    }
+}
+
+/// Why an invocation failed as a whole (Lambda then retries every record).
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// A record to retry has no message id, so it cannot be reported on its own.
+    #[error(
+        "{0} record(s) to retry have no messageId; failing the whole batch so they are retried"
+    )]
+    UnnamedFailures(usize),
+}
+
+/// The SQS handler with its clients, built once per execution environment.
+#[derive(Debug, Clone)]
+pub struct SqsHandler {
+    sink: Arc<dyn Sink>,
+    dlq: Option<Arc<dyn DeadLetterQueue>>,
+    config: LambdaConfig,
+}
+
+/// What became of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Done,
+    Retry,
+}
+
+impl SqsHandler {
+    /// A handler writing to `sink` and dead-lettering to `dlq` (without one, permanent
+    /// failures are retried until the queue's redrive policy moves them).
+    pub fn new(
+        sink: Arc<dyn Sink>,
+        dlq: Option<Arc<dyn DeadLetterQueue>>,
+        config: LambdaConfig,
+    ) -> Self {
+        Self { sink, dlq, config }
+    }
+
+    /// Handles one SQS batch that must be finished by `deadline`.
+    ///
+    /// # Errors
+    /// [`HandlerError::UnnamedFailures`] when a record to retry has no message id.
+    pub async fn handle(
+        &self,
+        event: SqsEvent,
+        deadline: SystemTime,
+    ) -> Result<SqsBatchResponse, HandlerError> {
+        let started = std::time::Instant::now();
+        let cutoff = deadline
+            .checked_sub(self.config.deadline_margin)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let deliveries: Vec<Delivery> = event.records.into_iter().map(delivery).collect();
+        let mut fates = vec![Fate::Retry; deliveries.len()];
+
+        // Decode and validate each record on its own: a panic fails that record only.
+        let mut prepared: Vec<(usize, PreparedDelivery)> = Vec::with_capacity(deliveries.len());
+        for (i, d) in deliveries.iter().enumerate() {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| prepare(d, &self.config.core))) {
+                Ok(p) => prepared.push((i, p)),
+                Err(_) => {
+                    error!(message_id = %d.message_id, "Panic while decoding record; reporting it for retry");
+                }
+            }
+        }
+
+        if SystemTime::now() < cutoff && !prepared.is_empty() {
+            let batch: Vec<PreparedDelivery> = prepared.iter().map(|(_, p)| p.clone()).collect();
+            match self.write(batch).await {
+                Some(outcome) if outcome.sink_health != SinkHealth::Unavailable => {
+                    for ((i, _), s) in prepared.iter().zip(outcome.settlements) {
+                        fates[*i] = self.settle(&deliveries[*i], s.decision).await;
+                    }
+                }
+                whole => {
+                    if whole.is_none() {
+                        warn!("Panic while writing the batch; writing records one by one");
+                    } else {
+                        warn!("Store failed transiently on the batch; writing records one by one");
+                    }
+                    self.write_one_by_one(&deliveries, prepared, cutoff, &mut fates)
+                        .await;
+                }
+            }
+        } else if !prepared.is_empty() {
+            warn!(
+                records = prepared.len(),
+                "Invocation deadline too close; reporting every record for retry"
+            );
+        }
+
+        let mut response = SqsBatchResponse::default();
+        let mut unnamed = 0;
+        for (d, fate) in deliveries.iter().zip(&fates) {
+            if *fate == Fate::Retry {
+                if d.message_id.is_empty() {
+                    unnamed += 1;
+                } else {
+                    let mut failure = BatchItemFailure::default();
+                    failure.item_identifier = d.message_id.clone();
+                    response.batch_item_failures.push(failure);
+                }
+            }
+        }
+        info!(
+            records = deliveries.len(),
+            retried = response.batch_item_failures.len() + unnamed,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "Handled SQS batch"
+        );
+        if unnamed > 0 {
+            return Err(HandlerError::UnnamedFailures(unnamed));
+        }
+        Ok(response)
+    }
+
+    /// Writes prepared deliveries in a task of their own, so a panic is caught; `None` when
+    /// it panicked.
+    async fn write(&self, batch: Vec<PreparedDelivery>) -> Option<crate::core::BatchOutcome> {
+        let sink = self.sink.clone();
+        let core = self.config.core.clone();
+        let task = tokio::spawn(async move { write_prepared(batch, sink.as_ref(), &core).await });
+        task.await.ok()
+    }
+
+    async fn write_one_by_one(
+        &self,
+        deliveries: &[Delivery],
+        prepared: Vec<(usize, PreparedDelivery)>,
+        cutoff: SystemTime,
+        fates: &mut [Fate],
+    ) {
+        let mut consecutive_failures = 0;
+        for (i, p) in prepared {
+            let d = &deliveries[i];
+            if SystemTime::now() >= cutoff {
+                warn!(message_id = %d.message_id, "Deadline near; record not started, reporting it for retry");
+                continue;
+            }
+            if consecutive_failures >= self.config.max_consecutive_failures.max(1) {
+                continue;
+            }
+            match self.write(vec![p]).await {
+                Some(outcome) => {
+                    if outcome.sink_health == SinkHealth::Unavailable {
+                        consecutive_failures += 1;
+                    } else {
+                        consecutive_failures = 0;
+                    }
+                    if let Some(s) = outcome.settlements.into_iter().next() {
+                        fates[i] = self.settle(d, s.decision).await;
+                    }
+                }
+                None => {
+                    error!(message_id = %d.message_id, "Panic while writing record; reporting it for retry");
+                }
+            }
+        }
+        if consecutive_failures >= self.config.max_consecutive_failures.max(1) {
+            warn!(
+                failures = consecutive_failures,
+                "Store keeps failing; reporting the remaining records without trying them"
+            );
+        }
+    }
+
+    /// Carries out a decision; whether the record is done or must be retried.
+    async fn settle(&self, d: &Delivery, decision: Decision) -> Fate {
+        match decision {
+            Decision::Ack => Fate::Done,
+            Decision::RetryLater(_) => Fate::Retry,
+            Decision::AckWithLetters(letters) | Decision::DeadLetter(letters) => {
+                let Some(dlq) = &self.dlq else {
+                    warn!(message_id = %d.message_id, "No DLQ configured; leaving the permanent failure to the queue's redrive");
+                    return Fate::Retry;
+                };
+                match dlq.send(&letters).await {
+                    Ok(()) => {
+                        info!(
+                            message_id = %d.message_id,
+                            letters = letters.len(),
+                            reason = %letters.first().map_or("", |l| l.reason.code.as_str()),
+                            "Dead-lettered"
+                        );
+                        Fate::Done
+                    }
+                    Err(e) => {
+                        warn!(message_id = %d.message_id, error = %e, "DLQ send failed; reporting the record for retry");
+                        Fate::Retry
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One SQS record as a delivery (the message id is its receipt here: the event source mapping
+/// settles by message id).
+fn delivery(m: SqsMessage) -> Delivery {
+    let message_id = m.message_id.unwrap_or_default();
+    let attributes: BTreeMap<String, String> = m
+        .message_attributes
+        .into_iter()
+        .filter_map(|(k, v)| v.string_value.map(|s| (k, s)))
+        .collect();
+    let receive_count = m
+        .attributes
+        .get(ATTR_RECEIVE_COUNT)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    Delivery {
+        id: DeliveryId(message_id.clone()),
+        message_id,
+        body: m.body.unwrap_or_default(),
+        attributes,
+        receive_count,
+    }
+}
+
+/// Serves SQS batches from the Lambda Runtime API until the process is stopped.
+///
+/// # Errors
+/// The runtime's error when the Runtime API cannot be reached.
+pub async fn run(handler: SqsHandler) -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<SqsEvent>| {
+            let handler = handler.clone();
+            async move {
+                handler
+                    .handle(event.payload, event.context.deadline())
+                    .await
+                    .map_err(lambda_runtime::Error::from)
+            }
+        },
+    ))
+    .await
+}

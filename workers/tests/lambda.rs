@@ -1,0 +1,253 @@
+//! The Lambda SQS handler driven with SQS event fixtures: exactly the records to retry end up
+//! in `batchItemFailures`, permanent failures go to the DLQ, deadlines and panics are
+//! contained per record.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::SqsEvent;
+use common::{envelope, events, TestSink};
+use serde_json::{json, Value};
+use shared::{AdEvent, DeadLetter, DeadLetterQueue, SourceError};
+use workers::core::REASON_UNDECODABLE;
+use workers::lambda::{HandlerError, LambdaConfig, SqsHandler};
+
+/// A DLQ that keeps what it is sent (or refuses everything).
+#[derive(Debug, Default)]
+struct TestDlq {
+    letters: Mutex<Vec<DeadLetter>>,
+    refuse: bool,
+}
+
+#[async_trait]
+impl DeadLetterQueue for TestDlq {
+    async fn send(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
+        if self.refuse {
+            return Err(SourceError::Unavailable {
+                queue: "dlq".into(),
+                message: "throttled".into(),
+            });
+        }
+        self.letters.lock().unwrap().extend_from_slice(letters);
+        Ok(())
+    }
+}
+
+/// One SQS record as the event source mapping sends it.
+fn record(id: &str, body: &str, attributes: &std::collections::BTreeMap<String, String>) -> Value {
+    let message_attributes: serde_json::Map<String, Value> = attributes
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                json!({"stringValue": v, "stringListValues": [], "binaryListValues": [], "dataType": "String"}),
+            )
+        })
+        .collect();
+    json!({
+        "messageId": id,
+        "receiptHandle": format!("rh-{id}"),
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": "1700000000000",
+            "SenderId": "AIDAEXAMPLE",
+            "ApproximateFirstReceiveTimestamp": "1700000000001"
+        },
+        "messageAttributes": message_attributes,
+        "md5OfBody": "00000000000000000000000000000000",
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:events-worker",
+        "awsRegion": "us-east-1"
+    })
+}
+
+/// Ten records, one envelope of 3 events each except record 3 (not an envelope).
+fn batch() -> (SqsEvent, Vec<Vec<AdEvent>>) {
+    let mut records = Vec::new();
+    let mut evs = Vec::new();
+    for i in 0..10_u64 {
+        let e = events(100 + i, 3);
+        let env = envelope(&e);
+        if i == 3 {
+            records.push(record(
+                &format!("m-{i}"),
+                "this is not an envelope",
+                &Default::default(),
+            ));
+        } else {
+            records.push(record(&format!("m-{i}"), &env.body, &env.attributes));
+        }
+        evs.push(e);
+    }
+    let event: SqsEvent = serde_json::from_value(json!({"Records": records})).unwrap();
+    (event, evs)
+}
+
+fn handler(sink: Arc<TestSink>, dlq: Option<Arc<TestDlq>>) -> SqsHandler {
+    SqsHandler::new(
+        sink,
+        dlq.map(|d| d as Arc<dyn DeadLetterQueue>),
+        LambdaConfig::default(),
+    )
+}
+
+fn failures(resp: &aws_lambda_events::event::sqs::SqsBatchResponse) -> Vec<String> {
+    resp.batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect()
+}
+
+fn in_a_minute() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(60)
+}
+
+#[tokio::test]
+async fn a_poison_record_goes_to_the_dlq_and_only_the_transient_failure_is_retried() {
+    let (event, evs) = batch();
+    let sink = TestSink::new();
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .insert(evs[6][1].event_id);
+    let dlq = Arc::new(TestDlq::default());
+    let resp = handler(sink.clone(), Some(dlq.clone()))
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), ["m-6"]);
+    // 8 good records × 3 events stored; record 6's events are not.
+    assert_eq!(sink.stored(), 24);
+    assert!(!sink.inner.events().contains_key(&evs[6][0].event_id));
+    let letters = dlq.letters.lock().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].body, "this is not an envelope");
+    assert_eq!(letters[0].reason.code, REASON_UNDECODABLE);
+    let wire = serde_json::to_value(&resp).unwrap();
+    assert_eq!(
+        wire,
+        json!({"batchItemFailures": [{"itemIdentifier": "m-6"}]})
+    );
+}
+
+#[tokio::test]
+async fn a_batch_that_all_succeeds_answers_an_empty_failure_list() {
+    let (mut event, _) = batch();
+    event.records.remove(3);
+    let sink = TestSink::new();
+    let resp = handler(sink.clone(), Some(Arc::new(TestDlq::default())))
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&resp).unwrap(),
+        json!({"batchItemFailures": []})
+    );
+    assert_eq!(sink.stored(), 27);
+    assert_eq!(
+        sink.attempts.load(Ordering::SeqCst),
+        1,
+        "one write for the whole batch"
+    );
+}
+
+#[tokio::test]
+async fn a_panic_in_one_record_fails_that_record_and_not_its_neighbours() {
+    let (event, evs) = batch();
+    let sink = TestSink::new();
+    sink.panic_for.lock().unwrap().insert(evs[8][0].event_id);
+    let dlq = Arc::new(TestDlq::default());
+    let resp = handler(sink.clone(), Some(dlq.clone()))
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), ["m-8"]);
+    assert_eq!(sink.stored(), 24);
+    assert_eq!(dlq.letters.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn records_not_started_before_the_deadline_minus_the_margin_are_all_retried() {
+    let (event, _) = batch();
+    let sink = TestSink::new();
+    let resp = handler(sink.clone(), Some(Arc::new(TestDlq::default())))
+        .handle(event, SystemTime::now() + Duration::from_secs(1))
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..10).map(|i| format!("m-{i}")).collect();
+    assert_eq!(failures(&resp), ids);
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn records_left_when_the_deadline_comes_during_one_by_one_writes_are_retried() {
+    let (event, evs) = batch();
+    // Every write takes 400 ms and record 0 fails transiently, so the batch write fails and
+    // records are then written one by one; with 3.5 s left and a 2 s margin, only the first
+    // one-by-one writes start before the cutoff.
+    let sink = TestSink::with_delay(Duration::from_millis(400));
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .insert(evs[0][0].event_id);
+    let resp = handler(sink.clone(), Some(Arc::new(TestDlq::default())))
+        .handle(event, SystemTime::now() + Duration::from_millis(3_500))
+        .await
+        .unwrap();
+    let failed = failures(&resp);
+    assert!(failed.contains(&"m-0".to_owned()));
+    assert!(failed.contains(&"m-9".to_owned()), "{failed:?}");
+    assert!(failed.len() < 10, "some records were written: {failed:?}");
+    // Every record not reported is stored (or was the poison record, dead-lettered).
+    for (i, e) in evs.iter().enumerate() {
+        let id = format!("m-{i}");
+        if i != 3 && !failed.contains(&id) {
+            assert!(sink.inner.events().contains_key(&e[0].event_id), "{id}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_permanent_failure_whose_dlq_send_fails_is_retried_instead_of_lost() {
+    let (event, _) = batch();
+    let sink = TestSink::new();
+    let dlq = Arc::new(TestDlq {
+        refuse: true,
+        ..TestDlq::default()
+    });
+    let resp = handler(sink.clone(), Some(dlq))
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), ["m-3"]);
+    let resp = handler(sink, None)
+        .handle(batch().0, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(
+        failures(&resp),
+        ["m-3"],
+        "no DLQ: left to the queue's redrive"
+    );
+}
+
+#[tokio::test]
+async fn a_record_to_retry_without_a_message_id_fails_the_whole_invocation() {
+    let (mut event, evs) = batch();
+    event.records[5].message_id = None;
+    let sink = TestSink::new();
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .insert(evs[5][0].event_id);
+    let out = handler(sink, Some(Arc::new(TestDlq::default())))
+        .handle(event, in_a_minute())
+        .await;
+    assert!(matches!(out, Err(HandlerError::UnnamedFailures(1))));
+}
