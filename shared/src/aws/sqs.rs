@@ -14,6 +14,7 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 
 use super::{ApiCalls, CallCounter};
+use crate::envelope::ATTR_CONTENT_ENCODING;
 use crate::source::{
     DeadLetter, DeadLetterQueue, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE,
     ATTR_ERROR_MESSAGE,
@@ -27,6 +28,8 @@ pub const MAX_WAIT_SECS: u64 = 20;
 pub const MAX_VISIBILITY_SECS: u64 = 43_200;
 /// SQS caps a message attribute value (and we keep reasons short).
 const MAX_REASON_BYTES: usize = 1_024;
+/// SQS takes at most this many message attributes per message.
+pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
 
 /// Settings of the SQS source.
 #[derive(Debug, Clone)]
@@ -259,15 +262,9 @@ async fn send_letters(
             let mut b = SendMessageBatchRequestEntry::builder()
                 .id(i.to_string())
                 .message_body(&letter.body);
-            for (k, v) in &letter.attributes {
+            for (k, v) in letter_attributes(letter) {
                 b = b.message_attributes(k, string_attr(v)?);
             }
-            b = b
-                .message_attributes(ATTR_ERROR_CODE, string_attr(&letter.reason.code)?)
-                .message_attributes(
-                    ATTR_ERROR_MESSAGE,
-                    string_attr(truncate(&letter.reason.message, MAX_REASON_BYTES))?,
-                );
             entries.push(b.build().map_err(|e| rejected(e.to_string()))?);
         }
         calls.count("SendMessageBatch");
@@ -286,6 +283,43 @@ async fn send_letters(
         }
     }
     Ok(())
+}
+
+/// The attributes a letter goes to the DLQ with: its reason (code and message) and as many of
+/// its own attributes as SQS's limit of [`MAX_MESSAGE_ATTRIBUTES`] leaves room for, the ones
+/// needed to read it back first (`content-encoding`, then Spillway's own `spillway-…`), the
+/// rest in name order. Any left out are logged.
+fn letter_attributes(letter: &DeadLetter) -> Vec<(&str, &str)> {
+    let mut out = vec![
+        (ATTR_ERROR_CODE, letter.reason.code.as_str()),
+        (
+            ATTR_ERROR_MESSAGE,
+            truncate(&letter.reason.message, MAX_REASON_BYTES),
+        ),
+    ];
+    let mut own: Vec<(&str, &str)> = letter
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .filter(|(k, _)| *k != ATTR_ERROR_CODE && *k != ATTR_ERROR_MESSAGE)
+        .collect();
+    // Stable: within each rank the BTreeMap's name order stays.
+    own.sort_by_key(|(k, _)| match *k {
+        ATTR_CONTENT_ENCODING => 0,
+        k if k.starts_with("spillway-") => 1,
+        _ => 2,
+    });
+    let room = MAX_MESSAGE_ATTRIBUTES - out.len();
+    if own.len() > room {
+        let dropped: Vec<&str> = own[room..].iter().map(|(k, _)| *k).collect();
+        tracing::warn!(
+            ?dropped,
+            "SQS takes {MAX_MESSAGE_ATTRIBUTES} message attributes: dead letter sent without these"
+        );
+        own.truncate(room);
+    }
+    out.extend(own);
+    out
 }
 
 /// Classifies an SQS error: a missing queue, a denied call or a bad receipt cannot be helped
@@ -348,5 +382,55 @@ impl SqsDeadLetterQueue {
 impl DeadLetterQueue for SqsDeadLetterQueue {
     async fn send(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
         send_letters(&self.client, &self.dlq_url, &self.calls, letters).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::DeadLetterReason;
+
+    #[test]
+    fn a_letter_keeps_its_reason_and_the_attributes_needed_to_read_it_within_the_sqs_limit() {
+        let mut attributes: BTreeMap<String, String> = (0..9)
+            .map(|i| (format!("custom-{i}"), format!("v{i}")))
+            .collect();
+        attributes.insert(ATTR_CONTENT_ENCODING.into(), "zstd+base64".into());
+        attributes.insert("spillway-types".into(), "[\"click\"]".into());
+        attributes.insert(ATTR_ERROR_CODE.into(), "old_code".into());
+        let letter = DeadLetter {
+            body: "{}".into(),
+            attributes,
+            reason: DeadLetterReason {
+                code: "invalid_event".into(),
+                message: "x".repeat(5_000),
+            },
+        };
+        let out = letter_attributes(&letter);
+        assert_eq!(out.len(), MAX_MESSAGE_ATTRIBUTES);
+        let get = |k: &str| out.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+        assert_eq!(get(ATTR_ERROR_CODE), Some("invalid_event"));
+        assert_eq!(
+            get(ATTR_ERROR_MESSAGE).map(str::len),
+            Some(MAX_REASON_BYTES)
+        );
+        assert_eq!(get(ATTR_CONTENT_ENCODING), Some("zstd+base64"));
+        assert_eq!(get("spillway-types"), Some("[\"click\"]"));
+        assert_eq!(get("custom-5"), Some("v5"));
+        assert_eq!(get("custom-6"), None, "the last names are left out");
+        assert_eq!(out.iter().filter(|(n, _)| *n == ATTR_ERROR_CODE).count(), 1);
+    }
+
+    #[test]
+    fn a_letter_within_the_limit_keeps_every_attribute() {
+        let letter = DeadLetter {
+            body: "{}".into(),
+            attributes: BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]),
+            reason: DeadLetterReason {
+                code: "c".into(),
+                message: "m".into(),
+            },
+        };
+        assert_eq!(letter_attributes(&letter).len(), 4);
     }
 }
