@@ -5,6 +5,7 @@ test:
 	bash scripts/test.sh
 
 lint:
+	bash scripts/ensure-build-tools.sh
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 

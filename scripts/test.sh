@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The project's one test command (`make test`): sets up everything the tests need from the
-# project's own files — PostgreSQL (installed/started if missing), LocalStack (pinned venv,
-# started if not running) — builds the binaries the end-to-end tests spawn, runs every test.
+# project's own files — a C toolchain for librdkafka, PostgreSQL (installed/started if missing),
+# LocalStack (pinned venv, started if not running) — builds the binaries the end-to-end tests
+# spawn, runs every test. Kafka tests need no service: they run on librdkafka's mock cluster.
 # Under CI=true a service that cannot be set up fails the run (the tests also refuse to skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/ensure-build-tools.sh
 bash scripts/ensure-postgres.sh
 bash localstack/start.sh
 export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:4566}"

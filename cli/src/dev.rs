@@ -39,8 +39,23 @@ pub(crate) struct DevArgs {
 
 /// Runs the pipeline until Ctrl-C or SIGTERM: then the HTTP server stops taking requests and
 /// answers those in flight, and the workers finish and settle the batches they hold.
-pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     shared::telemetry::init();
+    // `--broker kafka` without bootstrap servers: an in-process mock cluster, for trying the
+    // Kafka transport with nothing installed. It lives until this function returns.
+    let _mock = if args.broker.is_keyed() && args.broker.kafka.kafka_bootstrap_servers.is_none() {
+        let mock = args
+            .broker
+            .start_kafka_mock()
+            .context("starting the in-process mock Kafka cluster")?;
+        info!(
+            bootstrap = mock.bootstrap_servers(),
+            "Started an in-process mock Kafka cluster (nothing is kept when dev stops)"
+        );
+        Some(mock)
+    } else {
+        None
+    };
     let data_dir = &args.broker.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
@@ -68,12 +83,16 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let stop_workers = CancellationToken::new();
     let workers = tokio::spawn(poller.run(stop_workers.clone()));
 
-    let state = AppState::new(publisher, keys, args.ingest.config());
+    let state = AppState::new(
+        publisher,
+        keys,
+        args.ingest.config_for(args.broker.is_keyed()),
+    );
     let listener = tokio::net::TcpListener::bind(args.ingest.listen)
         .await
         .with_context(|| format!("binding {}", args.ingest.listen))?;
     let addr = listener.local_addr()?;
-    print_welcome(addr, data_dir)?;
+    print_welcome(addr, data_dir, &args.broker)?;
     serve(listener, state, shutdown_signal())
         .await
         .context("serving HTTP")?;
@@ -108,7 +127,11 @@ pub(crate) fn load_or_create_dev_key(data_dir: &Path) -> anyhow::Result<String> 
 }
 
 #[allow(clippy::print_stdout)]
-fn print_welcome(addr: std::net::SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
+fn print_welcome(
+    addr: std::net::SocketAddr,
+    data_dir: &Path,
+    broker: &BrokerSettings,
+) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc().format(&Rfc3339)?;
     let id = uuid::Uuid::new_v4();
     let key_path = data_dir.join(DEV_KEY_FILE);
@@ -123,7 +146,13 @@ fn print_welcome(addr: std::net::SocketAddr, data_dir: &Path) -> anyhow::Result<
          \"cost_micros\":1500,\"currency\":\"USD\"}}'",
         key_path.display()
     );
-    println!("Then: spillway stats --data-dir {}", data_dir.display());
+    match (broker.broker, &broker.kafka.kafka_bootstrap_servers) {
+        (shared::settings::BrokerKind::Kafka, Some(servers)) => println!(
+            "Then: spillway stats --data-dir {} --broker kafka --kafka-bootstrap-servers {servers}",
+            data_dir.display()
+        ),
+        _ => println!("Then: spillway stats --data-dir {}", data_dir.display()),
+    }
     println!("Press Ctrl-C to stop (requests and batches in flight finish first).");
     std::io::stdout().flush()?;
     Ok(())

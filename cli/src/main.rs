@@ -3,15 +3,18 @@
 //! # Layout
 //! - `dev`: the whole pipeline in one process (see [`dev`]).
 //! - `loadgen`: synthetic load against an ingest endpoint (see [`loadgen`]).
-//! - `stats`: queue, DLQ and store figures (see [`stats`]).
+//! - `dlq`: dead-letter queue stats, peek, export/import, replay, redrive, purge (see [`dlq`]).
+//! - `stats`: queue, DLQ and store figures (see [`stats`]; Kafka in [`stats_kafka`]).
 //! - `setup`: declare the topology (see [`setup`]).
 //! - `migrate`: PostgreSQL migrations (see [`migrate`]).
 
 mod dev;
+mod dlq;
 mod loadgen;
 mod migrate;
 mod setup;
 mod stats;
+mod stats_kafka;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +43,9 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Apply the PostgreSQL store's pending migrations.
     Migrate(migrate::MigrateArgs),
+    /// Inspect a dead-letter queue and move its messages back: stats, peek, export, import,
+    /// replay, redrive, purge.
+    Dlq(dlq::DlqArgs),
 }
 
 #[tokio::main]
@@ -51,5 +57,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Stats(args) => stats::run(args).await,
         Command::Setup(args) => setup::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     }
 }

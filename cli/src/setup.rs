@@ -37,6 +37,25 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<()> {
                 "then export the printed SPILLWAY_TOPIC_ARN, SPILLWAY_QUEUE_URL, SPILLWAY_DLQ_URL."
             );
         }
+        BrokerKind::Kafka => {
+            let k = &args.broker.kafka;
+            println!("Kafka needs two topics; create them with your cluster's tooling, e.g.:");
+            for topic in [args.broker.topic.as_str(), k.kafka_dlq_topic.as_str()] {
+                println!(
+                    "  kafka-topics.sh --bootstrap-server <host:port> --create --topic {topic} \
+                     --partitions 12 --replication-factor 3 --config min.insync.replicas=2"
+                );
+            }
+            println!(
+                "then run spillway-ingest and spillway-worker with --broker kafka \
+                 --kafka-bootstrap-servers <host:port> (group {}).",
+                k.kafka_group
+            );
+            println!(
+                "`spillway dev --broker kafka` without bootstrap servers runs an in-process mock \
+                 cluster instead (nothing kept)."
+            );
+        }
     }
     Ok(())
 }

@@ -36,6 +36,9 @@ struct Stats {
 
 /// Prints the figures.
 pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
+    if args.broker.broker == BrokerKind::Kafka {
+        return crate::stats_kafka::run(args).await;
+    }
     if args.broker.broker != BrokerKind::Embedded {
         bail!(
             "spillway stats reads the embedded broker; for SQS use the queue's CloudWatch metrics"

@@ -68,7 +68,11 @@ async fn state(cli: &Cli) -> anyhow::Result<AppState> {
     } else {
         cli.broker.publisher().await.context("opening the broker")?
     };
-    Ok(AppState::new(publisher, keys, cli.ingest.config()))
+    Ok(AppState::new(
+        publisher,
+        keys,
+        cli.ingest.config_for(cli.broker.is_keyed()),
+    ))
 }
 
 async fn lambda_main() -> anyhow::Result<()> {

@@ -84,6 +84,12 @@ pub struct IngestSettings {
     /// false packs mixed types (fewer messages).
     #[arg(long, env = "SPILLWAY_ENVELOPE_SPLIT_BY_TYPE", default_value_t = true, action = clap::ArgAction::Set)]
     pub envelope_split_by_type: bool,
+
+    /// Group events into this many key buckets by (advertiser, campaign) and key each
+    /// envelope by its bucket, so one campaign's events stay in order on one partition of a
+    /// keyed broker. Default: 32 with --broker kafka, none (0) otherwise.
+    #[arg(long, env = "SPILLWAY_ENVELOPE_KEY_BUCKETS")]
+    pub envelope_key_buckets: Option<u32>,
 }
 
 impl IngestSettings {
@@ -100,6 +106,16 @@ impl IngestSettings {
             keys.extend(ApiKeys::parse(json, "SPILLWAY_API_KEYS")?);
         }
         Ok(keys)
+    }
+
+    /// The runtime configuration for a broker that is keyed (Kafka: envelopes get a
+    /// partition key, 32 buckets unless `--envelope-key-buckets` says otherwise) or not.
+    pub fn config_for(&self, keyed_broker: bool) -> IngestConfig {
+        let mut config = self.config();
+        if keyed_broker && self.envelope_key_buckets.is_none() {
+            config.envelope.key_buckets = shared::envelope::DEFAULT_KEY_BUCKETS;
+        }
+        config
     }
 
     /// The runtime configuration these settings describe.
@@ -121,6 +137,7 @@ impl IngestSettings {
                 budget_bytes: self.envelope_budget_bytes,
                 encoding: self.envelope_encoding,
                 split_by_type: self.envelope_split_by_type,
+                key_buckets: self.envelope_key_buckets.unwrap_or(0),
                 ..EnvelopeConfig::default()
             },
             rate_limit_eps: self.rate_limit_eps,
@@ -129,5 +146,30 @@ impl IngestSettings {
             publish_backoff: Duration::from_millis(self.publish_backoff_ms),
             retry_after: Duration::from_secs(self.retry_after_secs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: IngestSettings,
+    }
+
+    #[test]
+    fn a_keyed_broker_gets_key_buckets_unless_told_otherwise() {
+        let cli = Cli::parse_from(["spillway-ingest"]);
+        assert_eq!(
+            cli.settings.config_for(true).envelope.key_buckets,
+            shared::envelope::DEFAULT_KEY_BUCKETS
+        );
+        assert_eq!(cli.settings.config_for(false).envelope.key_buckets, 0);
+        let cli = Cli::parse_from(["spillway-ingest", "--envelope-key-buckets", "0"]);
+        assert_eq!(cli.settings.config_for(true).envelope.key_buckets, 0);
     }
 }

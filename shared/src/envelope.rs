@@ -24,6 +24,9 @@ pub const SNS_MAX_MESSAGE_BYTES: usize = 262_144;
 pub const ATTRIBUTE_RESERVE_BYTES: usize = 2_048;
 /// The default body budget: an SNS message with its attributes.
 pub const DEFAULT_BUDGET_BYTES: usize = SNS_MAX_MESSAGE_BYTES - ATTRIBUTE_RESERVE_BYTES;
+/// Key buckets ingest uses with a keyed broker (Kafka) unless told otherwise: at least as many
+/// as a topic usually has partitions, so keys spread over all of them.
+pub const DEFAULT_KEY_BUCKETS: u32 = 32;
 /// The envelope format version.
 pub const ENVELOPE_VERSION: u32 = 1;
 /// Value of the `spillway-schema` attribute for this version.
@@ -36,6 +39,10 @@ pub const ATTR_TENANT: &str = "spillway-tenant";
 pub const ATTR_TYPES: &str = "spillway-types";
 /// Attribute naming the body encoding.
 pub const ATTR_CONTENT_ENCODING: &str = "content-encoding";
+/// Attribute carrying the envelope's partition key when the packer groups by key bucket
+/// ([`EnvelopeConfig::key_buckets`]): every event of one campaign gets the same key, so a
+/// keyed broker (Kafka) keeps one campaign's events in order on one partition.
+pub const ATTR_PARTITION_KEY: &str = "spillway-partition-key";
 /// Decompressed size past which a zstd body is refused (a bomb guard for workers).
 pub const MAX_DECODED_BYTES: usize = 16 * 1024 * 1024;
 
@@ -98,6 +105,12 @@ pub struct EnvelopeConfig {
     /// One event type per envelope, so a filter policy on `spillway-types` routes exactly
     /// the events it names (a mixed envelope would carry the others along).
     pub split_by_type: bool,
+    /// When non-zero, events are grouped by `hash(advertiser_id, campaign_id) % key_buckets`
+    /// and each envelope carries its bucket as [`ATTR_PARTITION_KEY`]. A campaign always
+    /// lands in the same bucket, hence under the same key and on the same Kafka partition,
+    /// in order; buckets (rather than one key per campaign) keep a request that spans many
+    /// campaigns in a few large envelopes. `0` (the default) packs without a key.
+    pub key_buckets: u32,
 }
 
 impl Default for EnvelopeConfig {
@@ -107,6 +120,7 @@ impl Default for EnvelopeConfig {
             encoding: ContentEncoding::Identity,
             zstd_level: 3,
             split_by_type: true,
+            key_buckets: 0,
         }
     }
 }
@@ -137,6 +151,8 @@ impl Envelope {
 pub struct PackedEvent {
     json: Vec<u8>,
     event_type: EventType,
+    /// Stable hash of `(advertiser_id, campaign_id)`, for key buckets.
+    campaign_hash: u64,
 }
 
 impl PackedEvent {
@@ -151,7 +167,13 @@ impl PackedEvent {
         Self {
             json,
             event_type: event.event_type,
+            campaign_hash: campaign_hash(event.advertiser_id.as_str(), event.campaign_id.as_str()),
         }
+    }
+
+    /// The key bucket of this event's campaign among `buckets` (`None` when `buckets` is 0).
+    pub fn key_bucket(&self, buckets: u32) -> Option<u32> {
+        (buckets > 0).then(|| (self.campaign_hash % u64::from(buckets)) as u32)
     }
 
     /// Serialised size in bytes.
@@ -163,6 +185,24 @@ impl PackedEvent {
     pub fn is_empty(&self) -> bool {
         self.json.is_empty()
     }
+}
+
+/// FNV-1a over `advertiser_id`, a separator and `campaign_id`: stable across processes,
+/// versions and platforms (unlike `std`'s randomly seeded hasher), which a partition key must be.
+fn campaign_hash(advertiser_id: &str, campaign_id: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    // 0xFF never occurs in UTF-8, so ("a", "bc") and ("ab", "c") hash apart.
+    for b in advertiser_id
+        .bytes()
+        .chain(std::iter::once(0xFF))
+        .chain(campaign_id.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(PRIME);
+    }
+    h
 }
 
 /// Why events could not be packed.
@@ -235,22 +275,52 @@ impl Packer {
             self.check_fits(e)?;
         }
         let events: Vec<&PackedEvent> = events.iter().collect();
-        if self.config.split_by_type {
-            let mut out = Vec::new();
-            for t in EventType::ALL {
-                let group: Vec<&PackedEvent> = events
-                    .iter()
-                    .copied()
-                    .filter(|e| e.event_type == t)
-                    .collect();
-                out.extend(self.pack_in_order(tenant, &group));
-            }
-            return Ok(out);
+        let buckets = self.config.key_buckets;
+        if buckets == 0 {
+            return Ok(self.pack_by_type(tenant, &events, None));
         }
-        Ok(self.pack_in_order(tenant, &events))
+        // Group by bucket, each group keeping the request's order; buckets in ascending order.
+        let mut groups: BTreeMap<u32, Vec<&PackedEvent>> = BTreeMap::new();
+        for e in events {
+            groups
+                .entry(e.key_bucket(buckets).unwrap_or(0))
+                .or_default()
+                .push(e);
+        }
+        let mut out = Vec::new();
+        for (bucket, group) in groups {
+            out.extend(self.pack_by_type(tenant, &group, Some(bucket)));
+        }
+        Ok(out)
     }
 
-    fn pack_in_order(&self, tenant: &str, events: &[&PackedEvent]) -> Vec<Envelope> {
+    fn pack_by_type(
+        &self,
+        tenant: &str,
+        events: &[&PackedEvent],
+        bucket: Option<u32>,
+    ) -> Vec<Envelope> {
+        if !self.config.split_by_type {
+            return self.pack_in_order(tenant, events, bucket);
+        }
+        let mut out = Vec::new();
+        for t in EventType::ALL {
+            let group: Vec<&PackedEvent> = events
+                .iter()
+                .copied()
+                .filter(|e| e.event_type == t)
+                .collect();
+            out.extend(self.pack_in_order(tenant, &group, bucket));
+        }
+        out
+    }
+
+    fn pack_in_order(
+        &self,
+        tenant: &str,
+        events: &[&PackedEvent],
+        bucket: Option<u32>,
+    ) -> Vec<Envelope> {
         // Group by identity size; a zstd group may hold more raw bytes, since compression
         // shrinks it, and is split again if its encoded form still overflows.
         let raw_budget = match self.config.encoding {
@@ -263,7 +333,7 @@ impl Packer {
         for (i, e) in events.iter().enumerate() {
             let add = e.len() + usize::from(i > start);
             if i > start && size + add > raw_budget {
-                self.emit(tenant, &events[start..i], &mut out);
+                self.emit(tenant, &events[start..i], bucket, &mut out);
                 start = i;
                 size = PREFIX.len() + SUFFIX.len() + e.len();
             } else {
@@ -271,23 +341,29 @@ impl Packer {
             }
         }
         if start < events.len() {
-            self.emit(tenant, &events[start..], &mut out);
+            self.emit(tenant, &events[start..], bucket, &mut out);
         }
         out
     }
 
-    fn emit(&self, tenant: &str, group: &[&PackedEvent], out: &mut Vec<Envelope>) {
+    fn emit(
+        &self,
+        tenant: &str,
+        group: &[&PackedEvent],
+        bucket: Option<u32>,
+        out: &mut Vec<Envelope>,
+    ) {
         let body = self.encode(group);
         if body.len() > self.config.budget_bytes && group.len() > 1 {
             let (a, b) = group.split_at(group.len() / 2);
-            self.emit(tenant, a, out);
-            self.emit(tenant, b, out);
+            self.emit(tenant, a, bucket, out);
+            self.emit(tenant, b, bucket, out);
             return;
         }
         let mut types: Vec<&str> = group.iter().map(|e| e.event_type.as_str()).collect();
         types.sort_unstable();
         types.dedup();
-        let attributes = BTreeMap::from([
+        let mut attributes = BTreeMap::from([
             (ATTR_SCHEMA.to_owned(), SCHEMA.to_owned()),
             (ATTR_TENANT.to_owned(), tenant.to_owned()),
             (
@@ -299,6 +375,9 @@ impl Packer {
                 self.config.encoding.as_str().to_owned(),
             ),
         ]);
+        if let Some(bucket) = bucket {
+            attributes.insert(ATTR_PARTITION_KEY.to_owned(), bucket.to_string());
+        }
         out.push(Envelope {
             body,
             attributes,
@@ -479,6 +558,7 @@ mod tests {
             encoding,
             zstd_level: 1,
             split_by_type: false,
+            key_buckets: 0,
         }
     }
 
@@ -519,6 +599,51 @@ mod tests {
                 .filter(|p| packer.check_fits(p).is_ok()).collect();
             for env in packer.pack("t", &packed).unwrap() {
                 prop_assert!(env.body.len() <= budget, "{} > {}", env.body.len(), budget);
+            }
+        }
+
+        #[test]
+        fn key_buckets_keep_each_campaign_under_one_key_and_in_order(
+            events in proptest::collection::vec(arb_event(), 1..80),
+            buckets in 1_u32..8,
+            split in any::<bool>(),
+        ) {
+            let packer = Packer::new(EnvelopeConfig {
+                split_by_type: split,
+                key_buckets: buckets,
+                ..config(4_000, ContentEncoding::Identity)
+            });
+            let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new)
+                .filter(|p| packer.check_fits(p).is_ok()).collect();
+            let envs = packer.pack("t", &packed).unwrap();
+            let mut key_of_campaign: BTreeMap<(String, String), String> = BTreeMap::new();
+            let mut per_key: BTreeMap<String, Vec<crate::event::EventId>> = BTreeMap::new();
+            for env in &envs {
+                let key = env.attributes[ATTR_PARTITION_KEY].clone();
+                for e in decode_all(std::slice::from_ref(env)) {
+                    let campaign = (e.advertiser_id.as_str().to_owned(), e.campaign_id.as_str().to_owned());
+                    let k = key_of_campaign.entry(campaign).or_insert_with(|| key.clone());
+                    prop_assert_eq!(&*k, &key, "one campaign under two keys");
+                    per_key.entry(key.clone()).or_default().push(e.event_id);
+                }
+            }
+            // Publishing the envelopes in order, each key's events come out in request order
+            // (per type when split by type, which never reorders one campaign's events of a type).
+            let input: Vec<AdEvent> = events.iter().zip(events.iter().map(PackedEvent::new))
+                .filter(|(_, p)| packer.check_fits(p).is_ok()).map(|(e, _)| e.clone()).collect();
+            prop_assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), input.len());
+            for (key, ids) in &per_key {
+                let want: Vec<&AdEvent> = input.iter()
+                    .filter(|e| PackedEvent::new(e).key_bucket(buckets).map(|b| b.to_string()).as_ref() == Some(key))
+                    .collect();
+                for t in EventType::ALL {
+                    let want_t: Vec<crate::event::EventId> = want.iter()
+                        .filter(|e| e.event_type == t).map(|e| e.event_id).collect();
+                    let got_t: Vec<crate::event::EventId> = ids.iter().copied()
+                        .filter(|id| want.iter().any(|e| e.event_type == t && e.event_id == *id))
+                        .collect();
+                    prop_assert_eq!(got_t, want_t);
+                }
             }
         }
 

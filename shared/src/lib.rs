@@ -13,9 +13,13 @@
 //! - [`memory_source`]: an in-memory `Source` with SQS-like visibility, for tests.
 //! - [`sink`]: the `Sink` port (idempotent writes) with an in-memory adapter.
 //! - [`aws`]: SNS publisher and SQS source (feature `aws`, on by default).
+//! - [`kafka`]: Kafka producer, consumer-group source with a DLQ topic, and the in-process mock
+//!   cluster (feature `kafka`).
 //! - [`embedded`]: the embedded durable broker on SQLite (topics, queues, DLQs) and its
 //!   `Publisher`/`Source` adapters.
 //! - [`sqlite_sink`]: the SQLite store (`ad_events` and per-minute rollups) behind `Sink`.
+//! - [`dlq`]: the dead-letter port (stats, peek, lease → send → delete, purge, native
+//!   redrive) on the embedded broker and SQS/SNS, and the replay/export/import engine.
 //! - [`settings`]: broker and store selection shared by the binaries; shutdown signal.
 //! - [`postgres_sink`]: the PostgreSQL store (`PostgresSink`) and its versioned migrations.
 //! - [`clock`]: injected time, so time rules are testable.
@@ -25,10 +29,13 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod clock;
+pub mod dlq;
 pub mod embedded;
 pub mod envelope;
 pub mod event;
 mod iso;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod lambda_init;
 pub mod memory_source;
 pub mod postgres_sink;

@@ -554,6 +554,15 @@ impl Sink for PostgresSink {
         );
         Ok(report)
     }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        let client = self.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|e| classify(&e))
+    }
 }
 
 /// Whether a SQLSTATE says the data itself was refused, so that retrying the same batch

@@ -25,12 +25,15 @@ pub enum BrokerKind {
     Embedded,
     /// SNS topic and SQS queues, from the standard AWS configuration.
     Aws,
+    /// A Kafka topic, a consumer group and a DLQ topic (`--kafka-…` settings).
+    Kafka,
 }
 
 /// Broker selection.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerSettings {
-    /// Broker: embedded (SQLite under --data-dir, no service needed) or aws (SNS + SQS).
+    /// Broker: embedded (SQLite under --data-dir, no service needed), aws (SNS + SQS) or
+    /// kafka (topic + consumer group + DLQ topic).
     #[arg(long, env = "SPILLWAY_BROKER", value_enum, default_value = "embedded")]
     pub broker: BrokerKind,
 
@@ -38,7 +41,7 @@ pub struct BrokerSettings {
     #[arg(long, env = "SPILLWAY_DATA_DIR", default_value = ".spillway")]
     pub data_dir: PathBuf,
 
-    /// Embedded broker: topic ingest publishes to.
+    /// Embedded broker or Kafka: topic ingest publishes to (and Kafka workers consume).
     #[arg(long, env = "SPILLWAY_TOPIC", default_value = DEV_TOPIC)]
     pub topic: String,
 
@@ -57,6 +60,88 @@ pub struct BrokerSettings {
     /// AWS: the dead-letter queue URL permanent failures are sent to.
     #[arg(long, env = "SPILLWAY_DLQ_URL")]
     pub dlq_url: Option<String>,
+
+    #[command(flatten)]
+    pub kafka: KafkaSettings,
+}
+
+/// Kafka settings (`--broker kafka`).
+#[derive(Debug, Clone, Args)]
+pub struct KafkaSettings {
+    /// Kafka: bootstrap servers, `host:port[,host:port…]`. `spillway dev` without it starts
+    /// an in-process mock cluster (nothing is kept when it stops).
+    #[arg(long, env = "SPILLWAY_KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: Option<String>,
+
+    /// Kafka: consumer group of the workers (they share the topic's partitions).
+    #[arg(long, env = "SPILLWAY_KAFKA_GROUP", default_value = "spillway-workers")]
+    pub kafka_group: String,
+
+    /// Kafka: topic permanent failures are produced to, with the reason and the original
+    /// topic/partition/offset as headers.
+    #[arg(long, env = "SPILLWAY_KAFKA_DLQ_TOPIC", default_value = "events-dlq")]
+    pub kafka_dlq_topic: String,
+
+    /// Kafka: producer compression: none, snappy, lz4 or zstd.
+    #[arg(long, env = "SPILLWAY_KAFKA_COMPRESSION", default_value = "lz4")]
+    pub kafka_compression: KafkaCompressionArg,
+
+    /// Kafka: producer linger.ms, how long a batch waits to fill.
+    #[arg(long, env = "SPILLWAY_KAFKA_LINGER_MS", default_value_t = 5)]
+    pub kafka_linger_ms: u64,
+
+    /// Kafka: producer batch.size, most bytes per partition batch.
+    #[arg(long, env = "SPILLWAY_KAFKA_BATCH_BYTES", default_value_t = 1_000_000)]
+    pub kafka_batch_bytes: usize,
+
+    /// Kafka: message.timeout.ms, how long a publish may take (retries included) before
+    /// ingest answers 503.
+    #[arg(
+        long,
+        env = "SPILLWAY_KAFKA_DELIVERY_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub kafka_delivery_timeout_ms: u64,
+
+    /// Kafka: session.timeout.ms, how long the group waits for a silent worker before its
+    /// partitions move to the others.
+    #[arg(
+        long,
+        env = "SPILLWAY_KAFKA_SESSION_TIMEOUT_MS",
+        default_value_t = 45_000
+    )]
+    pub kafka_session_timeout_ms: u64,
+
+    /// Kafka: max.poll.interval.ms; keep it above the longest batch.
+    #[arg(
+        long,
+        env = "SPILLWAY_KAFKA_MAX_POLL_INTERVAL_MS",
+        default_value_t = 300_000
+    )]
+    pub kafka_max_poll_interval_ms: u64,
+
+    /// Kafka: partitions of the topics the in-process mock cluster of `spillway dev` creates.
+    #[arg(long, env = "SPILLWAY_KAFKA_MOCK_PARTITIONS", default_value_t = 4)]
+    pub kafka_mock_partitions: i32,
+
+    /// Kafka: extra librdkafka property KEY=VALUE for every client, applied last (repeatable;
+    /// several in one value or in the variable are separated by `;`, since values such as
+    /// `partition.assignment.strategy=range,roundrobin` hold commas), e.g. client.id=ingest-1.
+    #[arg(long, env = "SPILLWAY_KAFKA_CONFIG", value_delimiter = ';')]
+    pub kafka_config: Vec<String>,
+}
+
+/// Producer compression codec, as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaCompressionArg {
+    /// No compression.
+    None,
+    /// Snappy.
+    Snappy,
+    /// LZ4 (cheapest on CPU).
+    Lz4,
+    /// Zstandard (smallest).
+    Zstd,
 }
 
 /// Why adapters could not be built from the settings.
@@ -84,6 +169,12 @@ pub enum SettingsError {
     /// The AWS feature is not compiled in.
     #[error("this build has no AWS support (feature `aws`)")]
     NoAws,
+    /// The Kafka feature is not compiled in.
+    #[error("this build has no Kafka support (feature `kafka`)")]
+    NoKafka,
+    /// A Kafka setting is malformed.
+    #[error("kafka: {0}")]
+    Kafka(String),
 }
 
 impl BrokerSettings {
@@ -108,7 +199,13 @@ impl BrokerSettings {
                 self.topic.clone(),
             ))),
             BrokerKind::Aws => self.aws_publisher().await,
+            BrokerKind::Kafka => self.kafka_publisher(),
         }
+    }
+
+    /// Whether the broker routes by message key (Kafka), so ingest should key its envelopes.
+    pub fn is_keyed(&self) -> bool {
+        self.broker == BrokerKind::Kafka
     }
 
     /// The source workers drain.
@@ -122,7 +219,124 @@ impl BrokerSettings {
                 self.queue.clone(),
             ))),
             BrokerKind::Aws => self.aws_source().await,
+            BrokerKind::Kafka => self.kafka_source(),
         }
+    }
+
+    #[cfg(feature = "kafka")]
+    fn kafka_publisher(&self) -> Result<Arc<dyn Publisher>, SettingsError> {
+        let config = self.kafka_producer_config(&self.topic)?;
+        crate::kafka::KafkaPublisher::new(&config)
+            .map(|p| Arc::new(p) as Arc<dyn Publisher>)
+            .map_err(|e| SettingsError::Kafka(e.to_string()))
+    }
+
+    #[cfg(feature = "kafka")]
+    fn kafka_source(&self) -> Result<Arc<dyn Source>, SettingsError> {
+        let config = self.kafka_consumer_config()?;
+        crate::kafka::KafkaSource::new(&config)
+            .map(|s| Arc::new(s) as Arc<dyn Source>)
+            .map_err(|e| SettingsError::Kafka(e.to_string()))
+    }
+
+    /// The Kafka connection settings.
+    ///
+    /// # Errors
+    /// No bootstrap servers, or a malformed `--kafka-config` entry.
+    #[cfg(feature = "kafka")]
+    pub fn kafka_client_config(&self) -> Result<crate::kafka::KafkaClientConfig, SettingsError> {
+        let k = &self.kafka;
+        let servers = k
+            .kafka_bootstrap_servers
+            .clone()
+            .ok_or(SettingsError::Missing {
+                flag: "kafka-bootstrap-servers",
+                env: "SPILLWAY_KAFKA_BOOTSTRAP_SERVERS",
+                broker: "kafka",
+            })?;
+        let mut client = crate::kafka::KafkaClientConfig::new(servers);
+        for raw in &k.kafka_config {
+            let (key, value) = crate::kafka::parse_property(raw).map_err(SettingsError::Kafka)?;
+            client.extra.insert(key, value);
+        }
+        Ok(client)
+    }
+
+    /// The Kafka producer settings for `topic`.
+    ///
+    /// # Errors
+    /// As [`BrokerSettings::kafka_client_config`].
+    #[cfg(feature = "kafka")]
+    pub fn kafka_producer_config(
+        &self,
+        topic: &str,
+    ) -> Result<crate::kafka::publisher::ProducerConfig, SettingsError> {
+        use crate::kafka::Compression;
+        let k = &self.kafka;
+        Ok(crate::kafka::publisher::ProducerConfig {
+            compression: match k.kafka_compression {
+                KafkaCompressionArg::None => Compression::None,
+                KafkaCompressionArg::Snappy => Compression::Snappy,
+                KafkaCompressionArg::Lz4 => Compression::Lz4,
+                KafkaCompressionArg::Zstd => Compression::Zstd,
+            },
+            linger: std::time::Duration::from_millis(k.kafka_linger_ms),
+            batch_bytes: k.kafka_batch_bytes,
+            delivery_timeout: std::time::Duration::from_millis(k.kafka_delivery_timeout_ms),
+            ..crate::kafka::publisher::ProducerConfig::new(self.kafka_client_config()?, topic)
+        })
+    }
+
+    /// The Kafka source settings.
+    ///
+    /// # Errors
+    /// As [`BrokerSettings::kafka_client_config`].
+    #[cfg(feature = "kafka")]
+    pub fn kafka_consumer_config(
+        &self,
+    ) -> Result<crate::kafka::source::ConsumerConfig, SettingsError> {
+        let k = &self.kafka;
+        let mut config = crate::kafka::source::ConsumerConfig::new(
+            self.kafka_client_config()?,
+            self.topic.clone(),
+            k.kafka_group.clone(),
+            k.kafka_dlq_topic.clone(),
+        );
+        config.dlq_producer = self.kafka_producer_config(&k.kafka_dlq_topic)?;
+        config.session_timeout = std::time::Duration::from_millis(k.kafka_session_timeout_ms);
+        config.max_poll_interval = std::time::Duration::from_millis(k.kafka_max_poll_interval_ms);
+        Ok(config)
+    }
+
+    /// Starts an in-process mock Kafka cluster with the topic and the DLQ topic, and points
+    /// these settings at it (`spillway dev --broker kafka` without bootstrap servers). The
+    /// cluster lives as long as the returned handle; it keeps nothing on disk.
+    ///
+    /// # Errors
+    /// When librdkafka cannot start it.
+    #[cfg(feature = "kafka")]
+    pub fn start_kafka_mock(&mut self) -> Result<crate::kafka::MockKafka, SettingsError> {
+        let partitions = self.kafka.kafka_mock_partitions.max(1);
+        let mock = crate::kafka::MockKafka::start(
+            1,
+            &[
+                (self.topic.as_str(), partitions),
+                (self.kafka.kafka_dlq_topic.as_str(), partitions),
+            ],
+        )
+        .map_err(|e| SettingsError::Kafka(e.to_string()))?;
+        self.kafka.kafka_bootstrap_servers = Some(mock.bootstrap_servers().to_owned());
+        Ok(mock)
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    fn kafka_publisher(&self) -> Result<Arc<dyn Publisher>, SettingsError> {
+        Err(SettingsError::NoKafka)
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    fn kafka_source(&self) -> Result<Arc<dyn Source>, SettingsError> {
+        Err(SettingsError::NoKafka)
     }
 
     #[cfg(feature = "aws")]
@@ -306,4 +520,55 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("Shutdown signal received");
+}
+
+#[cfg(all(test, feature = "kafka"))]
+mod kafka_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        broker: BrokerSettings,
+    }
+
+    #[test]
+    fn kafka_needs_bootstrap_servers_and_takes_properties_with_commas() {
+        let cli = Cli::parse_from(["x", "--broker", "kafka"]);
+        assert!(matches!(
+            cli.broker.kafka_client_config(),
+            Err(SettingsError::Missing {
+                flag: "kafka-bootstrap-servers",
+                ..
+            })
+        ));
+        let cli = Cli::parse_from([
+            "x",
+            "--broker",
+            "kafka",
+            "--kafka-bootstrap-servers",
+            "a:9092,b:9092",
+            "--kafka-config",
+            "client.id=w1;partition.assignment.strategy=range,roundrobin",
+            "--kafka-config",
+            "socket.keepalive.enable=true",
+        ]);
+        let c = cli.broker.kafka_client_config().unwrap();
+        assert_eq!(c.bootstrap_servers, "a:9092,b:9092");
+        assert_eq!(c.extra["partition.assignment.strategy"], "range,roundrobin");
+        assert_eq!(c.extra.len(), 3);
+        let bad = Cli::parse_from([
+            "x",
+            "--kafka-bootstrap-servers",
+            "a:1",
+            "--kafka-config",
+            "oops",
+        ]);
+        assert!(matches!(
+            bad.broker.kafka_client_config(),
+            Err(SettingsError::Kafka(_))
+        ));
+    }
 }

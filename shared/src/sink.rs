@@ -54,6 +54,14 @@ pub trait Sink: Send + Sync + Debug {
     /// # Errors
     /// [`SinkError`]; on error nothing of the batch is stored.
     async fn write(&self, events: &[AdEvent]) -> Result<WriteReport, SinkError>;
+
+    /// Checks that the store answers, without writing anything (PostgreSQL: a pooled
+    /// connection runs `SELECT 1`). The circuit breaker probes with it: a store that cannot
+    /// be reached keeps the breaker open whatever the data.
+    ///
+    /// # Errors
+    /// [`SinkError::Unavailable`] when the store cannot be reached.
+    async fn ping(&self) -> Result<(), SinkError>;
 }
 
 /// Keeps events in memory by `event_id`; can be told to fail, for tests of retry paths.
@@ -117,5 +125,15 @@ impl Sink for MemorySink {
         }
         state.writes += 1;
         Ok(report)
+    }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        if self.lock().fail_always {
+            return Err(SinkError::Unavailable {
+                store: "memory".into(),
+                message: "injected failure".into(),
+            });
+        }
+        Ok(())
     }
 }

@@ -536,6 +536,15 @@ impl Sink for SqliteSink {
         let rows = Rows::new(events)?;
         self.run(move |conn| write_batch(conn, &rows)).await
     }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.run(|conn| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(drop)
+                .map_err(|e| sqlite_error("ping", &e))
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -4,18 +4,31 @@
 //! - [`spawn_ingest`]: the ingest API on a real socket (port 0) over a given publisher.
 //! - [`TestApp`]: its address, a client, and a clean shutdown.
 //! - [`localstack`]: LocalStack reachability and throw-away topics/queues.
+//! - [`dlq`]: dead letters, the `spillway dlq` CLI as a child process, whole-queue reads.
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`lambda_emulator`]: a Lambda Runtime API emulator running the compiled binaries.
 //! - [`lambda_events`]: SQS, API Gateway v1/v2 and Function URL event fixtures.
-//! - [`pg`]: a throw-away PostgreSQL database per test.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
+//! - [`sqlite_view`]: the checker's view of the SQLite store.
+//! - [`kafka`]: the mock Kafka cluster, test settings and a topic reader.
+//! - [`postgres`]: a throw-away database on the shared server, and a private server a fault
+//!   test may stop and restart.
+//! - [`pipeline`]: `spillway-ingest`, `spillway-worker` and `spillway loadgen` as child
+//!   processes over one embedded broker, for fault tests.
+//! - [`faults`]: fault injectors: a source that delivers every message three times, and a
+//!   TCP proxy that drops responses.
 
 pub mod checker;
 pub mod dev_process;
+pub mod dlq;
+pub mod faults;
+pub mod kafka;
 pub mod lambda_emulator;
 pub mod lambda_events;
 pub mod localstack;
-pub mod pg;
+pub mod pipeline;
+pub mod postgres;
+pub mod sqlite_view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -177,6 +177,10 @@ impl Sink for FailsForOneEvent {
             message: format!("row of {} is locked", self.poison),
         })
     }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.inner.ping().await
+    }
 }
 
 /// A store whose every write takes `delay` first.
@@ -193,6 +197,10 @@ impl Sink for SlowSink {
         self.writes.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
         self.inner.write(events).await
+    }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.inner.ping().await
     }
 }
 
@@ -272,17 +280,18 @@ async fn a_transient_failure_reaches_the_dlq_after_max_receives_with_growing_del
         // One message per batch: the failing message does not drag others with it.
         receive_max_messages: 1,
         max_batch_messages: 1,
-        // Once this one message fails `failure_threshold` times in a row the breaker opens,
-        // and its probe rewrites this message's events, fails, and keeps it open: the worker
-        // stops receiving and SQS never redrives (seen with a threshold of 2). Here the good
-        // messages happen to reset the count; keep the breaker out of this test regardless.
+        // A low threshold: this one message's failures open the breaker; its probe finds the
+        // store answering and only this message failing, so it closes again and the message
+        // goes on to its DLQ (it used to stall here, the probe failing on the same events).
         breaker: BreakerConfig {
-            failure_threshold: 100,
-            ..BreakerConfig::default()
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(1),
+            max_cooldown: Duration::from_secs(2),
         },
         ..test_poller_config()
     };
     let poller = Poller::new(source.clone(), sink.clone(), poller_config).unwrap();
+    let metrics = poller.metrics();
     let stop = CancellationToken::new();
     let worker = tokio::spawn(poller.run(stop.clone()));
 
@@ -318,7 +327,13 @@ async fn a_transient_failure_reaches_the_dlq_after_max_receives_with_growing_del
     let counts: Vec<u32> = receives.iter().map(|(n, _)| *n).collect();
     assert_eq!(counts, vec![1, 2, 3], "received maxReceiveCount times");
     let failures = sink.failures.lock().unwrap().clone();
-    assert_eq!(failures.len(), 3, "one failed write per receive");
+    let opened = usize::try_from(metrics.snapshot().breaker_opened).unwrap();
+    assert!(opened >= 1, "this message's failures opened the breaker");
+    assert_eq!(
+        failures.len(),
+        3 + opened,
+        "one failed write per receive, and one per breaker probe"
+    );
     assert_eq!(
         source.retries_of(&poison_message_id),
         vec![

@@ -466,6 +466,22 @@ async fn a_terminated_connection_is_a_transient_error_and_the_sink_recovers() {
 }
 
 #[tokio::test]
+async fn ping_answers_while_the_server_is_up_and_fails_transiently_when_it_is_not() {
+    let db = test_db!();
+    let sink = db.sink().await;
+    sink.ping().await.unwrap();
+
+    // Nothing listens on port 1: the breaker's probe must see the store as down.
+    let down = PostgresSink::new(&PostgresConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..PostgresConfig::new("postgres://postgres@127.0.0.1:1/postgres")
+    })
+    .unwrap();
+    let err = down.ping().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}
+
+#[tokio::test]
 async fn a_data_error_is_permanent_and_stores_nothing_of_the_batch() {
     let db = test_db!();
     let sink = db.sink().await;

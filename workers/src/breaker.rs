@@ -1,20 +1,34 @@
 //! The circuit breaker: after consecutive transient sink failures it stops the receive loops,
 //! so valid messages are not burned into the DLQ by receive counts while the sink is down.
 //!
-//! When open, it probes the sink after a cool-down by rewriting a few valid events from the
-//! last failed batch (writes are idempotent, so this stores nothing twice) instead of
-//! receiving: no message's receive count grows while the sink is down. A successful probe
-//! closes it; a failed one opens it again for twice the cool-down, up to a maximum.
+//! When open, it probes the sink after a cool-down instead of receiving, so no message's
+//! receive count grows while the sink is down. The probe asks two questions:
+//!
+//! 1. Does the store answer at all? ([`Sink::ping`]) No: it stays open.
+//! 2. Does it take writes? It rewrites a few valid events of each of the last failed
+//!    messages, one message at a time (writes are idempotent, so nothing is stored twice).
+//!    One write succeeding (or refused for its data) closes it: the store works, and what
+//!    failed is particular to some messages. Every write failing, for **two or more
+//!    different messages**, keeps it open: the store refuses writes whatever the data (a
+//!    missing table, a full disk, lock timeouts everywhere).
+//!
+//! When the failures all came from **one** message and the store answers, the breaker closes
+//! even if that message's events still fail: with one message nothing tells a store that
+//! refuses every write from a message the store chokes on, and staying open would stall the
+//! worker forever, the message never reaching its DLQ. Closing lets its receive count grow
+//! until the queue's redrive moves it to the DLQ (the price: a store that answers but refuses
+//! every write, while only one message is in the queue, lets that message go to the DLQ).
+//! A failed probe opens it again for twice the cool-down, up to a maximum.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use shared::{AdEvent, Sink};
+use shared::Sink;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::core::{BatchOutcome, SinkHealth};
+use crate::core::{BatchOutcome, ProbeSample, SinkHealth};
 use crate::metrics::{BreakerState, Metrics};
 
 /// When the breaker opens and how long it waits.
@@ -44,8 +58,13 @@ struct Inner {
     failures: u32,
     open_until: Instant,
     cooldown: Duration,
-    samples: Vec<AdEvent>,
+    /// Samples of the messages that failed since the last healthy write, one per message,
+    /// the most recent last.
+    samples: Vec<ProbeSample>,
 }
+
+/// How many failed messages the breaker keeps samples of.
+pub const PROBE_MESSAGES: usize = 4;
 
 /// A circuit breaker shared by the receive loops of one runtime.
 #[derive(Debug)]
@@ -58,7 +77,7 @@ pub struct CircuitBreaker {
 
 enum Step {
     Ready,
-    Probe(Vec<AdEvent>),
+    Probe(Vec<ProbeSample>),
     WaitUntil(Instant),
     WaitForProbe,
 }
@@ -93,9 +112,12 @@ impl CircuitBreaker {
             SinkHealth::Healthy => self.close(),
             SinkHealth::Unavailable => {
                 let mut inner = self.lock();
-                if !outcome.sample_events.is_empty() {
-                    inner.samples.clone_from(&outcome.sample_events);
+                for sample in &outcome.samples {
+                    inner.samples.retain(|s| s.message_id != sample.message_id);
+                    inner.samples.push(sample.clone());
                 }
+                let excess = inner.samples.len().saturating_sub(PROBE_MESSAGES);
+                inner.samples.drain(..excess);
                 inner.failures += 1;
                 if inner.state == BreakerState::Closed
                     && inner.failures >= self.config.failure_threshold
@@ -143,39 +165,60 @@ impl CircuitBreaker {
         }
     }
 
-    async fn probe(&self, sink: &dyn Sink, samples: &[AdEvent]) {
+    async fn probe(&self, sink: &dyn Sink, samples: &[ProbeSample]) {
         let mut guard = ProbeGuard {
             breaker: self,
             settled: false,
         };
-        if samples.is_empty() {
-            // Nothing to probe with: fail open rather than stall forever.
-            warn!("No events to probe the sink with; closing the breaker");
-            guard.settled = true;
-            self.close();
-            return;
-        }
-        let result = sink.write(samples).await;
+        let verdict = self.judge(sink, samples).await;
         guard.settled = true;
-        match result {
-            Err(e) if e.is_transient() => {
+        match verdict {
+            Err(why) => {
                 let mut inner = self.lock();
                 inner.cooldown = (inner.cooldown * 2).min(self.config.max_cooldown);
-                warn!(error = %e, cooldown_ms = inner.cooldown.as_millis(), "Sink probe failed; breaker stays open");
+                warn!(reason = %why, cooldown_ms = inner.cooldown.as_millis(), "Sink probe failed; breaker stays open");
                 self.open(&mut inner);
             }
-            Ok(report) => {
-                // The probe stored these events; their redeliveries count as duplicates.
-                self.metrics.add_written(report.inserted as u64);
-                self.metrics.add_duplicates(report.duplicates as u64);
-                info!(events = samples.len(), "Sink probe succeeded");
+            Ok(why) => {
+                info!(reason = %why, "Sink probe passed");
                 self.close();
             }
-            // The sink answered; a refusal is the data's problem, which the core handles.
-            Err(e) => {
-                info!(error = %e, "Sink probe answered with a refusal; the sink is up");
-                self.close();
+        }
+    }
+
+    /// Whether the store is up (`Ok`, with why) or down (`Err`, with why).
+    async fn judge(&self, sink: &dyn Sink, samples: &[ProbeSample]) -> Result<String, String> {
+        if let Err(e) = sink.ping().await {
+            return Err(format!("the store does not answer: {e}"));
+        }
+        let mut last_error = None;
+        for sample in samples {
+            match sink.write(&sample.events).await {
+                Ok(report) => {
+                    // The probe stored these events; their redeliveries count as duplicates.
+                    self.metrics.add_written(report.inserted as u64);
+                    self.metrics.add_duplicates(report.duplicates as u64);
+                    return Ok(format!(
+                        "the store answers and took the events of message {}",
+                        sample.message_id
+                    ));
+                }
+                // The store answered; a refusal is the data's problem, which the core handles.
+                Err(e) if !e.is_transient() => {
+                    return Ok(format!("the store answers and refused data: {e}"));
+                }
+                Err(e) => last_error = Some(e),
             }
+        }
+        match (samples.len(), last_error) {
+            (0, _) | (_, None) => Ok("the store answers".into()),
+            (1, Some(e)) => Ok(format!(
+                "the store answers; only message {} fails ({e}), its receive count decides",
+                samples[0].message_id
+            )),
+            (n, Some(e)) => Err(format!(
+                "the store answers but refused the events of all {n} failed messages: {e}"
+            )),
         }
     }
 
@@ -195,6 +238,7 @@ impl CircuitBreaker {
     fn close(&self) {
         let mut inner = self.lock();
         inner.failures = 0;
+        inner.samples.clear();
         if inner.state != BreakerState::Closed {
             inner.state = BreakerState::Closed;
             inner.cooldown = self.config.cooldown;

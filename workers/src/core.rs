@@ -27,9 +27,11 @@ pub const REASON_UNDECODABLE: &str = "undecodable";
 pub const REASON_INVALID_EVENT: &str = "invalid_event";
 /// Reason code of events the store refused permanently.
 pub const REASON_SINK_REJECTED: &str = "sink_rejected";
-/// How many valid events of a transiently failed batch are kept in the outcome, so a runtime
-/// can probe the sink with them (writes are idempotent) without receiving anything.
+/// How many valid events of each transiently failed delivery are kept in the outcome, so a
+/// runtime can probe the sink with them (writes are idempotent) without receiving anything.
 pub const SAMPLE_EVENTS: usize = 4;
+/// How many transiently failed deliveries of a batch give the outcome a [`ProbeSample`].
+pub const SAMPLE_DELIVERIES: usize = 4;
 
 /// How the core decides.
 #[derive(Debug, Clone)]
@@ -135,8 +137,21 @@ pub struct BatchOutcome {
     pub sink_health: SinkHealth,
     /// The last sink error, for logs.
     pub sink_error: Option<String>,
-    /// Up to [`SAMPLE_EVENTS`] valid events when the sink failed transiently, to probe it with.
-    pub sample_events: Vec<AdEvent>,
+    /// When the sink failed transiently: up to [`SAMPLE_DELIVERIES`] of the deliveries to be
+    /// retried, each with up to [`SAMPLE_EVENTS`] of its valid events, to probe the sink with.
+    pub samples: Vec<ProbeSample>,
+}
+
+/// A few valid events of one delivery whose write failed transiently.
+///
+/// Kept per delivery so a circuit breaker can tell a store that fails every write (the
+/// samples of several messages all fail) from one message that fails on its own.
+#[derive(Debug, Clone)]
+pub struct ProbeSample {
+    /// The delivery's stable message id.
+    pub message_id: String,
+    /// Up to [`SAMPLE_EVENTS`] of its valid events.
+    pub events: Vec<AdEvent>,
 }
 
 impl BatchOutcome {
@@ -408,8 +423,18 @@ pub async fn write_prepared(
         }
     }
 
-    let sample_events = if health == SinkHealth::Unavailable {
-        all.iter().take(SAMPLE_EVENTS).cloned().collect()
+    let samples = if health == SinkHealth::Unavailable {
+        fates
+            .iter()
+            .zip(&ranges)
+            .zip(&parts)
+            .filter(|((fate, r), _)| matches!(fate, WriteFate::Retry) && !r.is_empty())
+            .take(SAMPLE_DELIVERIES)
+            .map(|((_, r), part)| ProbeSample {
+                message_id: part.1.clone(),
+                events: all[r.clone()].iter().take(SAMPLE_EVENTS).cloned().collect(),
+            })
+            .collect()
     } else {
         Vec::new()
     };
@@ -450,7 +475,7 @@ pub async fn write_prepared(
         written,
         sink_health: health,
         sink_error,
-        sample_events,
+        samples,
     }
 }
 

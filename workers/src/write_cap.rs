@@ -107,6 +107,11 @@ impl Sink for CappedSink {
         }
         Ok(report)
     }
+
+    /// Not capped: a ping writes nothing.
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.inner.ping().await
+    }
 }
 
 #[cfg(test)]
@@ -138,6 +143,10 @@ mod tests {
                 inserted: events.len(),
                 duplicates: 0,
             })
+        }
+
+        async fn ping(&self) -> Result<(), SinkError> {
+            Ok(())
         }
     }
 

@@ -135,7 +135,9 @@ async fn a_transient_sink_failure_retries_every_delivery_with_a_delay_that_grows
         )
         .await;
         assert!(out.is_transient_failure());
-        assert_eq!(out.sample_events.len(), 2);
+        assert_eq!(out.samples.len(), 1);
+        assert_eq!(out.samples[0].message_id, "m-1");
+        assert_eq!(out.samples[0].events.len(), 2);
         let Decision::RetryLater(delay) = out.settlements[0].decision else {
             panic!("expected a retry, got {:?}", out.settlements[0].decision);
         };

@@ -195,6 +195,98 @@ async fn a_sink_outage_opens_the_breaker_so_no_valid_message_reaches_the_dlq() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_lone_message_failing_on_its_own_opens_the_breaker_yet_reaches_the_dlq_by_receive_count()
+{
+    // Regression: the probe used to rewrite this message's own events, fail, and keep the
+    // breaker open forever: the worker stopped receiving and the message never reached its
+    // DLQ. Now the probe finds the store answering and only this message failing, and closes.
+    let src = source(Some(3));
+    let bad = events(41, 3);
+    let id = src.send_envelope(&envelope(&bad));
+    let sink = TestSink::new();
+    sink.transient_for.lock().unwrap().insert(bad[1].event_id);
+    let cfg = PollerConfig {
+        max_batch_messages: 1,
+        breaker: BreakerConfig {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(5),
+            max_cooldown: Duration::from_secs(20),
+        },
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), cfg);
+    until("redriven to the DLQ", Duration::from_secs(300), || {
+        !src.dead_letters().is_empty()
+    })
+    .await;
+    assert!(
+        metrics.snapshot().breaker_opened >= 1,
+        "two failures in a row opened the breaker"
+    );
+    let dlq = src.dead_letters();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].source_message_id, id);
+    assert_eq!(dlq[0].reason.code, REASON_MAX_RECEIVES);
+
+    // The worker still receives: a good message sent now is stored.
+    let good = events(42, 4);
+    src.send_envelope(&envelope(&good));
+    until("the good message stored", Duration::from_secs(60), || {
+        src.is_empty()
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap();
+    let stored = sink.inner.events();
+    assert!(good.iter().all(|e| stored.contains_key(&e.event_id)));
+    assert!(!stored.contains_key(&bad[1].event_id));
+    assert_eq!(metrics.snapshot().breaker_state, BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_answers_but_fails_every_write_keeps_the_breaker_open() {
+    // The store answers a ping but every write fails (a missing table, a full disk): the
+    // probe's writes fail for several different messages, so the breaker stays open and no
+    // receive count climbs to the redrive.
+    let src = source(Some(3));
+    let per_message: Vec<_> = (0..4).map(|i| events(50 + i, 3)).collect();
+    let ids: Vec<String> = per_message
+        .iter()
+        .map(|evs| src.send_envelope(&envelope(evs)))
+        .collect();
+    let sink = TestSink::new();
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .extend(per_message.iter().flatten().map(|e| e.event_id));
+    let cfg = PollerConfig {
+        breaker: BreakerConfig {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(5),
+            max_cooldown: Duration::from_secs(20),
+        },
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), cfg);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(metrics.snapshot().breaker_state, BreakerState::Open);
+    assert!(src.dead_letters().is_empty());
+    let most = ids
+        .iter()
+        .filter_map(|id| src.receive_count(id))
+        .max()
+        .unwrap();
+    assert!(most < 3, "a message was received {most} times");
+
+    sink.transient_for.lock().unwrap().clear();
+    until("queue drained", Duration::from_secs(600), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+    assert!(src.dead_letters().is_empty());
+    assert_eq!(sink.stored(), 12);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_write_cap_holds_events_per_second_and_concurrent_batches() {
     let src = source(Some(5));
     fill(&src, 300, 100, 10);

@@ -243,6 +243,23 @@ pub struct PeekedMessage {
     pub visible: bool,
 }
 
+/// A message received by [`Broker::lease`] to be moved elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedMessage {
+    /// Receipt to delete it with, or to make it visible again.
+    pub receipt: DeliveryId,
+    /// Stable message id.
+    pub message_id: String,
+    /// The body as stored.
+    pub body: String,
+    /// Message attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Times received so far, this lease included.
+    pub receive_count: u32,
+    /// When it was sent to this queue, in ms since the Unix epoch.
+    pub sent_at_ms: i64,
+}
+
 /// A message to send straight to a queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutgoingMessage {
@@ -947,6 +964,75 @@ impl Broker {
                 .and_then(Iterator::collect)
                 .map_err(sql("peek"))?;
             Ok(rows)
+        })
+        .await
+    }
+
+    /// Receives up to `max` visible messages of `queue` for moving them elsewhere (DLQ replay,
+    /// export): each is hidden for `lease` under a new receipt, its receive count goes up, and
+    /// the queue's redrive policy is not applied (a DLQ operator's read never dead-letters).
+    /// Oldest first.
+    ///
+    /// # Errors
+    /// [`BrokerError::NotFound`] for an undeclared queue, or a database failure.
+    pub async fn lease(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<LeasedMessage>, BrokerError> {
+        let queue = queue.to_owned();
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        self.write(move |tx, now| {
+            load_queue(tx, &queue)?;
+            let rows: Vec<(i64, String, String, String, u32, i64)> = tx
+                .prepare_cached(
+                    "SELECT seq, message_id, body, attributes, receive_count, sent_at_ms
+                     FROM messages
+                     WHERE queue = ?1 AND visible_at_ms <= ?2 AND expires_at_ms > ?2
+                     ORDER BY visible_at_ms, seq LIMIT ?3",
+                )
+                .and_then(|mut st| {
+                    st.query_map(params![queue, now, limit], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    })
+                    .and_then(Iterator::collect)
+                })
+                .map_err(sql("select messages to lease"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE messages SET receive_count = ?2, receipt = ?3, visible_at_ms = ?4
+                     WHERE seq = ?1",
+                )
+                .map_err(sql("prepare lease"))?;
+            for (seq, message_id, body, attributes, receive_count, sent_at_ms) in rows {
+                let receipt = format!("{seq}:{}", Uuid::new_v4().simple());
+                let receive_count = receive_count.saturating_add(1);
+                st.execute(params![
+                    seq,
+                    receive_count,
+                    receipt,
+                    now.saturating_add(ms(lease))
+                ])
+                .map_err(sql("lease message"))?;
+                out.push(LeasedMessage {
+                    receipt: DeliveryId(receipt),
+                    message_id,
+                    body,
+                    attributes: from_json(&attributes),
+                    receive_count,
+                    sent_at_ms,
+                });
+            }
+            Ok(out)
         })
         .await
     }

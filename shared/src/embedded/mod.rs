@@ -16,7 +16,7 @@ pub mod broker;
 
 pub use adapters::{QueueSource, TopicPublisher};
 pub use broker::{
-    Broker, BrokerError, OutgoingMessage, PeekedMessage, QueueConfig, QueueInfo, QueueStats,
-    SettleOutcome, Subscription, ATTR_SOURCE_QUEUE, DEFAULT_DB_PATH, DEV_DLQ, DEV_QUEUE, DEV_TOPIC,
-    MAX_RECEIVES_CODE,
+    Broker, BrokerError, LeasedMessage, OutgoingMessage, PeekedMessage, QueueConfig, QueueInfo,
+    QueueStats, SettleOutcome, Subscription, ATTR_SOURCE_QUEUE, DEFAULT_DB_PATH, DEV_DLQ,
+    DEV_QUEUE, DEV_TOPIC, MAX_RECEIVES_CODE,
 };

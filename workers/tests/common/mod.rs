@@ -130,4 +130,8 @@ impl Sink for TestSink {
         self.log.lock().unwrap().push((start, events.len()));
         Ok(report)
     }
+
+    async fn ping(&self) -> Result<(), SinkError> {
+        self.inner.ping().await
+    }
 }

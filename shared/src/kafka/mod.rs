@@ -1,0 +1,217 @@
+//! Kafka transport (feature `kafka`): a producer behind the `Publisher` port, a consumer-group
+//! source behind the `Source` port with a dead-letter topic, and an in-process mock cluster for
+//! tests and zero-install try-outs.
+//!
+//! librdkafka is built from the sources vendored in `rdkafka-sys` (plaintext, lz4/snappy
+//! built in, zstd through `zstd-sys`; no TLS, SASL or zlib in this build).
+//!
+//! # Layout
+//! - [`publisher`]: `KafkaPublisher` — `acks=all`, idempotent, compressed, keyed by the
+//!   envelope's partition key; acknowledges only after every delivery report succeeded.
+//! - [`source`]: `KafkaSource` — consumer group with offsets stored only behind a contiguous
+//!   prefix of finished work, in-process redelivery with backoff, a DLQ topic, rebalance hooks.
+//! - [`tracker`]: the per-partition offset tracker (pure, property-tested).
+//! - [`lag`]: read-only partition watermarks, committed offsets and lag, for `spillway stats`.
+//! - [`mock`]: `MockKafka`, librdkafka's mock cluster kept alive on a thread of its own.
+
+pub mod lag;
+pub mod mock;
+pub mod publisher;
+pub mod source;
+pub mod tracker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+pub use mock::MockKafka;
+pub use publisher::KafkaPublisher;
+pub use source::KafkaSource;
+pub use tracker::PartitionTracker;
+
+/// Header naming the topic a dead letter was consumed from.
+pub const HEADER_ORIGINAL_TOPIC: &str = "spillway-original-topic";
+/// Header naming the partition a dead letter was consumed from.
+pub const HEADER_ORIGINAL_PARTITION: &str = "spillway-original-partition";
+/// Header naming the offset a dead letter was consumed from.
+pub const HEADER_ORIGINAL_OFFSET: &str = "spillway-original-offset";
+/// Default topic of dead letters.
+pub const DEFAULT_DLQ_TOPIC: &str = "events-dlq";
+/// Default consumer group of the workers.
+pub const DEFAULT_GROUP: &str = "spillway-workers";
+
+/// Producer compression codec (`compression.type`). gzip is absent: this build has no zlib.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// No compression.
+    None,
+    /// Snappy.
+    Snappy,
+    /// LZ4: the cheapest on CPU, the default.
+    #[default]
+    Lz4,
+    /// Zstandard: the smallest on the wire and disk.
+    Zstd,
+}
+
+impl Compression {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Snappy => "snappy",
+            Self::Lz4 => "lz4",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "snappy" => Ok(Self::Snappy),
+            "lz4" => Ok(Self::Lz4),
+            "zstd" => Ok(Self::Zstd),
+            other => Err(format!(
+                "unknown compression {other:?}; use none, snappy, lz4 or zstd"
+            )),
+        }
+    }
+}
+
+/// Connection settings every Kafka client of Spillway shares.
+#[derive(Debug, Clone)]
+pub struct KafkaClientConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Extra librdkafka properties (`security.protocol`, `client.id`, …), applied last so they
+    /// override Spillway's defaults.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl KafkaClientConfig {
+    /// Settings for `bootstrap_servers` with no extra property.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// A librdkafka configuration with the bootstrap servers, `base` properties, then the extras.
+    fn client_config(&self, base: &[(&str, String)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers);
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in base {
+            c.set(*k, v);
+        }
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Parses `KEY=VALUE` (a `--kafka-config` entry).
+///
+/// # Errors
+/// When there is no `=` or the key is empty.
+pub fn parse_property(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!(
+            "{raw:?} is not KEY=VALUE (a librdkafka property such as security.protocol=ssl)"
+        )),
+    }
+}
+
+/// Message attributes as Kafka headers (UTF-8 values).
+pub(crate) fn headers_of<'a>(attrs: impl IntoIterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in attrs {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    headers
+}
+
+/// Kafka headers as message attributes; non-UTF-8 values are replaced lossily, absent ones
+/// become empty strings.
+pub(crate) fn attributes_of<H: Headers>(headers: Option<&H>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(h) = headers {
+        for header in h.iter() {
+            let value = header
+                .value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            out.insert(header.key.to_owned(), value);
+        }
+    }
+    out
+}
+
+/// Milliseconds of a duration as librdkafka wants them (a decimal string).
+pub(crate) fn millis(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+/// Forwards librdkafka's log lines to `tracing`.
+pub(crate) fn log_line(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(facility = fac, "librdkafka: {message}");
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_property_needs_a_key_and_an_equals_sign() {
+        assert_eq!(
+            parse_property("security.protocol = ssl").unwrap(),
+            ("security.protocol".into(), "ssl".into())
+        );
+        assert_eq!(parse_property("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_property("novalue").is_err());
+        assert!(parse_property("=x").is_err());
+    }
+
+    #[test]
+    fn compression_names_round_trip() {
+        for c in [
+            Compression::None,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            assert_eq!(c.as_str().parse::<Compression>().unwrap(), c);
+        }
+        assert!("gzip".parse::<Compression>().is_err());
+    }
+}

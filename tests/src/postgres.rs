@@ -1,0 +1,343 @@
+//! PostgreSQL fixtures: a throw-away database on the shared test server ([`TestDb`]), and a
+//! private server of its own ([`PrivatePostgres`]) that a fault test may stop and restart
+//! without disturbing the tests running beside it.
+//!
+//! Under `CI=true` a missing server or missing PostgreSQL binaries fail the test; elsewhere
+//! the fixture returns `None` after a loud `SKIPPED` line.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio_postgres::NoTls;
+
+/// The shared server, without a database name; `SPILLWAY_TEST_PG` overrides it.
+pub fn server_url() -> String {
+    std::env::var("SPILLWAY_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Whether this run is CI, where a missing service is a failure.
+pub fn under_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// Fails under CI, otherwise prints a loud `SKIPPED` line (straight to stderr: libtest would
+/// swallow `eprintln!` of a passing test).
+///
+/// # Panics
+/// Under `CI=true`.
+pub fn skip_or_fail(what: &str) {
+    assert!(
+        !under_ci(),
+        "{what}; this is required under CI=true (scripts/ensure-postgres.sh provides it)"
+    );
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("\n!!!!! SKIPPED: {what}; run scripts/ensure-postgres.sh !!!!!\n").as_bytes(),
+    );
+}
+
+/// Connects to `url` and drives the connection on a task of its own.
+///
+/// # Errors
+/// When the server cannot be reached.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A database of its own on the shared server for one test, dropped (connections and all)
+/// when it goes.
+#[derive(Debug)]
+pub struct TestDb {
+    /// Its name, `spillway_test_<random>`.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// Creates a database on the shared server, or returns `None` (skip) when the server
+    /// cannot be reached outside CI.
+    ///
+    /// # Panics
+    /// Under `CI=true` when the server cannot be reached, or when the database cannot be
+    /// created.
+    pub async fn create() -> Option<Self> {
+        Self::create_on(&server_url()).await
+    }
+
+    /// Creates a database on the server at `server` (a URL without a database name).
+    ///
+    /// # Panics
+    /// As [`TestDb::create`].
+    pub async fn create_on(server: &str) -> Option<Self> {
+        let admin_url = format!("{server}/postgres");
+        let admin = match tokio::time::timeout(Duration::from_secs(5), connect(&admin_url)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                skip_or_fail(&format!("PostgreSQL at {admin_url} unreachable: {e}"));
+                return None;
+            }
+            Err(_) => {
+                skip_or_fail(&format!("PostgreSQL at {admin_url} timed out"));
+                return None;
+            }
+        };
+        let name = format!("spillway_test_{:016x}", rand::random::<u64>());
+        if let Err(e) = admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+        {
+            panic!("cannot create test database {name}: {e}");
+        }
+        Some(Self {
+            url: format!("{server}/{name}"),
+            name,
+            admin_url,
+        })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (name, admin_url) = (self.name.clone(), self.admin_url.clone());
+        // Drop may run inside the test's runtime, so the async cleanup gets a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(admin) = connect(&admin_url).await {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// A PostgreSQL server of its own: `initdb` into a temporary directory, started on a free
+/// port of 127.0.0.1 with trust authentication for user `postgres`; it can be stopped
+/// (`fast` or `immediate`, like a crash) and started again on the same port and data.
+/// Dropping it stops it and deletes its files.
+///
+/// PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
+/// OS user `postgres` (which the Debian package creates) through `runuser`.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    /// The port it listens on.
+    pub port: u16,
+    as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    /// Creates and starts a private server, or returns `None` (skip) when the PostgreSQL
+    /// binaries are missing outside CI.
+    ///
+    /// # Panics
+    /// Under `CI=true` when the binaries are missing, or when the server cannot be created
+    /// or started.
+    pub fn start() -> Option<Self> {
+        let Some(bin) = bin_dir() else {
+            skip_or_fail("PostgreSQL server binaries (initdb, pg_ctl) not found");
+            return None;
+        };
+        match Self::init(bin) {
+            Ok(pg) => Some(pg),
+            Err(e) => panic!("cannot start a private PostgreSQL: {e:#}"),
+        }
+    }
+
+    fn init(bin: PathBuf) -> anyhow::Result<Self> {
+        let as_postgres = is_root()?;
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-pg-")
+            .tempdir()
+            .context("creating the server directory")?;
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data)?;
+        if as_postgres {
+            // The server's user must reach and own its directories.
+            run(Command::new("chmod").arg("755").arg(dir.path()))?;
+            run(Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir.path()))?;
+        }
+        let port = free_port()?;
+        let pg = Self {
+            bin,
+            data,
+            dir,
+            port,
+            as_postgres,
+        };
+        pg.ctl_command("initdb")
+            .arg("-D")
+            .arg(&pg.data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .status()
+            .context("running initdb")?
+            .success()
+            .then_some(())
+            .context("initdb failed")?;
+        pg.start_again()?;
+        Ok(pg)
+    }
+
+    /// The server's URL without a database name.
+    pub fn server_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// The URL of database `postgres`.
+    pub fn url(&self) -> String {
+        format!("{}/postgres", self.server_url())
+    }
+
+    /// Starts it (again) on its port and data, and waits until it accepts connections.
+    ///
+    /// # Errors
+    /// When `pg_ctl start` fails or the server is not ready within 60 s.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
+             -c max_connections=50",
+            self.port,
+            self.dir.path().display()
+        );
+        let status = self
+            .ctl_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-o", &options, "-l"])
+            .arg(self.log_path())
+            .args(["-w", "-t", "60", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .context("running pg_ctl start")?;
+        if !status.success() {
+            bail!(
+                "pg_ctl start failed ({status}); server log:\n{}",
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the private PostgreSQL did not listen within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Stops it: `fast` (disconnects clients, clean shutdown) or `immediate` (no shutdown
+    /// checkpoint, recovery at the next start: a crash).
+    ///
+    /// # Errors
+    /// When `pg_ctl stop` fails.
+    pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
+        let status = self
+            .ctl_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "-t", "60", "stop"])
+            .stdout(Stdio::null())
+            .status()
+            .context("running pg_ctl stop")?;
+        if !status.success() {
+            bail!("pg_ctl stop -m {mode} failed ({status})");
+        }
+        Ok(())
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// `program` from the server's bin directory, as user `postgres` when we are root.
+    fn ctl_command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .ctl_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The bin directory of the newest PostgreSQL under `/usr/lib/postgresql` (Debian's layout),
+/// or of `pg_config --bindir`.
+fn bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.split('.').next()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            has_server(&bin).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Some(bin);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().ok()?;
+    let bin = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    has_server(&bin).then_some(bin)
+}
+
+fn has_server(bin: &Path) -> bool {
+    bin.join("initdb").exists() && bin.join("pg_ctl").exists()
+}
+
+fn is_root() -> anyhow::Result<bool> {
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

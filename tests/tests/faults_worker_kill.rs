@@ -1,0 +1,235 @@
+//! Fault: `spillway-worker --sink postgres` killed with SIGKILL every few seconds during a
+//! load run and restarted each time, with the real binaries: `spillway loadgen` posts to
+//! `spillway-ingest`, which publishes to the embedded broker (or to SNS on LocalStack, with
+//! the worker on SQS); the worker drains it into a database of its own on the shared
+//! PostgreSQL. The checker then finds every acknowledged event stored once: lost = 0,
+//! unexpected = 0, duplicated = 0, rollups consistent, and the DLQ stays empty.
+//!
+//! Sizes scale with `SPILLWAY_FAULTS_SCALE` (default 1: 20 s of load at 1,000 events/s, a
+//! kill every 3 s on average); see README "Fault tests".
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use shared::embedded::Broker;
+use tests::checker::{check, read_ids, PostgresStoreView};
+use tests::localstack::{self, create_topology, queue_depth};
+use tests::pipeline::{
+    declare_topology, start_ingest_on, start_worker_on, wait_drained, Loadgen, DLQ, QUEUE, TOPIC,
+};
+use tests::postgres::TestDb;
+
+fn scale() -> u64 {
+    std::env::var("SPILLWAY_FAULTS_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+const WORKER_FLAGS: &[&str] = &[
+    // A killed worker's messages come back after 5 s.
+    "--visibility-timeout-secs",
+    "5",
+    "--heartbeat-secs",
+    "2",
+    "--receive-wait-secs",
+    "1",
+    "--batch-max-wait-ms",
+    "200",
+    "--pg-max-connections",
+    "4",
+    "--retry-min-secs",
+    "1",
+    "--retry-max-secs",
+    "4",
+];
+
+/// Where the envelopes travel.
+enum Transport {
+    Embedded(Broker),
+    Aws {
+        sqs: aws_sdk_sqs::Client,
+        queue_url: String,
+        dlq_url: String,
+    },
+}
+
+impl Transport {
+    /// Waits until the worker queue is empty (nothing visible or in flight).
+    async fn drained(&self, timeout: Duration) {
+        match self {
+            Self::Embedded(broker) => wait_drained(broker, QUEUE, timeout).await.unwrap(),
+            Self::Aws { sqs, queue_url, .. } => {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    let depth = queue_depth(sqs, queue_url).await.unwrap();
+                    if depth == (0, 0) {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "not drained: {depth:?}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn dlq_depth(&self) -> u64 {
+        match self {
+            Self::Embedded(broker) => {
+                let s = broker.queue_stats(DLQ).await.unwrap();
+                s.visible + s.in_flight + s.delayed
+            }
+            Self::Aws { sqs, dlq_url, .. } => {
+                let (visible, in_flight) = queue_depth(sqs, dlq_url).await.unwrap();
+                visible + in_flight
+            }
+        }
+    }
+}
+
+/// Runs the load, kills and restarts the worker every 1.5–4.5 s, drains, and checks.
+async fn kill_run(
+    name: &str,
+    db: &TestDb,
+    dir: &std::path::Path,
+    transport: &Transport,
+    ingest_args: &[&str],
+    worker_args: &[&str],
+    rate: u64,
+) {
+    let load_secs = 20 * scale();
+    let (ingest, addr) = start_ingest_on(dir, ingest_args).unwrap();
+    let start = || start_worker_on(dir, worker_args, &db.url, WORKER_FLAGS).unwrap();
+    let mut worker = Some(start());
+
+    let ids_out = dir.join("acked.ids");
+    let mut load = Loadgen::start(
+        &format!("http://{addr}/v1/events"),
+        &ids_out,
+        &[
+            "--rate",
+            &rate.to_string(),
+            "--duration",
+            &format!("{load_secs}s"),
+            "--batch-size",
+            "50",
+            "--concurrency",
+            "8",
+        ],
+    )
+    .unwrap();
+
+    // Kill at random 1.5–4.5 s intervals while the load runs, and once more after it ended,
+    // while the backlog drains.
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut load_done = false;
+    while !load_done {
+        let pause = Duration::from_millis(1_500 + rand::random::<u64>() % 3_000);
+        tokio::time::sleep(pause).await;
+        load_done = load.finished().unwrap();
+        worker.take().unwrap().kill().unwrap();
+        kills += 1;
+        worker = Some(start());
+    }
+    let report = load.wait().unwrap();
+    let load_took = started.elapsed();
+
+    let drain_started = Instant::now();
+    transport.drained(Duration::from_secs(180)).await;
+    let drained_in = drain_started.elapsed();
+    let dlq = transport.dlq_depth().await;
+    worker
+        .take()
+        .unwrap()
+        .terminate(Duration::from_secs(30))
+        .unwrap();
+    ingest.terminate(Duration::from_secs(30)).unwrap();
+
+    let acked = read_ids(&ids_out).unwrap();
+    assert_eq!(acked.len() as u64, report.accepted, "{}", report.json);
+    assert!(
+        acked.len() as u64 >= load_secs * rate / 2,
+        "{}",
+        report.json
+    );
+    // Every request was answered 202, so the acknowledged ids are every id sent: a stored id
+    // outside them is unexpected.
+    let all_answered = report.connection_errors == 0 && report.accepted == report.events_sent;
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let verdict = check(&view, &acked, all_answered.then_some(&acked[..]))
+        .await
+        .unwrap();
+    eprintln!(
+        "worker SIGKILL ({name}): {kills} kills over {:.1} s of load at {rate} events/s, {} \
+         events acknowledged, backlog drained {:.1} s after the load, DLQ depth {dlq}\n{verdict}",
+        load_took.as_secs_f64(),
+        acked.len(),
+        drained_in.as_secs_f64(),
+    );
+    assert!(kills >= 3, "only {kills} kills");
+    assert!(all_answered, "every request answered: {}", report.json);
+    assert_eq!(verdict.lost, 0, "{verdict}");
+    assert_eq!(verdict.unexpected, Some(0), "{verdict}");
+    assert_eq!(verdict.duplicated, 0, "{verdict}");
+    assert!(verdict.rollups_consistent, "{verdict}");
+    assert_eq!(verdict.stored, acked.len(), "{verdict}");
+    assert_eq!(dlq, 0, "no valid message reached the DLQ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_every_few_seconds_loses_nothing_and_counts_nothing_twice() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let broker = declare_topology(dir.path(), Duration::from_secs(5), 10)
+        .await
+        .unwrap();
+    kill_run(
+        "embedded broker",
+        &db,
+        dir.path(),
+        &Transport::Embedded(broker),
+        &["--broker", "embedded", "--topic", TOPIC],
+        &["--broker", "embedded", "--queue", QUEUE],
+        1_000,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_sqs_killed_every_few_seconds_loses_nothing_and_counts_nothing_twice() {
+    if !localstack::available().await {
+        return;
+    }
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let config = localstack::sdk_config().await;
+    let topology = create_topology(&config, true, 5, 10).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let transport = Transport::Aws {
+        sqs: aws_sdk_sqs::Client::new(&config),
+        queue_url: topology.queue_url.clone(),
+        dlq_url: topology.dlq_url.clone(),
+    };
+    kill_run(
+        "SNS + SQS on LocalStack",
+        &db,
+        dir.path(),
+        &transport,
+        &["--broker", "aws", "--topic-arn", &topology.topic_arn],
+        &[
+            "--broker",
+            "aws",
+            "--queue-url",
+            &topology.queue_url,
+            "--dlq-url",
+            &topology.dlq_url,
+        ],
+        500,
+    )
+    .await;
+}

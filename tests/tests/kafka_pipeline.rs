@@ -1,0 +1,385 @@
+//! The Kafka transport end to end on librdkafka's mock cluster: HTTP → Kafka → a consumer group
+//! of two workers → the SQLite store, and a poison message → the DLQ topic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ingest_api::IngestConfig;
+use serde_json::{json, Value};
+use shared::envelope::{EnvelopeConfig, ATTR_PARTITION_KEY};
+use shared::kafka::{KafkaPublisher, KafkaSource, HEADER_ORIGINAL_OFFSET, HEADER_ORIGINAL_TOPIC};
+use shared::source::{ATTR_ERROR_CODE, ATTR_ERROR_MESSAGE};
+use shared::sqlite_sink::SqliteSink;
+use shared::synthetic::SyntheticEvents;
+use shared::{Sink, Source};
+use tests::checker::check;
+use tests::kafka::{
+    committed_offsets, consumer_config, mock_cluster, produce_to, producer_config, read_topic,
+    DLQ_TOPIC, TOPIC,
+};
+use tests::spawn_ingest;
+use tests::sqlite_view::SqliteStoreView;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use workers::{Poller, PollerConfig};
+
+/// A worker: a Kafka source in `group` drained by the poller into the store at `store`.
+struct Worker {
+    source: Arc<KafkaSource>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(bootstrap: &str, group: &str, store: &Path) -> Self {
+        let source = Arc::new(KafkaSource::new(&consumer_config(bootstrap, group)).unwrap());
+        let sink: Arc<dyn Sink> = Arc::new(SqliteSink::open(store).unwrap());
+        let config = PollerConfig {
+            receive_wait: Duration::from_secs(1),
+            max_batch_wait: Duration::from_millis(200),
+            max_events_per_sec: None,
+            ..PollerConfig::default()
+        };
+        let poller = Poller::new(source.clone() as Arc<dyn Source>, sink, config).unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(poller.run(stop.clone()));
+        Self { source, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+async fn wait_stored(store: &SqliteSink, n: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stored = store.events_stored().await.unwrap();
+        if stored >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored {stored} of {n} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ids_of(events: &[Value]) -> Vec<Uuid> {
+    events
+        .iter()
+        .map(|e| Uuid::parse_str(e["event_id"].as_str().unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_to_kafka_to_a_group_of_two_workers_stores_each_valid_unique_event_once() {
+    let mock = mock_cluster(4).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store.db");
+    let store = SqliteSink::open(&store_path).unwrap();
+
+    let publisher = Arc::new(KafkaPublisher::new(&producer_config(&bootstrap)).unwrap());
+    let app = spawn_ingest(
+        publisher,
+        IngestConfig {
+            envelope: EnvelopeConfig {
+                key_buckets: 32,
+                ..EnvelopeConfig::default()
+            },
+            ..IngestConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let w1 = Worker::start(&bootstrap, "e2e", &store_path);
+    let w2 = Worker::start(&bootstrap, "e2e", &store_path);
+
+    let mut g = SyntheticEvents::new(21, 7);
+    let valid: Vec<Value> = (0..2_000).map(|_| g.event()).collect();
+    let mut rejected = 0;
+    for (i, chunk) in valid.chunks(100).enumerate() {
+        let mut body = chunk.to_vec();
+        // A bad event and a duplicate inside the request.
+        let mut bad = chunk[0].clone();
+        bad["event_id"] = json!(format!("bad-{i}"));
+        body.push(bad);
+        body.push(chunk[1].clone());
+        let sends = if i % 5 == 0 { 2 } else { 1 }; // a client resending a whole request
+        for _ in 0..sends {
+            let resp = app.post_events().json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 202);
+            let report: Value = resp.json().await.unwrap();
+            rejected += report["rejected"].as_array().unwrap().len();
+        }
+    }
+    assert_eq!(rejected, 24, "one bad event per request, resends included");
+
+    wait_stored(&store, 2_000, Duration::from_secs(90)).await;
+    // Let late duplicates, if any, land before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p1 = w1.source.assigned_partitions();
+    let p2 = w2.source.assigned_partitions();
+    let ids = ids_of(&valid);
+    let report = check(&SqliteStoreView::new(&store_path), &ids, Some(&ids))
+        .await
+        .unwrap();
+    println!("two workers: partitions {p1:?} + {p2:?}; {report:?}");
+    assert_eq!(report.lost, 0, "{report:?}");
+    assert_eq!(report.unexpected, Some(0), "{report:?}");
+    assert_eq!(report.duplicated, 0, "{report:?}");
+    assert!(report.rollups_consistent, "{report:?}");
+    assert_eq!(report.stored, 2_000);
+    assert!(
+        !p1.is_empty() && !p2.is_empty(),
+        "both members of the group got partitions: {p1:?} / {p2:?}"
+    );
+    let all: BTreeSet<i32> = p1.iter().chain(&p2).copied().collect();
+    assert_eq!(all, (0..4).collect(), "every partition is owned once");
+
+    // Every valid event went out under its campaign's key: read the topic back.
+    let messages = tokio::task::spawn_blocking({
+        let b = bootstrap.clone();
+        move || read_topic(&b, TOPIC, 4, 1, Duration::from_secs(10))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(messages[0].headers.contains_key(ATTR_PARTITION_KEY));
+    assert_eq!(
+        messages[0].key.as_deref(),
+        Some(messages[0].headers[ATTR_PARTITION_KEY].as_str())
+    );
+
+    // `spillway stats --broker kafka` sees the group caught up and the store full.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        let out = std::process::Command::new(tests::dev_process::spillway_bin().unwrap())
+            .args(["stats", "--json", "--broker", "kafka"])
+            .args([
+                "--kafka-bootstrap-servers",
+                &bootstrap,
+                "--kafka-group",
+                "e2e",
+            ])
+            .args(["--sink", "sqlite", "--sqlite-path"])
+            .arg(&store_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if stats["lag"] == 0 || Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(stats["lag"], 0, "{stats}");
+    assert_eq!(stats["partitions"].as_array().unwrap().len(), 4, "{stats}");
+    assert_eq!(stats["events_stored"], 2_000, "{stats}");
+    assert_eq!(stats["dlq_depth"], 0, "{stats}");
+
+    w1.stop().await;
+    w2.stop().await;
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_goes_to_the_dlq_topic_with_its_reason_and_origin_and_the_offset_moves_on()
+{
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store.db");
+    let store = SqliteSink::open(&store_path).unwrap();
+
+    let mut g = SyntheticEvents::new(5, 3);
+    let good: Vec<Value> = (0..4).map(|_| g.event()).collect();
+    let mut bad = g.event();
+    bad["event_id"] = json!("nope");
+    let bodies = vec![
+        "this is not an envelope".to_owned(),
+        json!({"v": 1, "events": [good[0], bad]}).to_string(),
+        json!({"v": 1, "events": [good[1], good[2], good[3]]}).to_string(),
+    ];
+    produce_to(&bootstrap, TOPIC, 0, &bodies).await.unwrap();
+
+    let w = Worker::start(&bootstrap, "poison", &store_path);
+    wait_stored(&store, 4, Duration::from_secs(60)).await;
+
+    // The offset moved past the poison and the split-out bad event.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = bootstrap.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || committed_offsets(&b, "poison", TOPIC, 1))
+                .await
+                .unwrap()
+                .unwrap();
+        if committed.get(&0) == Some(&3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed {committed:?}, want partition 0 at 3"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let letters = tokio::task::spawn_blocking({
+        let b = bootstrap.clone();
+        move || read_topic(&b, DLQ_TOPIC, 1, 2, Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let by_offset: BTreeMap<String, _> = letters
+        .iter()
+        .map(|m| (m.headers[HEADER_ORIGINAL_OFFSET].clone(), m))
+        .collect();
+    let poison = by_offset["0"];
+    assert_eq!(poison.payload, bodies[0], "the poison travels unchanged");
+    assert_eq!(poison.headers[ATTR_ERROR_CODE], "undecodable");
+    assert!(!poison.headers[ATTR_ERROR_MESSAGE].is_empty());
+    assert_eq!(poison.headers[HEADER_ORIGINAL_TOPIC], TOPIC);
+    assert_eq!(poison.headers["spillway-original-partition"], "0");
+    let split = by_offset["1"];
+    assert_eq!(split.headers[ATTR_ERROR_CODE], "invalid_event");
+    assert!(
+        split.payload.contains("\"nope\""),
+        "only the bad event is in the letter: {}",
+        split.payload
+    );
+    assert!(!split
+        .payload
+        .contains(good[0]["event_id"].as_str().unwrap()));
+
+    let ids = ids_of(&good);
+    let report = check(&SqliteStoreView::new(&store_path), &ids, Some(&ids))
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spillway_dev_on_kafka_without_bootstrap_servers_runs_on_an_in_process_mock_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = tests::dev_process::DevProcess::start(
+        dir.path(),
+        &[
+            "--broker",
+            "kafka",
+            "--receive-wait-secs",
+            "1",
+            "--batch-max-wait-ms",
+            "200",
+        ],
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let mut g = SyntheticEvents::new(9, 4);
+    let events: Vec<Value> = (0..300).map(|_| g.event()).collect();
+    for chunk in events.chunks(100) {
+        let resp = client
+            .post(dev.events_url())
+            .bearer_auth(&dev.key)
+            .json(&chunk)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    }
+    let store = SqliteSink::open(dir.path().join("store.db")).unwrap();
+    wait_stored(&store, 300, Duration::from_secs(60)).await;
+    let status = dev.terminate(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "{status:?}");
+    let ids = ids_of(&events);
+    let report = check(
+        &SqliteStoreView::new(dir.path().join("store.db")),
+        &ids,
+        Some(&ids),
+    )
+    .await
+    .unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_answers_503_while_kafka_is_down_and_202_once_it_is_back() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let mut config = producer_config(&bootstrap);
+    config.delivery_timeout = Duration::from_secs(2);
+    let publisher = Arc::new(KafkaPublisher::new(&config).unwrap());
+    let app = spawn_ingest(
+        publisher,
+        IngestConfig {
+            publish_attempts: 2,
+            publish_backoff: Duration::from_millis(50),
+            // One envelope per request, so the topic holds one message per 202.
+            envelope: EnvelopeConfig {
+                split_by_type: false,
+                ..EnvelopeConfig::default()
+            },
+            ..IngestConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut g = SyntheticEvents::new(31, 2);
+    let first: Vec<Value> = (0..10).map(|_| g.event()).collect();
+    let resp = app.post_events().json(&first).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+
+    mock.broker_down(1).unwrap();
+    let second: Vec<Value> = (0..10).map(|_| g.event()).collect();
+    let started = Instant::now();
+    let resp = app.post_events().json(&second).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        503,
+        "no delivery report, no 2xx: {}",
+        resp.text().await.unwrap()
+    );
+    println!("503 after {:?} with the broker down", started.elapsed());
+
+    mock.broker_up(1).unwrap();
+    // The client retries the same request: safe, event_id is the idempotency key.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = app.post_events().json(&second).send().await.unwrap();
+        if resp.status() == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after the broker came back",
+            resp.status()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let messages = tokio::task::spawn_blocking({
+        let b = bootstrap.clone();
+        move || read_topic(&b, TOPIC, 1, 2, Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let published: String = messages.iter().map(|m| m.payload.as_str()).collect();
+    for e in first.iter().chain(&second) {
+        assert!(published.contains(e["event_id"].as_str().unwrap()));
+    }
+    app.shutdown().await.unwrap();
+}
