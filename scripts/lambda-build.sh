@@ -30,7 +30,8 @@ TOOLCHAIN_PATH="$(bash scripts/lambda-toolchain.sh)"
 export PATH="$TOOLCHAIN_PATH:$PATH"
 
 start=$(date +%s)
-cargo zigbuild --locked --profile lambda --target "$TRIPLE.$GLIBC" \
+# --no-default-features: no Kafka (librdkafka) in the functions; they use SNS/SQS.
+cargo zigbuild --locked --profile lambda --target "$TRIPLE.$GLIBC" --no-default-features \
   -p ingest-api --bin spillway-ingest \
   -p workers --bin spillway-worker --example lambda_hello
 echo "lambda-build: compiled in $(( $(date +%s) - start )) s" >&2

@@ -8,7 +8,6 @@
 //! - [`dev_process`]: `spillway dev` as a child process, for crash tests.
 //! - [`lambda_emulator`]: a Lambda Runtime API emulator running the compiled binaries.
 //! - [`lambda_events`]: SQS, API Gateway v1/v2 and Function URL event fixtures.
-//! - [`pg`]: a throw-away PostgreSQL database per test.
 //! - [`checker`]: the no-loss checker (acknowledged ids vs a store, rollups vs raw events).
 //! - [`sqlite_view`]: the checker's view of the SQLite store.
 //! - [`kafka`]: the mock Kafka cluster, test settings and a topic reader.
@@ -27,7 +26,6 @@ pub mod kafka;
 pub mod lambda_emulator;
 pub mod lambda_events;
 pub mod localstack;
-pub mod pg;
 pub mod pipeline;
 pub mod postgres;
 pub mod sqlite_view;

@@ -18,7 +18,7 @@ use shared::{AdEvent, PostgresConfig, PostgresSink, SystemClock, ValidationPolic
 use tests::lambda_emulator::{LambdaFunction, RuntimeApi};
 use tests::lambda_events::{function_url, sqs_event, sqs_record, HttpCase};
 use tests::localstack;
-use tests::pg::TestDb;
+use tests::postgres::TestDb;
 
 const FUNCTIONS: [&str; 3] = ["ingest", "worker", "hello"];
 /// The zip size the issue sets as a target, per function.

@@ -16,7 +16,7 @@ use tests::dev_process::bin_dir;
 use tests::lambda_emulator::{LambdaFunction, Outcome, RuntimeApi};
 use tests::lambda_events::{sns_notification, sqs_event, sqs_record};
 use tests::localstack;
-use tests::pg::TestDb;
+use tests::postgres::{connect, TestDb};
 
 const POISON: &str = "{\"v\":1,\"events\":[{\"event_id\": 42"; // cut short: not JSON
 
@@ -78,7 +78,7 @@ fn ten_messages(seed: u64) -> Vec<(String, BTreeMap<String, String>, Vec<AdEvent
 /// Holds a row lock on `event_id` in `ad_events` (an uncommitted insert): the worker's
 /// insert of that event waits on it until the statement timeout, a transient failure.
 async fn lock_event(db: &TestDb, event_id: &str) -> tokio_postgres::Client {
-    let client = db.client().await.unwrap();
+    let client = connect(&db.url).await.unwrap();
     client.batch_execute("BEGIN").await.unwrap();
     client
         .execute(
@@ -92,7 +92,7 @@ async fn lock_event(db: &TestDb, event_id: &str) -> tokio_postgres::Client {
 }
 
 async fn stored_ids(db: &TestDb) -> BTreeSet<String> {
-    let client = db.client().await.unwrap();
+    let client = connect(&db.url).await.unwrap();
     client
         .query("SELECT event_id::text FROM ad_events", &[])
         .await
