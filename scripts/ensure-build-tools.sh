@@ -8,10 +8,13 @@ set -euo pipefail
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v make >/dev/null 2>&1 || missing+=(make)
+# `make lambda` zips the bootstraps; its test reads their symbols with objdump.
+command -v zip >/dev/null 2>&1 || missing+=(zip)
+command -v objdump >/dev/null 2>&1 || missing+=(binutils)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
-echo "ensure-build-tools: installing ${missing[*]} (needed to build librdkafka)"
+echo "ensure-build-tools: installing ${missing[*]} (librdkafka build, Lambda packaging)"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 $SUDO apt-get update -qq
