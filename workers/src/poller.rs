@@ -332,9 +332,12 @@ async fn process(ctx: &Ctx, batch: Batch) {
         ctx.config.visibility_timeout,
         stop.clone(),
     ));
+    // Also stops the heartbeat if this future is dropped mid-write (its loop aborted): a
+    // detached heartbeat would keep extending the batch, and keep the source alive.
+    let stop_on_drop = stop.drop_guard();
     let outcome = core::write_prepared(batch.prepared, ctx.sink.as_ref(), &ctx.config.core).await;
     // No extension may follow a settlement: stop the heartbeat and wait for it.
-    stop.cancel();
+    drop(stop_on_drop);
     if let Err(e) = beat.await {
         error!(error = %e, "Heartbeat task died");
     }

@@ -356,6 +356,36 @@ async fn the_heartbeat_keeps_a_slow_batch_invisible_until_it_is_acked() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn aborting_the_poller_mid_batch_stops_the_heartbeat_and_releases_the_source() {
+    let src = Arc::new(MemorySource::new(MemorySourceConfig {
+        visibility_timeout: Duration::from_secs(3),
+        max_receive_count: Some(5),
+        ..MemorySourceConfig::default()
+    }));
+    src.send_envelope(&envelope(&events(401, 3)));
+    let sink = TestSink::with_delay(Duration::from_secs(600));
+    let cfg = PollerConfig {
+        visibility_timeout: Duration::from_secs(3),
+        heartbeat_every: Duration::from_secs(1),
+        ..config()
+    };
+    let (_metrics, _token, handle) = start(&src, sink, cfg);
+    until("two extensions", Duration::from_secs(10), || {
+        src.extend_calls() >= 2
+    })
+    .await;
+    handle.abort();
+    assert!(handle.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after_abort = src.extend_calls();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    // A detached heartbeat would have extended ten more times and still hold the source.
+    assert_eq!(src.extend_calls(), after_abort);
+    assert_eq!(Arc::strong_count(&src), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_stops_receiving_and_finishes_and_acks_the_batches_in_flight() {
     let src = source(Some(5));
     let ids = fill(&src, 500, 5, 4);
