@@ -1,12 +1,18 @@
-//! End-to-end drain rate: the poller over the embedded broker into the SQLite sink.
+//! End-to-end drain rate: the poller over the embedded broker into the SQLite sink, or into
+//! PostgreSQL with `--postgres URL`.
 //!
 //! Pre-fills a broker queue (in a temporary directory) with `--envelopes` envelopes of
 //! `--events-per-envelope` synthetic events, then runs `workers::poller::Poller` over
-//! `QueueSource` into `SqliteSink`, write cap off, until every event is written, and prints
+//! `QueueSource` into the sink, write cap off, until every event is written, and prints
 //! events/s (events written / elapsed) and batches. Only the drain is timed.
 //!
 //! `cargo run --release -p workers --example drain -- --envelopes 2000 [--batch-events 1000]
-//! [--events-per-envelope 100] [--advertisers 200] [--ads N] [--loops 2] [--concurrent-batches 2]`
+//! [--events-per-envelope 100] [--advertisers 200] [--ads N] [--loops 2] [--concurrent-batches 2]
+//! [--postgres postgres://postgres@127.0.0.1:5432]`
+//!
+//! `--postgres` takes a server URL without a database name: the drain creates a database of
+//! its own there (`spillway_drain_<pid>`), migrates it, writes through `PostgresSink` (pool of
+//! `--concurrent-batches` connections) and drops the database at the end.
 //!
 //! `--ads N` draws the events from N ads (each in one campaign of one advertiser), so a minute
 //! holds at most N × 6 rollup keys; without it nearly every event opens its own rollup row.
@@ -18,9 +24,10 @@ use std::time::{Duration, Instant};
 use shared::embedded::{Broker, QueueSource, DEV_QUEUE, DEV_TOPIC};
 use shared::envelope::{EnvelopeConfig, PackedEvent, Packer};
 use shared::event::{AdEvent, ValidationPolicy};
+use shared::sink::Sink;
 use shared::sqlite_sink::SqliteSink;
 use shared::synthetic::SyntheticEvents;
-use shared::SystemClock;
+use shared::{PostgresConfig, PostgresSink, SystemClock};
 use tokio_util::sync::CancellationToken;
 use workers::poller::{Poller, PollerConfig};
 
@@ -41,6 +48,7 @@ struct Args {
     ads: Option<u64>,
     loops: usize,
     concurrent_batches: usize,
+    postgres: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,10 +60,15 @@ fn parse_args() -> Result<Args, String> {
         ads: None,
         loops: PollerConfig::default().loops,
         concurrent_batches: PollerConfig::default().max_concurrent_batches,
+        postgres: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        if flag == "--postgres" {
+            a.postgres = Some(value.trim_end_matches('/').to_owned());
+            continue;
+        }
         let n: u64 = value
             .parse()
             .map_err(|e| format!("{flag} {value:?}: {e}"))?;
@@ -80,7 +93,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let broker = Broker::open(dir.path().join("broker.db"))?;
     broker.dev_topology().await?;
-    let sink = SqliteSink::open(dir.path().join("events.db"))?;
 
     // One envelope of `events_per_envelope` mixed-type events each.
     let packer = Packer::new(EnvelopeConfig {
@@ -118,6 +130,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         fill.elapsed().as_secs_f64()
     );
 
+    let store = match &args.postgres {
+        Some(server) => Store::postgres(server, args.concurrent_batches).await?,
+        None => Store::Sqlite(SqliteSink::open(dir.path().join("events.db"))?),
+    };
+    let drained = drain(&args, &broker, &store, total_events).await;
+    store.drop_database().await?;
+    drained
+}
+
+/// Drains the queue into `store`, timed, and prints the figures.
+async fn drain(
+    args: &Args,
+    broker: &Broker,
+    store: &Store,
+    total_events: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
     let config = PollerConfig {
         loops: args.loops,
         max_batch_events: args.batch_events,
@@ -129,7 +157,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let poller = Poller::new(
         Arc::new(QueueSource::new(broker.clone(), DEV_QUEUE)),
-        Arc::new(sink.clone()),
+        store.sink(),
         config,
     )?;
     let metrics = poller.metrics();
@@ -150,8 +178,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     run.await?;
 
     let m = metrics.snapshot();
-    let stored = sink.events_stored().await?;
-    let rollups = sink.rollup_rows().await?;
+    let (stored, rollups) = store.counts().await?;
     let left = broker.queue_stats(DEV_QUEUE).await?;
     println!(
         "drained {} events in {:.3} s: {:.0} events/s; {} batches ({:.0} events each), \
@@ -173,6 +200,79 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             m.written as f64 / cpu
         );
     }
+    Ok(())
+}
+
+/// The sink drained into, with what the report reads back from it.
+enum Store {
+    Sqlite(SqliteSink),
+    Postgres {
+        sink: PostgresSink,
+        server: String,
+        database: String,
+    },
+}
+
+impl Store {
+    /// A fresh, migrated database `spillway_drain_<pid>` on `server`.
+    async fn postgres(
+        server: &str,
+        connections: usize,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let database = format!("spillway_drain_{}", std::process::id());
+        admin(server, &format!("CREATE DATABASE {database}")).await?;
+        let sink = PostgresSink::new(&PostgresConfig {
+            max_connections: connections.max(1),
+            ..PostgresConfig::new(format!("{server}/{database}"))
+        })?;
+        sink.migrate().await?;
+        Ok(Self::Postgres {
+            sink,
+            server: server.to_owned(),
+            database,
+        })
+    }
+
+    fn sink(&self) -> Arc<dyn Sink> {
+        match self {
+            Self::Sqlite(s) => Arc::new(s.clone()),
+            Self::Postgres { sink, .. } => Arc::new(sink.clone()),
+        }
+    }
+
+    /// Events stored and rollup rows.
+    async fn counts(&self) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+        Ok(match self {
+            Self::Sqlite(s) => (s.events_stored().await?, s.rollup_rows().await?),
+            Self::Postgres { sink, .. } => (
+                sink.events_stored().await?,
+                sink.rollup_rows().await?.len() as u64,
+            ),
+        })
+    }
+
+    async fn drop_database(self) -> Result<(), Box<dyn std::error::Error>> {
+        if let Self::Postgres {
+            sink,
+            server,
+            database,
+        } = self
+        {
+            drop(sink);
+            admin(&server, &format!("DROP DATABASE {database} WITH (FORCE)")).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one statement on `server`'s `postgres` database.
+async fn admin(server: &str, sql: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(connection);
+    client.batch_execute(sql).await?;
+    drop(client);
+    conn.await??;
     Ok(())
 }
 
