@@ -31,7 +31,9 @@ export PATH="$TOOLCHAIN_PATH:$PATH"
 
 start=$(date +%s)
 # --no-default-features: no Kafka (librdkafka) in the functions; they use SNS/SQS.
+# ingest-api/no-thp: mimalloc without transparent huge pages (cold-start time, Cargo.toml).
 cargo zigbuild --locked --profile lambda --target "$TRIPLE.$GLIBC" --no-default-features \
+  --features ingest-api/no-thp \
   -p ingest-api --bin spillway-ingest \
   -p workers --bin spillway-worker --example lambda_hello
 echo "lambda-build: compiled in $(( $(date +%s) - start )) s" >&2

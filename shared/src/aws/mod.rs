@@ -1,6 +1,7 @@
 //! AWS adapters: the SNS publisher and the SQS source, with clients built once from the
 //! standard AWS configuration (`AWS_ENDPOINT_URL`, `AWS_REGION`, profiles, …). There is no
-//! LocalStack-specific code path: LocalStack is just an endpoint.
+//! LocalStack-specific code path: LocalStack is just an endpoint. HTTPS trusts the Mozilla
+//! roots compiled into the binary, not the platform trust store ([`https_client`]).
 //!
 //! # Layout
 //! - [`sns`]: `SnsPublisher` (`PublishBatch`, per-entry retries, FIFO ids).
@@ -58,9 +59,70 @@ impl CallCounter {
     }
 }
 
-/// Loads the standard AWS configuration once per process.
+/// Loads the standard AWS configuration once per process, with [`https_client`] as the
+/// HTTP client of every SDK client built from it.
 pub async fn load_config() -> aws_config::SdkConfig {
-    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(https_client())
+        .load()
+        .await
+}
+
+/// The HTTPS client of the SDK clients: the SDK's default one (hyper, rustls with aws-lc,
+/// the proxy from `HTTPS_PROXY`/`NO_PROXY`), except that it trusts the Mozilla root
+/// certificates compiled into the binary ([`webpki_root_certs`], which include the Amazon
+/// roots AWS endpoints chain to) instead of the platform trust store.
+///
+/// The SDK builds a connector when a client is created, so that its trust store is ready
+/// before the first request; with the platform store that meant reading the CA bundle and
+/// every file of the certificate directory (`/etc/ssl/certs`) at each process start — the
+/// largest part of a Lambda cold start's init. The compiled-in roots cost no file access.
+/// Plain `http://` endpoints (LocalStack) are unaffected.
+pub fn https_client() -> aws_sdk_sqs::config::SharedHttpClient {
+    use aws_smithy_http_client::proxy::ProxyConfig;
+    use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+
+    let trust_store = TrustStore::empty().with_pem_certificate(compiled_in_roots_pem());
+    let tls_context = TlsContext::builder()
+        .with_trust_store(trust_store)
+        .build()
+        // `build` only moves its fields today; should it start validating, a failure here
+        // would be a defect of this function, not of the environment.
+        .unwrap_or_else(|e| unreachable!("TLS context from compiled-in roots: {e}"));
+    // As `aws_smithy_runtime`'s `default_https_client`, with only the TLS context changed.
+    aws_smithy_http_client::Builder::new().build_with_connector_fn(move |settings, components| {
+        let mut builder = aws_smithy_http_client::ConnectorBuilder::default()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .tls_context(tls_context.clone());
+        builder.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            builder.set_sleep_impl(components.sleep_impl());
+        }
+        builder.set_proxy_config(Some(ProxyConfig::from_env()));
+        builder.build()
+    })
+}
+
+/// The compiled-in root certificates ([`webpki_root_certs::TLS_SERVER_ROOT_CERTS`]) as one
+/// PEM document, the form the SDK's trust store takes: about 150 certificates, encoded in
+/// well under a millisecond.
+pub fn compiled_in_roots_pem() -> Vec<u8> {
+    use base64::Engine as _;
+
+    let roots = webpki_root_certs::TLS_SERVER_ROOT_CERTS;
+    let mut pem = Vec::with_capacity(roots.iter().map(|c| c.len() * 4 / 3 + 80).sum());
+    for cert in roots {
+        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        for line in b64.as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    pem
 }
 
 /// An SNS client from a loaded configuration.
