@@ -245,9 +245,17 @@ async fn a_crash_while_a_slow_batch_runs_loses_nothing_from_its_offset_on() {
     let metrics = poller.metrics();
     let stop = CancellationToken::new();
     let task = tokio::spawn(poller.run(stop.clone()));
+    // Until everything is stored and the restart has settled as many messages as it should
+    // re-read: stopping as soon as the slow envelope lands would cut the re-read short (its
+    // write can finish before the other loops have received the rest).
+    let re_read = (30 - slow_at) as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while store.events_stored().await.unwrap() < 300 {
-        assert!(Instant::now() < deadline, "the slow envelope never landed");
+    while store.events_stored().await.unwrap() < 300 || metrics.snapshot().acked < re_read {
+        assert!(
+            Instant::now() < deadline,
+            "the slow envelope never landed or the re-read stopped short: {:?}",
+            metrics.snapshot()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.cancel();
@@ -255,8 +263,7 @@ async fn a_crash_while_a_slow_batch_runs_loses_nothing_from_its_offset_on() {
     let m = metrics.snapshot();
     println!("after restart: {m:?}");
     assert_eq!(
-        m.received,
-        (30 - slow_at) as u64,
+        m.received, re_read,
         "the restart re-read exactly [slow offset, end)"
     );
     let ids: Vec<Uuid> = events
