@@ -53,7 +53,9 @@ pub use clock::{Clock, SystemClock};
 pub use embedded::{Broker, QueueSource, TopicPublisher};
 pub use envelope::{ContentEncoding, Envelope, EnvelopeConfig, PackedEvent, Packer};
 pub use event::{AdEvent, ErrorCode, EventType, FieldError, ValidationPolicy};
-pub use postgres_sink::{migrate, PostgresConfig, PostgresError, PostgresSink, RollupRow};
+pub use postgres_sink::{
+    migrate, PostgresConfig, PostgresError, PostgresSink, RollupRow, WritePaths,
+};
 pub use publisher::{PublishError, PublishReport, Publisher};
 pub use sink::{Sink, SinkError, WriteReport};
 pub use source::{

@@ -1,17 +1,34 @@
 //! The PostgreSQL store: raw events keyed by `event_id` plus per-minute rollups, written
 //! idempotently in one transaction (one statement, one round trip) per batch.
 //!
-//! A write sends the whole batch as column arrays and runs one statement:
-//! `INSERT … SELECT … FROM UNNEST(…) ON CONFLICT (event_id) DO NOTHING RETURNING …`, whose
-//! returned rows — the events stored for the first time, and only those — are grouped into
-//! `ad_metrics_minute` by an `INSERT … ON CONFLICT … DO UPDATE` in the same statement. A
-//! redelivered event is not returned, so it changes no rollup.
+//! A write takes one of two paths, each one transaction:
+//!
+//! - **First delivery (the common case)**: a binary `COPY` of the batch into `ad_events`,
+//!   then the batch's rollup deltas, summed in the worker, upserted into `ad_metrics_minute`
+//!   (`INSERT … SELECT … FROM UNNEST(…) ON CONFLICT … DO UPDATE`), then `COMMIT`. The COPY
+//!   has no `ON CONFLICT`: if any event of the batch is already stored, the primary key
+//!   refuses it (`23505`), the transaction rolls back with nothing written, and the batch
+//!   takes the other path.
+//! - **Redelivery**: one statement sends the batch as column arrays,
+//!   `INSERT … SELECT … FROM UNNEST(…) ON CONFLICT (event_id) DO NOTHING RETURNING …`, whose
+//!   returned rows — the events stored for the first time, and only those — are grouped into
+//!   the rollups by an `INSERT … ON CONFLICT … DO UPDATE` in the same statement. A redelivered
+//!   event is not returned, so it changes no rollup. Redeliveries come in runs (after a
+//!   crash, an outage, a lapsed visibility timeout), so after a batch met a stored event the
+//!   next [`REDELIVERY_RUN`] batches take this path directly.
+//!
+//! Either way an event is stored once and counted in the rollups once, in the transaction
+//! that stores it. The first path is what makes the sink fast: a plain COPY into the keyed
+//! table costs well under `ON CONFLICT`'s speculative insertion (docs/POSTGRES.md).
 //!
 //! The schema lives in versioned files under `shared/migrations/` (`V{n}__{name}.sql`),
 //! embedded at build time and applied by [`migrate`].
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +38,9 @@ use deadpool_postgres::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -313,6 +332,45 @@ WITH ins AS (
 )
 SELECT count(*) FROM ins";
 
+/// The first-delivery path's COPY: every column of `ad_events` but `stored_at`.
+const COPY_SQL: &str = "COPY ad_events (event_id, type, occurred_at, advertiser_id, campaign_id,
+    ad_id, publisher_id, placement_id, cost_micros, revenue_micros, currency, country, device,
+    attributes) FROM STDIN (FORMAT binary)";
+
+/// The column types of [`COPY_SQL`], in its order.
+const COPY_TYPES: [Type; 14] = [
+    Type::UUID,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+];
+
+/// The first-delivery path's rollups: deltas already summed per key by the worker, in key
+/// order (so concurrent writers lock rollup rows in the same order).
+const ROLLUP_SQL: &str = "
+INSERT INTO ad_metrics_minute AS m (minute, advertiser_id, campaign_id, ad_id, type, currency,
+                                    events, cost_micros, revenue_micros)
+SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::text[], $7::int8[], $8::int8[], $9::int8[])
+ON CONFLICT (minute, advertiser_id, campaign_id, ad_id, type, currency) DO UPDATE
+SET events = m.events + EXCLUDED.events,
+    cost_micros = m.cost_micros + EXCLUDED.cost_micros,
+    revenue_micros = m.revenue_micros + EXCLUDED.revenue_micros";
+
+/// After a batch met an event already stored, how many of the sink's next batches skip the
+/// COPY and go straight to the `ON CONFLICT` statement.
+pub const REDELIVERY_RUN: usize = 16;
+
 /// A batch as column arrays, the shape `UNNEST` takes.
 #[derive(Debug, Default)]
 struct Columns<'a> {
@@ -377,6 +435,103 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// The key of an `ad_metrics_minute` row: minute (microseconds since 2000-01-01 UTC, as
+/// PostgreSQL stores a `timestamptz`), advertiser, campaign, ad, type, currency (`""` when
+/// absent).
+type RollupKey<'a> = (i64, &'a str, &'a str, &'a str, &'static str, &'a str);
+
+/// A batch's contribution to the rollups, one entry per key, in key order; what the
+/// `GROUP BY` of the redelivery path computes on the server.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RollupDeltas<'a> {
+    minute: Vec<OffsetDateTime>,
+    advertiser_id: Vec<&'a str>,
+    campaign_id: Vec<&'a str>,
+    ad_id: Vec<&'a str>,
+    event_type: Vec<&'static str>,
+    currency: Vec<&'a str>,
+    events: Vec<i64>,
+    cost_micros: Vec<i64>,
+    revenue_micros: Vec<i64>,
+}
+
+/// Microseconds in a minute.
+const MINUTE_MICROS: i64 = 60_000_000;
+
+impl<'a> RollupDeltas<'a> {
+    fn new(events: &[&'a AdEvent]) -> Result<Self, SinkError> {
+        let mut sums: BTreeMap<RollupKey<'a>, [i64; 3]> = BTreeMap::new();
+        for ev in events {
+            // The minute of the value PostgreSQL stores: the encoder truncates to whole
+            // microseconds since 2000-01-01, date_trunc('minute', …, 'UTC') floors that.
+            let micros = pg_micros(ev.occurred_at)?;
+            let key = (
+                micros.div_euclid(MINUTE_MICROS) * MINUTE_MICROS,
+                ev.advertiser_id.as_str(),
+                ev.campaign_id.as_str(),
+                ev.ad_id.as_str(),
+                ev.event_type.as_str(),
+                ev.currency.as_ref().map_or("", |c| c.as_str()),
+            );
+            let delta = [
+                1,
+                to_i64(ev.cost_micros.get())?,
+                ev.revenue_micros.map_or(Ok(0), |m| to_i64(m.get()))?,
+            ];
+            let sum = sums.entry(key).or_default();
+            for (total, d) in sum.iter_mut().zip(delta) {
+                *total = total.checked_add(d).ok_or_else(|| SinkError::Rejected {
+                    store: STORE.into(),
+                    message: "a rollup sum of the batch does not fit a bigint".into(),
+                })?;
+            }
+        }
+        let mut deltas = Self::default();
+        for ((minute, advertiser, campaign, ad, event_type, currency), [n, cost, revenue]) in sums {
+            deltas
+                .minute
+                .push(pg_epoch() + time::Duration::microseconds(minute));
+            deltas.advertiser_id.push(advertiser);
+            deltas.campaign_id.push(campaign);
+            deltas.ad_id.push(ad);
+            deltas.event_type.push(event_type);
+            deltas.currency.push(currency);
+            deltas.events.push(n);
+            deltas.cost_micros.push(cost);
+            deltas.revenue_micros.push(revenue);
+        }
+        Ok(deltas)
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.minute,
+            &self.advertiser_id,
+            &self.campaign_id,
+            &self.ad_id,
+            &self.event_type,
+            &self.currency,
+            &self.events,
+            &self.cost_micros,
+            &self.revenue_micros,
+        ]
+    }
+}
+
+/// PostgreSQL's timestamp epoch, 2000-01-01 00:00 UTC.
+fn pg_epoch() -> OffsetDateTime {
+    OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(946_684_800)
+}
+
+/// `at` as PostgreSQL stores it: whole microseconds since [`pg_epoch`], truncated toward
+/// zero as the `timestamptz` encoder does.
+fn pg_micros(at: OffsetDateTime) -> Result<i64, SinkError> {
+    i64::try_from((at - pg_epoch()).whole_microseconds()).map_err(|_| SinkError::Rejected {
+        store: STORE.into(),
+        message: format!("{at} is out of the range of a timestamptz"),
+    })
+}
+
 fn to_i64(micros: u64) -> Result<i64, SinkError> {
     i64::try_from(micros).map_err(|_| SinkError::Rejected {
         store: STORE.into(),
@@ -398,6 +553,42 @@ fn unique_sorted(events: &[AdEvent]) -> Vec<&AdEvent> {
 pub struct PostgresSink {
     pool: Pool,
     target: String,
+    /// Which path batches take and took; shared by the clones of the sink.
+    paths: Arc<Paths>,
+}
+
+/// How many of a sink's batches took each path (module docs), since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WritePaths {
+    /// Batches stored by the first-delivery path (COPY).
+    pub copied: u64,
+    /// COPYs refused because the batch held an event already stored (each then upserted).
+    pub refused_copies: u64,
+    /// Batches stored by the redelivery path (`ON CONFLICT`), refused copies included.
+    pub upserted: u64,
+}
+
+/// The sink's path state: the batches left in the current redelivery run, and the counts.
+#[derive(Debug, Default)]
+struct Paths {
+    run_left: AtomicUsize,
+    copied: AtomicU64,
+    refused_copies: AtomicU64,
+    upserted: AtomicU64,
+}
+
+impl Paths {
+    /// Whether the next batch goes straight to the redelivery path (and uses up one batch
+    /// of the run).
+    fn in_redelivery_run(&self) -> bool {
+        self.run_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl fmt::Debug for PostgresSink {
@@ -456,6 +647,7 @@ impl PostgresSink {
         Ok(Self {
             pool,
             target: redact_password(&config.url),
+            paths: Arc::default(),
         })
     }
 
@@ -470,6 +662,16 @@ impl PostgresSink {
             .await
             .map_err(|source| PostgresError::Connect { source })?;
         migrate(&mut client).await
+    }
+
+    /// How many batches took each write path so far.
+    pub fn write_paths(&self) -> WritePaths {
+        let p = &self.paths;
+        WritePaths {
+            copied: p.copied.load(Ordering::Relaxed),
+            refused_copies: p.refused_copies.load(Ordering::Relaxed),
+            upserted: p.upserted.load(Ordering::Relaxed),
+        }
     }
 
     /// How many events `ad_events` holds.
@@ -531,18 +733,36 @@ impl Sink for PostgresSink {
             return Ok(WriteReport::default());
         }
         let unique = unique_sorted(events);
-        let columns = Columns::new(&unique)?;
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(WRITE_SQL)
-            .await
-            .map_err(|e| classify(&e))?;
-        let row = client
-            .query_one(&statement, &columns.params())
-            .await
-            .map_err(|e| classify(&e))?;
-        let inserted: i64 = row.try_get(0).map_err(|e| classify(&e))?;
-        let inserted = usize::try_from(inserted).unwrap_or_default();
+        let mut client = self.client().await?;
+        let paths = &self.paths;
+        let copied = if paths.in_redelivery_run() {
+            None
+        } else {
+            match copy_batch(&mut client, &unique).await {
+                Ok(copied) => {
+                    Paths::count(&paths.copied);
+                    Some(copied)
+                }
+                Err(CopyError::Sink(e)) => return Err(e),
+                Err(CopyError::AlreadyStored) => {
+                    Paths::count(&paths.refused_copies);
+                    paths.run_left.store(REDELIVERY_RUN, Ordering::Relaxed);
+                    tracing::debug!(
+                        events = unique.len(),
+                        "Batch holds an event already stored; writing it with ON CONFLICT"
+                    );
+                    None
+                }
+            }
+        };
+        let inserted = match copied {
+            Some(copied) => copied,
+            None => {
+                let inserted = upsert_batch(&client, &unique).await?;
+                Paths::count(&paths.upserted);
+                inserted
+            }
+        };
         let report = WriteReport {
             inserted,
             duplicates: events.len().saturating_sub(inserted),
@@ -563,6 +783,81 @@ impl Sink for PostgresSink {
             .map(drop)
             .map_err(|e| classify(&e))
     }
+}
+
+/// Why the first-delivery path did not store a batch.
+enum CopyError {
+    /// An event of the batch is already stored; nothing was written.
+    AlreadyStored,
+    /// Any other failure, classified.
+    Sink(SinkError),
+}
+
+impl From<tokio_postgres::Error> for CopyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            Self::AlreadyStored
+        } else {
+            Self::Sink(classify(&e))
+        }
+    }
+}
+
+/// The first-delivery path (module docs): COPY, summed rollups, commit. Returns the events
+/// stored, which is all of them. Any error rolls the transaction back.
+async fn copy_batch(client: &mut Object, events: &[&AdEvent]) -> Result<usize, CopyError> {
+    let deltas = RollupDeltas::new(events).map_err(CopyError::Sink)?;
+    let tx = client.transaction().await?;
+    let rollup = tx.prepare_cached(ROLLUP_SQL).await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(
+        tx.copy_in(COPY_SQL).await?,
+        &COPY_TYPES
+    ));
+    for ev in events {
+        let cost = to_i64(ev.cost_micros.get()).map_err(CopyError::Sink)?;
+        let revenue = ev
+            .revenue_micros
+            .map(|m| to_i64(m.get()))
+            .transpose()
+            .map_err(CopyError::Sink)?;
+        let row: [&(dyn ToSql + Sync); 14] = [
+            &ev.event_id.as_uuid(),
+            &ev.event_type.as_str(),
+            &ev.occurred_at,
+            &ev.advertiser_id.as_str(),
+            &ev.campaign_id.as_str(),
+            &ev.ad_id.as_str(),
+            &ev.publisher_id.as_ref().map(|i| i.as_str()),
+            &ev.placement_id.as_ref().map(|i| i.as_str()),
+            &cost,
+            &revenue,
+            &ev.currency.as_ref().map(|c| c.as_str()),
+            &ev.country.as_ref().map(|c| c.as_str()),
+            &ev.device.map(|d| d.as_str()),
+            &Json(&ev.attributes),
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    let copied = writer.finish().await?;
+    tx.execute(&rollup, &deltas.params()).await?;
+    tx.commit().await?;
+    Ok(usize::try_from(copied).unwrap_or_default())
+}
+
+/// The redelivery path (module docs): one statement that stores the events not stored yet
+/// and adds exactly those to the rollups. Returns how many it stored.
+async fn upsert_batch(client: &Object, events: &[&AdEvent]) -> Result<usize, SinkError> {
+    let columns = Columns::new(events)?;
+    let statement = client
+        .prepare_cached(WRITE_SQL)
+        .await
+        .map_err(|e| classify(&e))?;
+    let row = client
+        .query_one(&statement, &columns.params())
+        .await
+        .map_err(|e| classify(&e))?;
+    let inserted: i64 = row.try_get(0).map_err(|e| classify(&e))?;
+    Ok(usize::try_from(inserted).unwrap_or_default())
 }
 
 /// Whether a SQLSTATE says the data itself was refused, so that retrying the same batch
@@ -667,6 +962,85 @@ mod tests {
             .find(|e| e.event_id == events[4].event_id)
             .unwrap();
         assert_eq!(kept.ad_id, events[4].ad_id);
+    }
+
+    #[test]
+    fn rollup_deltas_sum_each_minute_key_once_in_key_order() {
+        let mut g = SyntheticEvents::new(9, 3).with_ads(4);
+        let start = OffsetDateTime::now_utc()
+            .replace_nanosecond(123_456_789)
+            .unwrap();
+        let events: Vec<AdEvent> = (0..300)
+            .map(|i| {
+                let at = start - time::Duration::seconds(i * 7);
+                AdEvent::from_json(g.event_at(at), &ValidationPolicy::default(), &SystemClock)
+                    .unwrap()
+            })
+            .collect();
+        let refs: Vec<&AdEvent> = events.iter().collect();
+        let deltas = RollupDeltas::new(&refs).unwrap();
+
+        // Recomputed the plain way: the UTC minute of each event, summed per key.
+        let mut expected: BTreeMap<(OffsetDateTime, String, String, String, String), [i64; 3]> =
+            BTreeMap::new();
+        for ev in &events {
+            let at = ev.occurred_at.to_offset(time::UtcOffset::UTC);
+            let minute = at.replace_second(0).unwrap().replace_nanosecond(0).unwrap();
+            let key = (
+                minute,
+                format!("{}/{}", ev.advertiser_id.as_str(), ev.campaign_id.as_str()),
+                ev.ad_id.as_str().to_owned(),
+                ev.event_type.as_str().to_owned(),
+                ev.currency.as_ref().map_or("", |c| c.as_str()).to_owned(),
+            );
+            let sum = expected.entry(key).or_default();
+            sum[0] += 1;
+            sum[1] += i64::try_from(ev.cost_micros.get()).unwrap();
+            sum[2] += ev
+                .revenue_micros
+                .map_or(0, |m| i64::try_from(m.get()).unwrap());
+        }
+        let got: BTreeMap<_, _> = (0..deltas.minute.len())
+            .map(|i| {
+                (
+                    (
+                        deltas.minute[i],
+                        format!("{}/{}", deltas.advertiser_id[i], deltas.campaign_id[i]),
+                        deltas.ad_id[i].to_owned(),
+                        deltas.event_type[i].to_owned(),
+                        deltas.currency[i].to_owned(),
+                    ),
+                    [
+                        deltas.events[i],
+                        deltas.cost_micros[i],
+                        deltas.revenue_micros[i],
+                    ],
+                )
+            })
+            .collect();
+        assert_eq!(got, expected);
+        assert!(deltas.minute.len() < events.len(), "some keys repeat");
+        let keys: Vec<_> = (0..deltas.minute.len())
+            .map(|i| {
+                (
+                    deltas.minute[i],
+                    deltas.advertiser_id[i],
+                    deltas.campaign_id[i],
+                )
+            })
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] <= w[1]), "key order");
+    }
+
+    #[test]
+    fn a_rollup_minute_is_that_of_the_stored_microsecond() {
+        // The encoder truncates toward zero from 2000-01-01; before it that is upward.
+        let just_before = pg_epoch() - time::Duration::nanoseconds(500);
+        let micros = pg_micros(just_before).unwrap();
+        assert_eq!(micros, 0);
+        assert_eq!(micros.div_euclid(MINUTE_MICROS), 0);
+        let earlier = pg_epoch() - time::Duration::microseconds(1);
+        assert_eq!(pg_micros(earlier).unwrap().div_euclid(MINUTE_MICROS), -1);
     }
 
     #[test]

@@ -119,16 +119,24 @@ async fn the_sdk_https_client_ignores_the_platform_trust_store() {
     );
     assert_eq!(handshakes.load(Ordering::SeqCst), 1);
 
-    // Spillway's client: the same server's certificate is not trusted.
-    let err = tokio::time::timeout(
-        timeout,
-        sqs_client(shared::aws::https_client(), port)
-            .list_queues()
-            .send(),
-    )
-    .await
-    .unwrap()
-    .expect_err("the certificate is from an untrusted CA");
+    // Spillway's client: the same server's certificate is not trusted. Creating the SDK
+    // client builds no TLS connector; the first request builds one, later ones reuse it.
+    let built = shared::aws::tls_connectors_built();
+    let client = sqs_client(shared::aws::https_client(), port);
+    assert_eq!(
+        shared::aws::tls_connectors_built(),
+        built,
+        "at client creation"
+    );
+    let err = tokio::time::timeout(timeout, client.list_queues().send())
+        .await
+        .unwrap()
+        .expect_err("the certificate is from an untrusted CA");
+    assert_eq!(
+        shared::aws::tls_connectors_built(),
+        built + 1,
+        "at the first request"
+    );
     let text = format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&err));
     assert!(
         matches!(err, aws_sdk_sqs::error::SdkError::DispatchFailure(_)),
@@ -139,6 +147,11 @@ async fn the_sdk_https_client_ignores_the_platform_trust_store() {
         "expected an unknown-issuer certificate error, got {text}"
     );
     assert_eq!(handshakes.load(Ordering::SeqCst), 1, "no second handshake");
+    let again = tokio::time::timeout(timeout, client.list_queues().send())
+        .await
+        .unwrap();
+    assert!(again.is_err(), "still untrusted");
+    assert_eq!(shared::aws::tls_connectors_built(), built + 1, "reused");
 
     std::fs::remove_dir_all(&empty_dir).unwrap();
     std::fs::remove_file(&ca_file).unwrap();

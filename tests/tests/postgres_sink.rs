@@ -232,6 +232,45 @@ async fn a_redelivered_batch_changes_no_rollup() {
 }
 
 #[tokio::test]
+async fn fresh_batches_are_copied_and_a_run_of_batches_after_a_redelivery_is_upserted() {
+    let db = test_db!();
+    let sink = db.sink().await;
+    let pool = events(5, 2400);
+    let batches: Vec<&[AdEvent]> = pool.chunks(100).collect();
+    let paths = |copied, refused_copies, upserted| shared::WritePaths {
+        copied,
+        refused_copies,
+        upserted,
+    };
+
+    assert_eq!(sink.write(batches[0]).await.unwrap().inserted, 100);
+    assert_eq!(sink.write_paths(), paths(1, 0, 0));
+
+    // A third stored, the rest new: the COPY is refused, nothing of it stays, the upsert
+    // stores the new ones once.
+    let report = sink.write(&pool[50..200]).await.unwrap();
+    assert_eq!((report.inserted, report.duplicates), (100, 50));
+    assert_eq!(sink.write_paths(), paths(1, 1, 1));
+
+    // The run: the next REDELIVERY_RUN batches go straight to the upsert, fresh or not.
+    for batch in &batches[2..2 + shared::postgres_sink::REDELIVERY_RUN] {
+        assert_eq!(sink.write(batch).await.unwrap().inserted, 100);
+    }
+    let run = u64::try_from(shared::postgres_sink::REDELIVERY_RUN).unwrap();
+    assert_eq!(sink.write_paths(), paths(1, 1, 1 + run));
+    let after = 2 + shared::postgres_sink::REDELIVERY_RUN;
+    assert_eq!(sink.write(batches[after]).await.unwrap().inserted, 100);
+    assert_eq!(sink.write_paths(), paths(2, 1, 1 + run));
+
+    let written = &pool[..(after + 1) * 100];
+    assert_eq!(
+        sink.events_stored().await.unwrap(),
+        u64::try_from(written.len()).unwrap()
+    );
+    assert_eq!(stored_rollups(&sink).await, expected_rollups(written));
+}
+
+#[tokio::test]
 async fn a_batch_with_duplicates_inside_reports_inserted_and_duplicates() {
     let db = test_db!();
     let sink = db.sink().await;

@@ -13,6 +13,7 @@ pub mod sns;
 pub mod sqs;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 /// A snapshot of the API calls an adapter made, by operation name (`PublishBatch`,
@@ -90,9 +91,18 @@ pub async fn load_config() -> aws_config::SdkConfig {
 /// every file of the certificate directory (`/etc/ssl/certs`) at each process start — the
 /// largest part of a Lambda cold start's init. The compiled-in roots cost no file access.
 /// Plain `http://` endpoints (LocalStack) are unaffected.
+///
+/// The TLS connector is built once per HTTP client (and per timeout setting), at its first
+/// request. The SDK also asks for one when each SDK client is created, without settings, only
+/// so that the platform roots are loaded before the first request, and throws it away
+/// (`validate_base_client_config` in aws-smithy-http-client 1.5); with compiled-in roots there
+/// is nothing to load early, and building a TLS connector (turning ~150 PEM roots into a
+/// rustls root store) was the largest part of a Lambda cold start's init left. That call gets
+/// a plain-HTTP connector instead; [`tls_connectors_built`] counts the real ones.
 pub fn https_client() -> aws_sdk_sqs::config::SharedHttpClient {
     use aws_smithy_http_client::proxy::ProxyConfig;
     use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+    use aws_smithy_http_client::Connector;
 
     let trust_store = TrustStore::empty().with_pem_certificate(compiled_in_roots_pem());
     let tls_context = TlsContext::builder()
@@ -103,6 +113,11 @@ pub fn https_client() -> aws_sdk_sqs::config::SharedHttpClient {
         .unwrap_or_else(|e| unreachable!("TLS context from compiled-in roots: {e}"));
     // As `aws_smithy_runtime`'s `default_https_client`, with only the TLS context changed.
     aws_smithy_http_client::Builder::new().build_with_connector_fn(move |settings, components| {
+        if settings.is_none() && components.is_none() {
+            // The discarded warm-up connector (see above): no TLS context to build.
+            return Connector::builder().build_http();
+        }
+        TLS_CONNECTORS_BUILT.fetch_add(1, Ordering::Relaxed);
         let mut builder = aws_smithy_http_client::ConnectorBuilder::default()
             .tls_provider(tls::Provider::Rustls(
                 tls::rustls_provider::CryptoMode::AwsLc,
@@ -115,6 +130,14 @@ pub fn https_client() -> aws_sdk_sqs::config::SharedHttpClient {
         builder.set_proxy_config(Some(ProxyConfig::from_env()));
         builder.build()
     })
+}
+
+static TLS_CONNECTORS_BUILT: AtomicUsize = AtomicUsize::new(0);
+
+/// How many TLS connectors the [`https_client`]s of this process have built: one per HTTP
+/// client and timeout setting, at its first request, none when SDK clients are created.
+pub fn tls_connectors_built() -> usize {
+    TLS_CONNECTORS_BUILT.load(Ordering::Relaxed)
 }
 
 /// The compiled-in root certificates ([`webpki_root_certs::TLS_SERVER_ROOT_CERTS`]) as one
