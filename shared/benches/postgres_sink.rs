@@ -1,4 +1,4 @@
-//! Write throughput of `PostgresSink` (raw insert + rollups, one statement per batch of 1000)
+//! Write throughput of `PostgresSink` (raw events + rollups, one transaction per batch of 1000)
 //! against a plain binary `COPY` of the same rows into an unindexed copy of `ad_events`,
 //! side by side, three rounds, on a fresh random database at 127.0.0.1:5432.
 //!
@@ -9,7 +9,8 @@
 //!
 //! Two more columns show where the sink's time goes: the same binary COPY into a table whose
 //! only index is the `event_id` primary key (what any store that refuses a second copy of an
-//! event must pay at least), and the sink's raw insert without the rollups.
+//! event must pay at least), and the raw insert of the sink's redelivery path
+//! (`INSERT … ON CONFLICT DO NOTHING` from UNNEST) without the rollups.
 //!
 //! `SPILLWAY_BENCH_ADS=N` draws the events from N ads (each in one campaign) within one minute
 //! of each other, as a second of real traffic looks: many events per rollup row. Without it
@@ -135,8 +136,8 @@ async fn run_copy(
     Ok(started.elapsed())
 }
 
-/// The sink's raw insert alone (same UNNEST, same key, no rollups) into `ad_events_raw`, to
-/// show what the rollups cost.
+/// The raw insert of the sink's redelivery path alone (same UNNEST, same key, no rollups) into
+/// `ad_events_raw`.
 async fn run_insert_only(
     client: &tokio_postgres::Client,
     events: &[AdEvent],
