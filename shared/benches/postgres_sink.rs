@@ -21,11 +21,11 @@
 use std::error::Error;
 use std::time::{Duration, Instant};
 
+use shared::postgres_sink::{copy_rows, COPY_COLUMNS};
 use shared::synthetic::SyntheticEvents;
 use shared::{AdEvent, PostgresConfig, PostgresSink, Sink, SystemClock, ValidationPolicy};
 use time::OffsetDateTime;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::NoTls;
 
 const DEFAULT_BATCH: usize = 1000;
@@ -78,59 +78,13 @@ async fn run_copy(
     events: &[AdEvent],
     batch_size: usize,
 ) -> Result<Duration, BoxError> {
-    let types = [
-        Type::UUID,
-        Type::TEXT,
-        Type::TIMESTAMPTZ,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-        Type::INT8,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::JSONB,
-    ];
     let started = Instant::now();
-    let copy = format!(
-        "COPY {table} (event_id, type, occurred_at, advertiser_id, campaign_id, ad_id,
-            publisher_id, placement_id, cost_micros, revenue_micros, currency, country, device,
-            attributes) FROM STDIN (FORMAT binary)"
-    );
+    let copy = format!("COPY {table} ({COPY_COLUMNS}) FROM STDIN (FORMAT binary)");
     for batch in events.chunks(batch_size) {
-        let sink = client.copy_in(copy.as_str()).await?;
-        let writer = BinaryCopyInWriter::new(sink, &types);
-        tokio::pin!(writer);
-        for ev in batch {
-            let cost = i64::try_from(ev.cost_micros.get())?;
-            let revenue = ev
-                .revenue_micros
-                .map(|m| i64::try_from(m.get()))
-                .transpose()?;
-            let row: [&(dyn ToSql + Sync); 14] = [
-                &ev.event_id.as_uuid(),
-                &ev.event_type.as_str(),
-                &ev.occurred_at,
-                &ev.advertiser_id.as_str(),
-                &ev.campaign_id.as_str(),
-                &ev.ad_id.as_str(),
-                &ev.publisher_id.as_ref().map(|i| i.as_str()),
-                &ev.placement_id.as_ref().map(|i| i.as_str()),
-                &cost,
-                &revenue,
-                &ev.currency.as_ref().map(|c| c.as_str()),
-                &ev.country.as_ref().map(|c| c.as_str()),
-                &ev.device.map(|d| d.as_str()),
-                &Json(&ev.attributes),
-            ];
-            writer.as_mut().write(&row).await?;
-        }
-        let rows = writer.finish().await?;
-        if rows != batch.len() as u64 {
-            return Err(format!("COPY wrote {rows} of {}", batch.len()).into());
+        let rows: Vec<&AdEvent> = batch.iter().collect();
+        let copied = copy_rows(client.copy_in(copy.as_str()).await?, &rows).await?;
+        if copied != batch.len() as u64 {
+            return Err(format!("COPY wrote {copied} of {}", batch.len()).into());
         }
     }
     Ok(started.elapsed())

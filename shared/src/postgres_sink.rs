@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
 };
@@ -41,7 +42,7 @@ use time::OffsetDateTime;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql, Type};
-use tokio_postgres::NoTls;
+use tokio_postgres::{CopyInSink, NoTls};
 use uuid::Uuid;
 
 use crate::event::AdEvent;
@@ -332,12 +333,26 @@ WITH ins AS (
 )
 SELECT count(*) FROM ins";
 
-/// The first-delivery path's COPY: every column of `ad_events` but `stored_at`.
-const COPY_SQL: &str = "COPY ad_events (event_id, type, occurred_at, advertiser_id, campaign_id,
-    ad_id, publisher_id, placement_id, cost_micros, revenue_micros, currency, country, device,
-    attributes) FROM STDIN (FORMAT binary)";
+/// The column list of [`COPY_COLUMNS`], as a literal for `concat!`.
+macro_rules! copy_columns {
+    () => {
+        "event_id, type, occurred_at, advertiser_id, campaign_id, ad_id, publisher_id, \
+         placement_id, cost_micros, revenue_micros, currency, country, device, attributes"
+    };
+}
 
-/// The column types of [`COPY_SQL`], in its order.
+/// The columns of `ad_events` that a binary COPY of events lists (all but `stored_at`), in
+/// the order [`copy_rows`] writes them.
+pub const COPY_COLUMNS: &str = copy_columns!();
+
+/// The first-delivery path's COPY.
+const COPY_SQL: &str = concat!(
+    "COPY ad_events (",
+    copy_columns!(),
+    ") FROM STDIN (FORMAT binary)"
+);
+
+/// The column types of [`COPY_COLUMNS`], in its order.
 const COPY_TYPES: [Type; 14] = [
     Type::UUID,
     Type::TEXT,
@@ -785,41 +800,32 @@ impl Sink for PostgresSink {
     }
 }
 
-/// Why the first-delivery path did not store a batch.
-enum CopyError {
-    /// An event of the batch is already stored; nothing was written.
-    AlreadyStored,
-    /// Any other failure, classified.
-    Sink(SinkError),
+/// Why [`copy_rows`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyRowsError {
+    /// An event's value does not fit its column; rows before it were sent.
+    #[error(transparent)]
+    Value(SinkError),
+    /// The server or the connection refused the COPY.
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
 }
 
-impl From<tokio_postgres::Error> for CopyError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-            Self::AlreadyStored
-        } else {
-            Self::Sink(classify(&e))
-        }
-    }
-}
-
-/// The first-delivery path (module docs): COPY, summed rollups, commit. Returns the events
-/// stored, which is all of them. Any error rolls the transaction back.
-async fn copy_batch(client: &mut Object, events: &[&AdEvent]) -> Result<usize, CopyError> {
-    let deltas = RollupDeltas::new(events).map_err(CopyError::Sink)?;
-    let tx = client.transaction().await?;
-    let rollup = tx.prepare_cached(ROLLUP_SQL).await?;
-    let mut writer = pin!(BinaryCopyInWriter::new(
-        tx.copy_in(COPY_SQL).await?,
-        &COPY_TYPES
-    ));
+/// Writes `events` as the rows of a binary COPY opened as
+/// `COPY <table> (`[`COPY_COLUMNS`]`) FROM STDIN (FORMAT binary)` on `ad_events` or a table
+/// shaped like it, and finishes the COPY; returns the rows copied.
+///
+/// # Errors
+/// [`CopyRowsError`]; the COPY is then aborted.
+pub async fn copy_rows(sink: CopyInSink<Bytes>, events: &[&AdEvent]) -> Result<u64, CopyRowsError> {
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &COPY_TYPES));
     for ev in events {
-        let cost = to_i64(ev.cost_micros.get()).map_err(CopyError::Sink)?;
+        let cost = to_i64(ev.cost_micros.get()).map_err(CopyRowsError::Value)?;
         let revenue = ev
             .revenue_micros
             .map(|m| to_i64(m.get()))
             .transpose()
-            .map_err(CopyError::Sink)?;
+            .map_err(CopyRowsError::Value)?;
         let row: [&(dyn ToSql + Sync); 14] = [
             &ev.event_id.as_uuid(),
             &ev.event_type.as_str(),
@@ -838,7 +844,43 @@ async fn copy_batch(client: &mut Object, events: &[&AdEvent]) -> Result<usize, C
         ];
         writer.as_mut().write(&row).await?;
     }
-    let copied = writer.finish().await?;
+    Ok(writer.finish().await?)
+}
+
+/// Why the first-delivery path did not store a batch.
+enum CopyError {
+    /// An event of the batch is already stored; nothing was written.
+    AlreadyStored,
+    /// Any other failure, classified.
+    Sink(SinkError),
+}
+
+impl From<tokio_postgres::Error> for CopyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            Self::AlreadyStored
+        } else {
+            Self::Sink(classify(&e))
+        }
+    }
+}
+
+impl From<CopyRowsError> for CopyError {
+    fn from(e: CopyRowsError) -> Self {
+        match e {
+            CopyRowsError::Value(e) => Self::Sink(e),
+            CopyRowsError::Database(e) => e.into(),
+        }
+    }
+}
+
+/// The first-delivery path (module docs): COPY, summed rollups, commit. Returns the events
+/// stored, which is all of them. Any error rolls the transaction back.
+async fn copy_batch(client: &mut Object, events: &[&AdEvent]) -> Result<usize, CopyError> {
+    let deltas = RollupDeltas::new(events).map_err(CopyError::Sink)?;
+    let tx = client.transaction().await?;
+    let rollup = tx.prepare_cached(ROLLUP_SQL).await?;
+    let copied = copy_rows(tx.copy_in(COPY_SQL).await?, events).await?;
     tx.execute(&rollup, &deltas.params()).await?;
     tx.commit().await?;
     Ok(usize::try_from(copied).unwrap_or_default())
