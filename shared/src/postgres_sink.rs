@@ -1,5 +1,5 @@
 //! The PostgreSQL store: raw events keyed by `event_id` plus per-minute rollups, written
-//! idempotently in one transaction (one statement, one round trip) per batch.
+//! idempotently in one transaction per batch.
 //!
 //! A write takes one of two paths, each one transaction:
 //!
@@ -457,7 +457,7 @@ type RollupKey<'a> = (i64, &'a str, &'a str, &'a str, &'static str, &'a str);
 
 /// A batch's contribution to the rollups, one entry per key, in key order; what the
 /// `GROUP BY` of the redelivery path computes on the server.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 struct RollupDeltas<'a> {
     minute: Vec<OffsetDateTime>,
     advertiser_id: Vec<&'a str>,
