@@ -1,18 +1,27 @@
 //! Fault: a 20× burst of traffic. `spillway loadgen --rate R --burst 20x:…` posts to
 //! `spillway-ingest` (embedded broker); `spillway-worker --sink postgres` drains into a
 //! database of its own with a connection cap, a concurrent-batch cap and an events/s cap.
-//! A sampler reads `pg_stat_activity` of that database (the sink's `application_name`) every
-//! 250 ms and the row count once per second: the store must never see more connections or
-//! active statements than the caps, nor more rows per second than the rate cap allows, while
-//! the queue absorbs the burst; everything acknowledged is stored once.
+//! A sampler reads `pg_stat_activity` of that database (the sink's `application_name`) and
+//! the queue every 250 ms, and the row count once per second; everything acknowledged must be
+//! stored once while the queue absorbs the burst.
+//!
+//! Two runs, one per cap, each with the other cap loose enough to stay out of the way:
+//! - the **events/s cap**: the store never sees more rows per second than the token bucket
+//!   allows;
+//! - the **connection cap**: a store made slow (every insert statement into `ad_events` sleeps
+//!   0.25 s in a trigger) and more receive loops and batch permits than pooled connections, so
+//!   more batches wait to write than the pool holds: the store never sees more connections or
+//!   active statements than the pool cap, and does see the cap reached.
 //!
 //! Sizes scale with `SPILLWAY_FAULTS_SCALE`; see README "Fault tests".
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
-use tests::checker::{check, read_ids, PostgresStoreView};
-use tests::pipeline::{declare_topology, start_ingest, start_worker, wait_drained, Loadgen, QUEUE};
+use tests::checker::{check, read_ids, CheckReport, PostgresStoreView};
+use tests::pipeline::{
+    declare_topology, start_ingest, start_worker, wait_drained, LoadReport, Loadgen, QUEUE,
+};
 use tests::postgres::{connect, TestDb};
 
 fn scale() -> u64 {
@@ -23,27 +32,59 @@ fn scale() -> u64 {
         .max(1)
 }
 
-/// The pool cap is the binding one: more batches may be in flight than there are
-/// connections, and the extra ones wait for a free connection.
-const MAX_CONNECTIONS: i64 = 2;
-const MAX_BATCHES: i64 = 4;
-const CAP_EPS: f64 = 500.0;
-const BURST_EVENTS: f64 = 100.0;
 const BASE_RATE: u64 = 100;
+/// Events per request of the load generator, so per message.
+const ENVELOPE_EVENTS: usize = 50;
 
 #[derive(Debug, Default)]
 struct Samples {
-    /// (seconds since start, connections, active statements, queue depth)
-    activity: Vec<(f64, i64, i64, u64)>,
+    /// (seconds since start, connections, active statements, queue depth, messages in flight)
+    activity: Vec<(f64, i64, i64, u64, u64)>,
     /// (seconds since start, rows stored)
     rows: Vec<(f64, i64)>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
-    let Some(db) = TestDb::create().await else {
-        return;
-    };
+impl Samples {
+    fn max_connections(&self) -> i64 {
+        self.activity.iter().map(|s| s.1).max().unwrap_or(0)
+    }
+
+    fn max_active(&self) -> i64 {
+        self.activity.iter().map(|s| s.2).max().unwrap_or(0)
+    }
+
+    fn peak_depth(&self) -> u64 {
+        self.activity.iter().map(|s| s.3).max().unwrap_or(0)
+    }
+
+    fn peak_in_flight(&self) -> u64 {
+        self.activity.iter().map(|s| s.4).max().unwrap_or(0)
+    }
+
+    /// Rows stored between consecutive row samples: (seconds at the end, interval, rows).
+    fn row_steps(&self) -> impl Iterator<Item = (f64, f64, i64)> + '_ {
+        self.rows
+            .windows(2)
+            .map(|w| (w[1].0, w[1].0 - w[0].0, w[1].1 - w[0].1))
+    }
+}
+
+/// What one burst run saw.
+struct Burst {
+    samples: Samples,
+    load: LoadReport,
+    acked: usize,
+    stored: i64,
+    verdict: CheckReport,
+    burst_secs: u64,
+    took: Duration,
+}
+
+/// Runs loadgen at [`BASE_RATE`] with a 20× burst against ingest, and a PostgreSQL worker
+/// with `worker_args` draining into `db`; samples the store and the queue until everything
+/// acknowledged is drained. `slow_insert_secs` makes every insert statement into `ad_events`
+/// sleep that long (a trigger added once the worker has migrated).
+async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>) -> Burst {
     let burst_secs = 4 * scale();
     let load_secs = burst_secs + 8;
     let dir = tempfile::tempdir().unwrap();
@@ -51,25 +92,7 @@ async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
         .await
         .unwrap();
     let (ingest, addr) = start_ingest(dir.path()).unwrap();
-    let worker = start_worker(
-        dir.path(),
-        &db.url,
-        &[
-            "--pg-max-connections",
-            &MAX_CONNECTIONS.to_string(),
-            "--max-concurrent-batches",
-            &MAX_BATCHES.to_string(),
-            "--write-cap-eps",
-            &CAP_EPS.to_string(),
-            "--write-burst",
-            &BURST_EVENTS.to_string(),
-            "--receive-wait-secs",
-            "1",
-            "--batch-max-wait-ms",
-            "200",
-        ],
-    )
-    .unwrap();
+    let worker = start_worker(dir.path(), &db.url, worker_args).unwrap();
     let admin = connect(&db.url).await.unwrap();
     // Wait for the worker's migrations, so the sampler can count rows from the start.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -80,6 +103,9 @@ async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
     {
         assert!(Instant::now() < deadline, "the worker did not migrate");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(secs) = slow_insert_secs {
+        slow_down_inserts(&admin, secs).await;
     }
 
     let ids_out = dir.path().join("acked.ids");
@@ -94,14 +120,61 @@ async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
             "--duration",
             &format!("{load_secs}s"),
             "--batch-size",
-            "50",
+            &ENVELOPE_EVENTS.to_string(),
             "--concurrency",
             "8",
         ],
     )
     .unwrap();
-
     let started = Instant::now();
+    let (samples, load) = sample_until_drained(&admin, &broker, load, started).await;
+    let took = started.elapsed();
+    wait_drained(&broker, QUEUE, Duration::from_secs(10))
+        .await
+        .unwrap();
+    worker.terminate(Duration::from_secs(30)).unwrap();
+    ingest.terminate(Duration::from_secs(30)).unwrap();
+    // The last count, once everything is acknowledged (and so committed).
+    let stored: i64 = admin
+        .query_one("SELECT count(*) FROM ad_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let acked = read_ids(&ids_out).unwrap();
+    let view = PostgresStoreView::connect(&db.url).await.unwrap();
+    let verdict = check(&view, &acked, None).await.unwrap();
+    let mut samples = samples;
+    samples.rows.push((started.elapsed().as_secs_f64(), stored));
+    Burst {
+        samples,
+        load,
+        acked: acked.len(),
+        stored,
+        verdict,
+        burst_secs,
+        took,
+    }
+}
+
+/// A statement-level trigger: every INSERT or COPY into `ad_events` first sleeps `secs`.
+async fn slow_down_inserts(admin: &tokio_postgres::Client, secs: f64) {
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION spillway_test_slow_insert() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep({secs}); RETURN NULL; END $$;
+             CREATE TRIGGER spillway_test_slow_insert BEFORE INSERT ON ad_events
+             FOR EACH STATEMENT EXECUTE FUNCTION spillway_test_slow_insert();"
+        ))
+        .await
+        .unwrap();
+}
+
+async fn sample_until_drained(
+    admin: &tokio_postgres::Client,
+    broker: &shared::embedded::Broker,
+    load: Loadgen,
+    started: Instant,
+) -> (Samples, LoadReport) {
     let mut samples = Samples::default();
     let mut next_rows = started;
     let mut load = Some(load);
@@ -119,9 +192,13 @@ async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
             .unwrap();
         let q = broker.queue_stats(QUEUE).await.unwrap();
         let depth = q.visible + q.in_flight + q.delayed;
-        samples
-            .activity
-            .push((t, row.get::<_, i64>(0), row.get::<_, i64>(1), depth));
+        samples.activity.push((
+            t,
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            depth,
+            q.in_flight,
+        ));
         if Instant::now() >= next_rows {
             let n: i64 = admin
                 .query_one("SELECT count(*) FROM ad_events", &[])
@@ -136,8 +213,8 @@ async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
                 report = Some(load.take().unwrap().wait().unwrap());
             }
         }
-        if report.is_some() && depth == 0 {
-            break;
+        if let (Some(_), 0) = (&report, depth) {
+            return (samples, report.unwrap());
         }
         assert!(
             started.elapsed() < Duration::from_secs(300),
@@ -145,93 +222,165 @@ async fn a_20x_burst_never_takes_the_store_past_its_connection_and_rate_caps() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let took = started.elapsed();
-    wait_drained(&broker, QUEUE, Duration::from_secs(10))
-        .await
-        .unwrap();
-    // The last count, once everything is acknowledged (and so committed).
-    let n: i64 = admin
-        .query_one("SELECT count(*) FROM ad_events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    samples.rows.push((started.elapsed().as_secs_f64(), n));
-    worker.terminate(Duration::from_secs(30)).unwrap();
-    ingest.terminate(Duration::from_secs(30)).unwrap();
-    let report = report.unwrap();
+}
 
-    let max_conn = samples.activity.iter().map(|s| s.1).max().unwrap();
-    let max_active = samples.activity.iter().map(|s| s.2).max().unwrap();
-    let peak_depth = samples.activity.iter().map(|s| s.3).max().unwrap();
+impl Burst {
+    fn describe(&self, caps: &str) -> String {
+        let s = &self.samples;
+        let rows: Vec<String> = s.row_steps().map(|(_, _, n)| n.to_string()).collect();
+        format!(
+            "{} events accepted in {:.1} s ({:.0}/s on average, 20x of {BASE_RATE}/s for {} s), \
+             peak queue depth {} messages, peak in flight {}; caps {caps}; sampled max {} \
+             connections, {} active; rows per ~1 s sample: [{}]; drained {:.1} s after start\n{}",
+            self.load.accepted,
+            self.load.json["duration_secs"].as_f64().unwrap_or_default(),
+            self.load.json["accepted_events_per_sec"]
+                .as_f64()
+                .unwrap_or_default(),
+            self.burst_secs,
+            s.peak_depth(),
+            s.peak_in_flight(),
+            s.max_connections(),
+            s.max_active(),
+            rows.join(", "),
+            self.took.as_secs_f64(),
+            self.verdict,
+        )
+    }
+
+    /// Everything acknowledged is stored once, and the queue absorbed a burst.
+    fn assert_clean(&self) {
+        assert!(
+            self.samples.peak_depth() > 10,
+            "the queue absorbed the burst"
+        );
+        assert_eq!(self.stored as usize, self.acked);
+        assert_eq!(self.verdict.lost, 0, "{}", self.verdict);
+        assert_eq!(self.verdict.duplicated, 0, "{}", self.verdict);
+        assert!(self.verdict.rollups_consistent, "{}", self.verdict);
+    }
+}
+
+const RATE_CAP_EPS: f64 = 500.0;
+const RATE_CAP_BURST: f64 = 100.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20x_burst_never_takes_the_store_past_its_rate_cap() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let run = burst(
+        &db,
+        &[
+            "--pg-max-connections",
+            "2",
+            "--max-concurrent-batches",
+            "2",
+            "--write-cap-eps",
+            &RATE_CAP_EPS.to_string(),
+            "--write-burst",
+            &RATE_CAP_BURST.to_string(),
+            "--receive-wait-secs",
+            "1",
+            "--batch-max-wait-ms",
+            "200",
+        ],
+        None,
+    )
+    .await;
     // Rows per sampling interval, and the most the token bucket allows in it: the burst plus
     // the rate over the interval, plus the rate over 0.5 s for writes that took their tokens
     // before the interval and committed inside it.
-    let mut worst = (0.0_f64, 0_i64, 0.0_f64);
-    let per_second: Vec<String> = samples
-        .rows
-        .windows(2)
-        .map(|w| {
-            let (dt, n) = (w[1].0 - w[0].0, w[1].1 - w[0].1);
-            let allowed = BURST_EVENTS + CAP_EPS * (dt + 0.5);
-            if n as f64 / allowed > worst.1 as f64 / worst.2.max(1.0) {
-                worst = (w[1].0, n, allowed);
-            }
-            format!("{n}")
-        })
-        .collect();
-    let acked = read_ids(&ids_out).unwrap();
-    let view = PostgresStoreView::connect(&db.url).await.unwrap();
-    let verdict = check(&view, &acked, None).await.unwrap();
-    let accepted_eps = report.json["accepted_events_per_sec"]
-        .as_f64()
-        .unwrap_or_default();
+    let allowed = |dt: f64| RATE_CAP_BURST + RATE_CAP_EPS * (dt + 0.5);
+    let worst = run
+        .samples
+        .row_steps()
+        .max_by(|a, b| (a.2 as f64 / allowed(a.1)).total_cmp(&(b.2 as f64 / allowed(b.1))))
+        .unwrap();
     eprintln!(
-        "write cap: {} events accepted in {:.1} s ({accepted_eps:.0}/s on average, 20x of \
-         {BASE_RATE}/s for {burst_secs} s), peak queue depth {peak_depth} messages; caps \
-         {MAX_CONNECTIONS} connections, {MAX_BATCHES} batches, {CAP_EPS} events/s + \
-         {BURST_EVENTS} burst; sampled max {max_conn} connections, {max_active} active; rows \
-         per ~1 s sample: [{}]; worst {} rows where {:.0} allowed; drained {:.1} s after start\n\
-         {verdict}",
-        report.accepted,
-        report.json["duration_secs"].as_f64().unwrap_or_default(),
-        per_second.join(", "),
-        worst.1,
+        "write cap (events/s): {}; worst {} rows in {:.2} s where {:.0} allowed",
+        run.describe(&format!(
+            "{RATE_CAP_EPS} events/s + {RATE_CAP_BURST} burst, 2 batches, 2 connections"
+        )),
         worst.2,
-        took.as_secs_f64(),
+        worst.1,
+        allowed(worst.1),
     );
-    assert!(max_conn <= MAX_CONNECTIONS, "{max_conn} connections");
-    assert!(
-        max_active <= MAX_CONNECTIONS.min(MAX_BATCHES),
-        "{max_active} active statements"
-    );
-    assert!(max_conn >= 1, "the sampler saw the worker's connections");
-    for w in samples.rows.windows(2) {
-        let (dt, n) = (w[1].0 - w[0].0, w[1].1 - w[0].1);
-        let allowed = BURST_EVENTS + CAP_EPS * (dt + 0.5);
+    for (t, dt, n) in run.samples.row_steps() {
         assert!(
-            n as f64 <= allowed,
-            "{n} rows in {dt:.2} s at {:.1} s (allowed {allowed:.0})",
-            w[1].0
+            n as f64 <= allowed(dt),
+            "{n} rows in {dt:.2} s at {t:.1} s (allowed {:.0})",
+            allowed(dt)
         );
     }
-    let total = samples.rows.last().unwrap().1;
-    let max_rate = samples
-        .rows
-        .windows(2)
-        .map(|w| (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0))
+    let max_rate = run
+        .samples
+        .row_steps()
+        .map(|(_, dt, n)| n as f64 / dt)
         .fold(0.0, f64::max);
     assert!(
-        max_rate > CAP_EPS * 0.5,
+        max_rate > RATE_CAP_EPS * 0.5,
         "the store was kept busy ({max_rate:.0} rows/s at most)"
     );
-    assert!(peak_depth > 10, "the queue absorbed the burst");
     assert!(
-        report.accepted as f64 > CAP_EPS * 1.5 * burst_secs as f64,
+        run.load.accepted as f64 > RATE_CAP_EPS * 1.5 * run.burst_secs as f64,
         "the burst exceeded the cap: {}",
-        report.json
+        run.load.json
     );
-    assert_eq!(total as usize, acked.len());
-    assert_eq!(verdict.lost, 0, "{verdict}");
-    assert_eq!(verdict.duplicated, 0, "{verdict}");
-    assert!(verdict.rollups_consistent, "{verdict}");
+    run.assert_clean();
+}
+
+/// Pooled connections, and more receive loops and batch permits than that.
+const POOL_CAP: i64 = 2;
+const LOOPS: i64 = 4;
+/// A batch ends after its first receive, so it holds at most `MAX_RECEIVE_MESSAGES` messages
+/// (ingest splits a request into one envelope per event type, so messages are small).
+const BATCH_EVENTS: usize = 1;
+const MESSAGES_PER_BATCH: u64 = workers::poller::MAX_RECEIVE_MESSAGES as u64;
+/// Every insert statement into `ad_events` first sleeps this long.
+const SLOW_INSERT_SECS: f64 = 0.25;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20x_burst_into_a_slow_store_never_opens_more_connections_than_the_pool_cap() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let run = burst(
+        &db,
+        &[
+            "--pg-max-connections",
+            &POOL_CAP.to_string(),
+            "--worker-loops",
+            &LOOPS.to_string(),
+            "--max-concurrent-batches",
+            &LOOPS.to_string(),
+            "--batch-max-events",
+            &BATCH_EVENTS.to_string(),
+            "--write-cap-eps",
+            "1000000",
+            "--receive-wait-secs",
+            "1",
+            "--batch-max-wait-ms",
+            "200",
+        ],
+        Some(SLOW_INSERT_SECS),
+    )
+    .await;
+    eprintln!(
+        "write cap (connections): {}; a batch holds at most {MESSAGES_PER_BATCH} messages",
+        run.describe(&format!(
+            "{POOL_CAP} connections, {LOOPS} loops and batches, every insert {SLOW_INSERT_SECS} s"
+        )),
+    );
+    let s = &run.samples;
+    assert_eq!(s.max_connections(), POOL_CAP, "connections, at most");
+    assert_eq!(s.max_active(), POOL_CAP, "active statements, at most");
+    // More messages in flight than POOL_CAP batches hold: more batches were waiting to write
+    // than there were connections, and the pool made them take turns.
+    assert!(
+        s.peak_in_flight() > POOL_CAP as u64 * MESSAGES_PER_BATCH,
+        "{} messages in flight at most: the pool cap was never the binding one",
+        s.peak_in_flight()
+    );
+    run.assert_clean();
 }
