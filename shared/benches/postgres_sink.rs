@@ -5,7 +5,9 @@
 //! `cargo bench -p shared --bench postgres_sink` (needs PostgreSQL: scripts/ensure-postgres.sh).
 //! `SPILLWAY_BENCH_PG` overrides the server URL (no database name), `SPILLWAY_BENCH_EVENTS`
 //! the events per round (default 50000), `SPILLWAY_BENCH_BATCH` the events per batch (default
-//! 1000, the worker's default batch).
+//! 1000, the worker's default batch), `SPILLWAY_BENCH_WRITERS` the batches in flight on each
+//! side (default 1: the sink gets that many pooled connections, the COPY that many clients,
+//! each writing every N-th batch).
 //!
 //! Two more columns show where the sink's time goes: the same binary COPY into a table whose
 //! only index is the `event_id` primary key (what any store that refuses a second copy of an
@@ -21,6 +23,7 @@
 use std::error::Error;
 use std::time::{Duration, Instant};
 
+use futures::future::try_join_all;
 use shared::postgres_sink::{copy_rows, COPY_COLUMNS};
 use shared::synthetic::SyntheticEvents;
 use shared::{AdEvent, PostgresConfig, PostgresSink, Sink, SystemClock, ValidationPolicy};
@@ -55,38 +58,58 @@ fn synthetic(n: usize, ads: Option<u64>) -> Result<Vec<AdEvent>, BoxError> {
         .collect()
 }
 
-/// Writes every batch through the sink; returns the elapsed time.
+/// The batches of writer `w` of `writers`: every `writers`-th batch from the `w`-th.
+fn share(events: &[AdEvent], batch_size: usize, writers: usize, w: usize) -> Vec<&[AdEvent]> {
+    events.chunks(batch_size).skip(w).step_by(writers).collect()
+}
+
+/// Writes every batch through the sink, `writers` batches at a time; returns the elapsed time.
 async fn run_sink(
     sink: &PostgresSink,
     events: &[AdEvent],
     batch_size: usize,
+    writers: usize,
 ) -> Result<Duration, BoxError> {
     let started = Instant::now();
-    for batch in events.chunks(batch_size) {
-        let report = sink.write(batch).await?;
-        if report.inserted != batch.len() {
-            return Err(format!("sink inserted {} of {}", report.inserted, batch.len()).into());
+    try_join_all((0..writers).map(|w| async move {
+        for batch in share(events, batch_size, writers, w) {
+            let report = sink.write(batch).await?;
+            if report.inserted != batch.len() {
+                return Err::<(), BoxError>(
+                    format!("sink inserted {} of {}", report.inserted, batch.len()).into(),
+                );
+            }
         }
-    }
+        Ok(())
+    }))
+    .await?;
     Ok(started.elapsed())
 }
 
-/// COPYs every batch (one COPY per batch, same batching as the sink) into `table`.
+/// COPYs every batch (one COPY per batch, same batching as the sink) into `table`, one
+/// connection of `clients` per writer.
 async fn run_copy(
-    client: &tokio_postgres::Client,
+    clients: &[tokio_postgres::Client],
     table: &str,
     events: &[AdEvent],
     batch_size: usize,
 ) -> Result<Duration, BoxError> {
     let started = Instant::now();
     let copy = format!("COPY {table} ({COPY_COLUMNS}) FROM STDIN (FORMAT binary)");
-    for batch in events.chunks(batch_size) {
-        let rows: Vec<&AdEvent> = batch.iter().collect();
-        let copied = copy_rows(client.copy_in(copy.as_str()).await?, &rows).await?;
-        if copied != batch.len() as u64 {
-            return Err(format!("COPY wrote {copied} of {}", batch.len()).into());
+    let copy = copy.as_str();
+    try_join_all(clients.iter().enumerate().map(|(w, client)| async move {
+        for batch in share(events, batch_size, clients.len(), w) {
+            let rows: Vec<&AdEvent> = batch.iter().collect();
+            let copied = copy_rows(client.copy_in(copy).await?, &rows).await?;
+            if copied != batch.len() as u64 {
+                return Err::<(), BoxError>(
+                    format!("COPY wrote {copied} of {}", batch.len()).into(),
+                );
+            }
         }
-    }
+        Ok(())
+    }))
+    .await?;
     Ok(started.elapsed())
 }
 
@@ -180,20 +203,36 @@ async fn main() -> Result<(), BoxError> {
         .transpose()?
         .unwrap_or(DEFAULT_BATCH)
         .max(1);
-    let outcome = bench(&format!("{server}/{db}"), n, batch, ads).await;
+    let writers: usize = std::env::var("SPILLWAY_BENCH_WRITERS")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1)
+        .max(1);
+    let outcome = bench(&format!("{server}/{db}"), n, batch, ads, writers).await;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await?;
     outcome
 }
 
-async fn bench(url: &str, n: usize, batch: usize, ads: Option<u64>) -> Result<(), BoxError> {
+async fn bench(
+    url: &str,
+    n: usize,
+    batch: usize,
+    ads: Option<u64>,
+    writers: usize,
+) -> Result<(), BoxError> {
     let sink = PostgresSink::new(&PostgresConfig {
-        max_connections: 1,
+        max_connections: writers,
         ..PostgresConfig::new(url)
     })?;
     sink.migrate().await?;
-    let client = connect(url).await?;
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        clients.push(connect(url).await?);
+    }
+    let client = &clients[0];
     // Same columns, defaults and NOT NULLs; no primary key, no index, no rollups.
     client
         .batch_execute(
@@ -206,7 +245,7 @@ async fn bench(url: &str, n: usize, batch: usize, ads: Option<u64>) -> Result<()
     let events = synthetic(n, ads)?;
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     println!(
-        "postgres_sink bench: PostgreSQL {version}, {n} events per round in batches of {batch}, {ROUNDS} rounds, {}",
+        "postgres_sink bench: PostgreSQL {version}, {n} events per round in batches of {batch}, {writers} writer(s) (connections) each side, {ROUNDS} rounds, {}",
         match ads {
             Some(ads) => format!("{ads} ads within one minute"),
             None => "100,000 ads over an hour (about one rollup row per event)".into(),
@@ -225,15 +264,15 @@ async fn bench(url: &str, n: usize, batch: usize, ads: Option<u64>) -> Result<()
         // Alternate which goes first, so neither always gets the warmer cache.
         let (sink_time, copy_time) = if round % 2 == 1 {
             (
-                run_sink(&sink, &events, batch).await?,
-                run_copy(&client, "ad_events_copy", &events, batch).await?,
+                run_sink(&sink, &events, batch, writers).await?,
+                run_copy(&clients, "ad_events_copy", &events, batch).await?,
             )
         } else {
-            let c = run_copy(&client, "ad_events_copy", &events, batch).await?;
-            (run_sink(&sink, &events, batch).await?, c)
+            let c = run_copy(&clients, "ad_events_copy", &events, batch).await?;
+            (run_sink(&sink, &events, batch, writers).await?, c)
         };
-        let keyed_time = run_copy(&client, "ad_events_keyed", &events, batch).await?;
-        let insert_time = run_insert_only(&client, &events, batch).await?;
+        let keyed_time = run_copy(&clients, "ad_events_keyed", &events, batch).await?;
+        let insert_time = run_insert_only(client, &events, batch).await?;
         let rollups: i64 = client
             .query_one("SELECT count(*) FROM ad_metrics_minute", &[])
             .await?
