@@ -127,7 +127,7 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
     )
     .unwrap();
     let started = Instant::now();
-    let (samples, load) = sample_until_drained(&admin, &broker, load, started).await;
+    let (mut samples, load) = sample_until_drained(&admin, &broker, load, started).await;
     let took = started.elapsed();
     wait_drained(&broker, QUEUE, Duration::from_secs(10))
         .await
@@ -143,7 +143,6 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
     let acked = read_ids(&ids_out).unwrap();
     let view = PostgresStoreView::connect(&db.url).await.unwrap();
     let verdict = check(&view, &acked, None).await.unwrap();
-    let mut samples = samples;
     samples.rows.push((started.elapsed().as_secs_f64(), stored));
     Burst {
         samples,
@@ -213,8 +212,10 @@ async fn sample_until_drained(
                 report = Some(load.take().unwrap().wait().unwrap());
             }
         }
-        if let (Some(_), 0) = (&report, depth) {
-            return (samples, report.unwrap());
+        if depth == 0 {
+            if let Some(report) = report.take() {
+                return (samples, report);
+            }
         }
         assert!(
             started.elapsed() < Duration::from_secs(300),
