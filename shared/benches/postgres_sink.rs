@@ -6,8 +6,8 @@
 //! `SPILLWAY_BENCH_PG` overrides the server URL (no database name), `SPILLWAY_BENCH_EVENTS`
 //! the events per round (default 50000), `SPILLWAY_BENCH_BATCH` the events per batch (default
 //! 1000, the worker's default batch), `SPILLWAY_BENCH_WRITERS` the batches in flight on each
-//! side (default 1: the sink gets that many pooled connections, the COPY that many clients,
-//! each writing every N-th batch).
+//! side (default 1: the sink gets that many pooled connections, both COPYs that many clients,
+//! each writing every N-th batch; the raw-insert column stays on one connection).
 //!
 //! Two more columns show where the sink's time goes: the same binary COPY into a table whose
 //! only index is the `event_id` primary key (what any store that refuses a second copy of an
