@@ -59,6 +59,7 @@ pub use postgres_sink::{
 pub use publisher::{PublishError, PublishReport, Publisher};
 pub use sink::{Sink, SinkError, WriteReport};
 pub use source::{
-    DeadLetter, DeadLetterQueue, DeadLetterReason, Delivery, DeliveryId, Source, SourceError,
+    DeadLetter, DeadLetterQueue, DeadLetterReason, Delivery, DeliveryId, Requeue, Requeued, Source,
+    SourceError,
 };
 pub use sqlite_sink::SqliteSink;

@@ -15,6 +15,9 @@ use async_trait::async_trait;
 pub const ATTR_ERROR_CODE: &str = "spillway-error-code";
 /// Attribute carrying the dead-letter reason message.
 pub const ATTR_ERROR_MESSAGE: &str = "spillway-error-message";
+/// Attribute counting how many times a message was put back on its queue as a new message
+/// ([`Requeue`]) while the store was down.
+pub const ATTR_REQUEUES: &str = "spillway-requeues";
 
 /// Identifies one receipt of a message (an SQS receipt handle, a Kafka offset key, …).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,7 +60,7 @@ pub struct DeadLetter {
 }
 
 /// Why a source operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
     /// The broker could not be reached or timed out; a retry can help.
     #[error("{queue}: {message}")]
@@ -94,6 +97,29 @@ pub trait DeadLetterQueue: Send + Sync + Debug {
     /// # Errors
     /// [`SourceError`]; letters sent before the failure may be sent again by a retry.
     async fn send(&self, letters: &[DeadLetter]) -> Result<(), SourceError>;
+}
+
+/// A message to put back on the queue it came from as a new message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    /// The body, unchanged.
+    pub body: String,
+    /// The attributes, with [`ATTR_REQUEUES`] already counting this requeue.
+    pub attributes: BTreeMap<String, String>,
+    /// How long the queue holds it before it can be received.
+    pub delay: Duration,
+}
+
+/// Puts messages back on their queue as new ones, with a fresh receive count, for runtimes
+/// that cannot hold a message back themselves while the store is down (the Lambda SQS
+/// handler: the event source mapping keeps receiving, and each receive brings the queue's
+/// redrive policy closer to moving a valid message to the DLQ).
+#[async_trait]
+pub trait Requeue: Send + Sync + Debug {
+    /// Sends every message; one result per message, in order, `Ok` once the queue took it.
+    /// The caller deletes (or lets the event source mapping delete) only those: a message
+    /// that is sent but not deleted comes back twice, which the idempotent store absorbs.
+    async fn requeue(&self, messages: &[Requeued]) -> Vec<Result<(), SourceError>>;
 }
 
 /// Receives deliveries and settles them.

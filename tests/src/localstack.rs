@@ -211,3 +211,30 @@ pub async fn queue_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> anyhow::Result
         get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?,
     ))
 }
+
+/// Every message a queue holds: visible, in flight and delayed.
+///
+/// # Errors
+/// Any SQS error.
+pub async fn queue_total(sqs: &aws_sdk_sqs::Client, url: &str) -> anyhow::Result<u64> {
+    let names = [
+        QueueAttributeName::ApproximateNumberOfMessages,
+        QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+    ];
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .set_attribute_names(Some(names.to_vec()))
+        .send()
+        .await?;
+    names.iter().try_fold(0, |total, name| {
+        let n: u64 = attrs
+            .attributes()
+            .and_then(|a| a.get(name))
+            .with_context(|| format!("no {name:?}"))?
+            .parse()
+            .context("not a count")?;
+        Ok(total + n)
+    })
+}

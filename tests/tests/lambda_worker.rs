@@ -1,22 +1,26 @@
 //! The compiled `spillway-worker` run as a Lambda function against the Runtime API emulator:
 //! real SQS batches in, the exact `batchItemFailures` out; permanent failures in a real DLQ
-//! (LocalStack); a transient store failure made real by a PostgreSQL row lock.
+//! (LocalStack); a transient store failure made real by a PostgreSQL row lock; a store
+//! outage longer than the queue's redrive allows, with the records requeued instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, Message, MessageAttributeValue, MessageSystemAttributeName,
+};
 use serde_json::{json, Value};
 use shared::envelope::{ContentEncoding, EnvelopeConfig, PackedEvent, Packer};
 use shared::synthetic::SyntheticEvents;
 use shared::{AdEvent, PostgresConfig, PostgresSink, SystemClock, ValidationPolicy};
+use tests::checker::{check, PostgresStoreView};
 use tests::dev_process::bin_dir;
 use tests::lambda_emulator::{LambdaFunction, Outcome, RuntimeApi};
 use tests::lambda_events::{sns_notification, sqs_event, sqs_record};
 use tests::localstack;
-use tests::postgres::{connect, TestDb};
+use tests::postgres::{connect, PrivatePostgres, TestDb};
 
 const POISON: &str = "{\"v\":1,\"events\":[{\"event_id\": 42"; // cut short: not JSON
 
@@ -117,6 +121,103 @@ fn failure_ids(response: &Value) -> Vec<String> {
         .iter()
         .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Sends each (body, attributes) to the queue as the topic's subscription would.
+async fn send_all(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    messages: &[(String, BTreeMap<String, String>, Vec<AdEvent>)],
+) {
+    for (i, (body, attrs, _)) in messages.iter().enumerate() {
+        let mut send = sqs.send_message().queue_url(queue_url).message_body(body);
+        for (k, v) in attrs {
+            send = send.message_attributes(
+                k,
+                MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(v)
+                    .build()
+                    .unwrap(),
+            );
+        }
+        let id = send.send().await.unwrap().message_id().unwrap().to_owned();
+        assert!(!id.is_empty(), "message {i}");
+    }
+}
+
+/// Receives up to ten messages as an event source mapping does (system and message
+/// attributes), waiting up to `wait_secs`, hidden for `visibility_secs`.
+async fn receive(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    wait_secs: i32,
+    visibility_secs: i32,
+) -> Vec<Message> {
+    sqs.receive_message()
+        .queue_url(queue_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(wait_secs)
+        .visibility_timeout(visibility_secs)
+        .message_system_attribute_names(MessageSystemAttributeName::All)
+        .message_attribute_names("All")
+        .send()
+        .await
+        .unwrap()
+        .messages()
+        .to_vec()
+}
+
+/// A received message as the SQS record an event source mapping hands the function.
+fn to_record(m: &Message, queue_arn: &str) -> Value {
+    let attrs: BTreeMap<String, String> = m
+        .message_attributes()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned())))
+        .collect();
+    let mut r = sqs_record(m.message_id().unwrap(), m.body().unwrap(), &attrs, 1);
+    r["receiptHandle"] = json!(m.receipt_handle().unwrap());
+    r["eventSourceARN"] = json!(queue_arn);
+    let system: serde_json::Map<String, Value> = m
+        .attributes()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str().to_owned(), json!(v)))
+        .collect();
+    r["attributes"] = Value::Object(system);
+    r
+}
+
+/// Deletes the received messages not in `failures` (the event source mapping's job).
+async fn delete_successes(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    received: &[Message],
+    failures: &[String],
+) {
+    let entries: Vec<_> = received
+        .iter()
+        .filter(|m| !failures.contains(&m.message_id().unwrap().to_owned()))
+        .enumerate()
+        .map(|(i, m)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(m.receipt_handle().unwrap())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for chunk in entries.chunks(10) {
+        let deleted = sqs
+            .delete_message_batch()
+            .queue_url(queue_url)
+            .set_entries(Some(chunk.to_vec()))
+            .send()
+            .await
+            .unwrap();
+        assert!(deleted.failed().is_empty());
+    }
 }
 
 /// Starts the worker as a Lambda function on PostgreSQL with a 1 s statement timeout.
@@ -335,21 +436,7 @@ async fn the_failures_reported_for_a_real_sqs_batch_are_the_messages_left_in_the
     let (queue_url, queue_arn, dlq_url) =
         localstack::create_queue(&sqs, &name, 3, 5).await.unwrap();
     let messages = ten_messages(4_000);
-    for (i, (body, attrs, _)) in messages.iter().enumerate() {
-        let mut send = sqs.send_message().queue_url(&queue_url).message_body(body);
-        for (k, v) in attrs {
-            send = send.message_attributes(
-                k,
-                aws_sdk_sqs::types::MessageAttributeValue::builder()
-                    .data_type("String")
-                    .string_value(v)
-                    .build()
-                    .unwrap(),
-            );
-        }
-        let id = send.send().await.unwrap().message_id().unwrap().to_owned();
-        assert!(!id.is_empty(), "message {i}");
-    }
+    send_all(&sqs, &queue_url, &messages).await;
     let locked = messages[2].2[0].event_id.to_string();
     let lock = lock_event(&db, &locked).await;
 
@@ -359,42 +446,10 @@ async fn the_failures_reported_for_a_real_sqs_batch_are_the_messages_left_in_the
         if received.len() >= 10 {
             break;
         }
-        let out = sqs
-            .receive_message()
-            .queue_url(&queue_url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .visibility_timeout(8)
-            .message_system_attribute_names(MessageSystemAttributeName::All)
-            .message_attribute_names("All")
-            .send()
-            .await
-            .unwrap();
-        received.extend(out.messages().to_vec());
+        received.extend(receive(&sqs, &queue_url, 1, 8).await);
     }
     assert_eq!(received.len(), 10);
-    let records: Vec<Value> = received
-        .iter()
-        .map(|m| {
-            let attrs: BTreeMap<String, String> = m
-                .message_attributes()
-                .into_iter()
-                .flatten()
-                .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned())))
-                .collect();
-            let mut r = sqs_record(m.message_id().unwrap(), m.body().unwrap(), &attrs, 1);
-            r["receiptHandle"] = json!(m.receipt_handle().unwrap());
-            r["eventSourceARN"] = json!(queue_arn);
-            let system: serde_json::Map<String, Value> = m
-                .attributes()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| (k.as_str().to_owned(), json!(v)))
-                .collect();
-            r["attributes"] = Value::Object(system);
-            r
-        })
-        .collect();
+    let records: Vec<Value> = received.iter().map(|m| to_record(m, &queue_arn)).collect();
     let by_body: BTreeMap<&str, &str> = received
         .iter()
         .map(|m| (m.body().unwrap(), m.message_id().unwrap()))
@@ -412,27 +467,7 @@ async fn the_failures_reported_for_a_real_sqs_batch_are_the_messages_left_in_the
     let failures = failure_ids(&out);
     assert_eq!(failures, std::slice::from_ref(&locked_id));
 
-    // Delete the successes (the event source mapping's job), in batches of ten.
-    let entries: Vec<_> = received
-        .iter()
-        .filter(|m| !failures.contains(&m.message_id().unwrap().to_owned()))
-        .enumerate()
-        .map(|(i, m)| {
-            DeleteMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(m.receipt_handle().unwrap())
-                .build()
-                .unwrap()
-        })
-        .collect();
-    let deleted = sqs
-        .delete_message_batch()
-        .queue_url(&queue_url)
-        .set_entries(Some(entries))
-        .send()
-        .await
-        .unwrap();
-    assert!(deleted.failed().is_empty());
+    delete_successes(&sqs, &queue_url, &received, &failures).await;
 
     // The reported message comes back once its visibility lapses; nothing else is left.
     lock.batch_execute("ROLLBACK").await.unwrap();
@@ -477,4 +512,150 @@ async fn the_failures_reported_for_a_real_sqs_batch_are_the_messages_left_in_the
     let stored = stored_ids(&db).await;
     assert_eq!(stored.len(), 8 * 3);
     assert!(!stored.contains(&locked));
+}
+
+/// The most `spillway-requeues` among `received`.
+fn most_requeues(received: &[Message]) -> u32 {
+    received
+        .iter()
+        .filter_map(|m| m.message_attributes()?.get("spillway-requeues"))
+        .filter_map(|v| v.string_value()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// One turn of an event source mapping: receive up to ten messages, hand them to the function
+/// as an SQS event, delete what it did not report. Returns the messages received.
+async fn esm_turn(
+    sqs: &aws_sdk_sqs::Client,
+    api: &RuntimeApi,
+    queue_url: &str,
+    queue_arn: &str,
+    visibility_secs: i32,
+) -> Vec<Message> {
+    let received = receive(sqs, queue_url, 1, visibility_secs).await;
+    if received.is_empty() {
+        return received;
+    }
+    let records: Vec<Value> = received.iter().map(|m| to_record(m, queue_arn)).collect();
+    let out = api
+        .invoke(&sqs_event(&records), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    delete_successes(sqs, queue_url, &received, &failure_ids(&out)).await;
+    received
+}
+
+/// A store outage three times longer than the queue's redrive policy allows (2 receives at
+/// 1 s visibility), with the compiled worker behind an event source mapping's loop over a
+/// real queue: the records the store holds back are requeued as new messages, so no valid
+/// message reaches the DLQ (only the undecodable ones, dead-lettered by the worker with their
+/// reason); once the store is back the queue drains and every event is stored once.
+#[tokio::test]
+async fn a_store_outage_longer_than_the_redrive_allows_sends_no_valid_message_to_the_dlq() {
+    if !localstack::available().await {
+        return;
+    }
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
+    PostgresSink::new(&PostgresConfig::new(pg.url()))
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    let sqs = aws_sdk_sqs::Client::new(&localstack::sdk_config().await);
+    let name = format!("lambda-outage-{}", localstack::suffix());
+    let (queue_url, queue_arn, dlq_url) =
+        localstack::create_queue(&sqs, &name, 1, 2).await.unwrap();
+
+    let before = ten_messages(5_000);
+    let mut during = ten_messages(5_100);
+    // A raw zstd envelope: its content-encoding attribute must survive the requeues.
+    let evs = events(5_200, 3);
+    let (body, attrs) = envelope(&evs, true);
+    during.push((body, attrs, evs));
+    let valid: Vec<uuid::Uuid> = before
+        .iter()
+        .chain(&during)
+        .flat_map(|(_, _, evs)| evs.iter().map(|e| e.event_id.as_uuid()))
+        .collect();
+
+    let api = RuntimeApi::start("spillway-worker").await.unwrap();
+    let mut worker = LambdaFunction::start(
+        &worker_bin(),
+        &api,
+        &[
+            ("SPILLWAY_SINK", "postgres"),
+            ("DATABASE_URL", &pg.url()),
+            ("SPILLWAY_MIGRATE", "false"),
+            ("SPILLWAY_DLQ_URL", &dlq_url),
+            ("SPILLWAY_QUEUE_URL", &queue_url),
+            ("SPILLWAY_BROKER", "aws"),
+            ("SPILLWAY_RETRY_MIN_SECS", "1"),
+            ("SPILLWAY_RETRY_MAX_SECS", "2"),
+        ],
+    )
+    .unwrap();
+    worker
+        .wait_ready(&api, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // The store takes a first batch, so the pool holds a connection the crash breaks.
+    send_all(&sqs, &queue_url, &before).await;
+    let mut turns = 0;
+    while localstack::queue_total(&sqs, &queue_url).await.unwrap() > 0 {
+        esm_turn(&sqs, &api, &queue_url, &queue_arn, 5).await;
+        turns += 1;
+        assert!(turns < 20, "the first batch did not drain");
+    }
+
+    pg.stop("immediate").unwrap();
+    send_all(&sqs, &queue_url, &during).await;
+    let outage = std::time::Instant::now();
+    let (mut received, mut requeues) = (0, 0);
+    while outage.elapsed() < Duration::from_secs(12) {
+        let got = esm_turn(&sqs, &api, &queue_url, &queue_arn, 1).await;
+        received += got.len();
+        requeues = requeues.max(most_requeues(&got));
+    }
+    let dlq_during = localstack::queue_depth(&sqs, &dlq_url).await.unwrap();
+    eprintln!(
+        "outage of {:.1} s: {received} receives, messages requeued up to {requeues} times, DLQ {dlq_during:?}",
+        outage.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        dlq_during,
+        (2, 0),
+        "only the two undecodable messages are in the DLQ"
+    );
+    assert!(
+        requeues >= 2,
+        "held records were requeued again and again: {requeues}"
+    );
+
+    pg.start_again().unwrap();
+    let recovered = std::time::Instant::now();
+    while localstack::queue_total(&sqs, &queue_url).await.unwrap() > 0 {
+        esm_turn(&sqs, &api, &queue_url, &queue_arn, 5).await;
+        assert!(
+            recovered.elapsed() < Duration::from_secs(60),
+            "the backlog did not drain after recovery"
+        );
+    }
+    eprintln!(
+        "drained {:.1} s after recovery",
+        recovered.elapsed().as_secs_f64()
+    );
+    let view = PostgresStoreView::connect(&pg.url()).await.unwrap();
+    let report = check(&view, &valid, Some(&valid)).await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.stored, valid.len());
+    assert_eq!(
+        localstack::queue_depth(&sqs, &dlq_url).await.unwrap(),
+        (2, 0)
+    );
 }

@@ -12,6 +12,16 @@
 //!   reported, so Lambda's timeout never fails the whole batch;
 //! - a panic while handling it → reported; its neighbours are unaffected.
 //!
+//! When the store is down (every write of the invocation failed transiently, nothing was
+//! stored), the records held back by it are not reported but put back on the queue as new
+//! messages ([`Requeue`]), delayed by the retry backoff and counted in `spillway-requeues`:
+//! the event source mapping keeps receiving during an outage, and each receive would bring
+//! the queue's redrive policy (`maxReceiveCount`) closer to moving a valid message to the
+//! DLQ. A new message starts at receive count 0, so no outage, however long, burns a valid
+//! message into the DLQ. A record whose requeue fails is reported as before; one with
+//! attributes that cannot be sent again as they came (binary or number values, or no room
+//! for the counter under SQS's 10) is reported too.
+//!
 //! The batch is written in one store call first (one transaction for the whole batch); when
 //! that call fails transiently or panics, records are written one by one so a single record
 //! that the store chokes on (a locked row) is the only one retried. An SQS record always
@@ -24,7 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
-use shared::{DeadLetterQueue, Delivery, DeliveryId, Sink};
+use shared::aws::sqs::MAX_MESSAGE_ATTRIBUTES;
+use shared::source::ATTR_REQUEUES;
+use shared::{DeadLetterQueue, Delivery, DeliveryId, Requeue, Requeued, Sink};
 use tracing::{error, info, warn};
 
 use crate::core::{prepare, write_prepared, CoreConfig, Decision, PreparedDelivery, SinkHealth};
@@ -71,6 +83,7 @@ pub enum HandlerError {
 pub struct SqsHandler {
     sink: Arc<dyn Sink>,
     dlq: Option<Arc<dyn DeadLetterQueue>>,
+    requeue: Option<Arc<dyn Requeue>>,
     config: LambdaConfig,
 }
 
@@ -78,7 +91,21 @@ pub struct SqsHandler {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
     Done,
+    /// Reported for retry (a panic, a DLQ that did not take its letters).
     Retry,
+    /// Held back by the store (a transient failure, not tried because the store is down, or
+    /// not started before the deadline): reported for retry, or requeued when the store is
+    /// down.
+    Held,
+}
+
+/// What writing records one by one learnt about the store.
+#[derive(Debug, Clone, Copy, Default)]
+struct Probe {
+    /// Some write reached the store (stored, or refused data permanently).
+    answered: bool,
+    /// Some write failed transiently.
+    failed: bool,
 }
 
 impl SqsHandler {
@@ -89,7 +116,20 @@ impl SqsHandler {
         dlq: Option<Arc<dyn DeadLetterQueue>>,
         config: LambdaConfig,
     ) -> Self {
-        Self { sink, dlq, config }
+        Self {
+            sink,
+            dlq,
+            requeue: None,
+            config,
+        }
+    }
+
+    /// Puts the records held back by a store outage back on the queue through `requeue`
+    /// instead of reporting them (see the module docs).
+    #[must_use]
+    pub fn with_requeue(mut self, requeue: Arc<dyn Requeue>) -> Self {
+        self.requeue = Some(requeue);
+        self
     }
 
     /// Handles one SQS batch that must be finished by `deadline`.
@@ -105,8 +145,10 @@ impl SqsHandler {
         let cutoff = deadline
             .checked_sub(self.config.deadline_margin)
             .unwrap_or(SystemTime::UNIX_EPOCH);
+        let sendable: Vec<bool> = event.records.iter().map(sendable_as_is).collect();
         let deliveries: Vec<Delivery> = event.records.into_iter().map(delivery).collect();
         let mut fates = vec![Fate::Retry; deliveries.len()];
+        let mut store_down = false;
 
         // Decode and validate each record on its own: a panic fails that record only.
         let mut prepared: Vec<(usize, PreparedDelivery)> = Vec::with_capacity(deliveries.len());
@@ -133,8 +175,10 @@ impl SqsHandler {
                     } else {
                         warn!("Store failed transiently on the batch; writing records one by one");
                     }
-                    self.write_one_by_one(&deliveries, prepared, cutoff, &mut fates)
+                    let probe = self
+                        .write_one_by_one(&deliveries, prepared, cutoff, &mut fates)
                         .await;
+                    store_down = probe.failed && !probe.answered;
                 }
             }
         } else if !prepared.is_empty() {
@@ -142,12 +186,18 @@ impl SqsHandler {
                 records = prepared.len(),
                 "Invocation deadline too close; reporting every record for retry"
             );
+            for (i, _) in &prepared {
+                fates[*i] = Fate::Held;
+            }
+        }
+        if store_down {
+            self.requeue_held(&deliveries, &sendable, &mut fates).await;
         }
 
         let mut response = SqsBatchResponse::default();
         let mut unnamed = 0;
         for (d, fate) in deliveries.iter().zip(&fates) {
-            if *fate == Fate::Retry {
+            if *fate != Fate::Done {
                 if d.message_id.is_empty() {
                     unnamed += 1;
                 } else {
@@ -184,23 +234,35 @@ impl SqsHandler {
         prepared: Vec<(usize, PreparedDelivery)>,
         cutoff: SystemTime,
         fates: &mut [Fate],
-    ) {
+    ) -> Probe {
+        let mut probe = Probe::default();
         let mut consecutive_failures = 0;
         for (i, p) in prepared {
             let d = &deliveries[i];
             if SystemTime::now() >= cutoff {
                 warn!(message_id = %d.message_id, "Deadline near; record not started, reporting it for retry");
+                fates[i] = Fate::Held;
                 continue;
             }
-            if consecutive_failures >= self.config.max_consecutive_failures.max(1) {
+            // A record with nothing to write (an undecodable one) is still settled.
+            if consecutive_failures >= self.config.max_consecutive_failures.max(1)
+                && p.event_count() > 0
+            {
+                fates[i] = Fate::Held;
                 continue;
             }
             match self.write(vec![p]).await {
                 Some(outcome) => {
-                    if outcome.sink_health == SinkHealth::Unavailable {
-                        consecutive_failures += 1;
-                    } else {
-                        consecutive_failures = 0;
+                    match outcome.sink_health {
+                        SinkHealth::Unavailable => {
+                            consecutive_failures += 1;
+                            probe.failed = true;
+                        }
+                        SinkHealth::Healthy => {
+                            consecutive_failures = 0;
+                            probe.answered = true;
+                        }
+                        SinkHealth::Untouched => consecutive_failures = 0,
                     }
                     if let Some(s) = outcome.settlements.into_iter().next() {
                         fates[i] = self.settle(d, s.decision).await;
@@ -214,16 +276,68 @@ impl SqsHandler {
         if consecutive_failures >= self.config.max_consecutive_failures.max(1) {
             warn!(
                 failures = consecutive_failures,
-                "Store keeps failing; reporting the remaining records without trying them"
+                "Store keeps failing; holding back the remaining records without trying them"
             );
         }
+        probe
+    }
+
+    /// The store is down: puts the records it held back on the queue again as new messages,
+    /// each delayed by the retry backoff of its requeue count; those the queue took are done.
+    async fn requeue_held(&self, deliveries: &[Delivery], sendable: &[bool], fates: &mut [Fate]) {
+        let held: Vec<usize> = (0..fates.len())
+            .filter(|&i| fates[i] == Fate::Held)
+            .collect();
+        let Some(requeue) = &self.requeue else {
+            warn!(
+                records = held.len(),
+                "Store down and no SPILLWAY_QUEUE_URL to requeue to: reporting the records, which uses up their receives"
+            );
+            return;
+        };
+        let (picked, unsendable): (Vec<usize>, Vec<usize>) =
+            held.into_iter().partition(|&i| sendable[i]);
+        for &i in &unsendable {
+            warn!(message_id = %deliveries[i].message_id, "Attributes cannot be sent again as they came; reporting the record instead of requeuing it");
+        }
+        if picked.is_empty() {
+            return;
+        }
+        let messages: Vec<Requeued> = picked
+            .iter()
+            .map(|&i| requeued(&deliveries[i], &self.config.core))
+            .collect();
+        let results = requeue.requeue(&messages).await;
+        let mut sent = 0_usize;
+        for ((&i, result), m) in picked.iter().zip(results).zip(&messages) {
+            match result {
+                Ok(()) => {
+                    fates[i] = Fate::Done;
+                    sent += 1;
+                    info!(
+                        message_id = %deliveries[i].message_id,
+                        requeues = %m.attributes.get(ATTR_REQUEUES).map_or("", String::as_str),
+                        delay_secs = m.delay.as_secs(),
+                        "Requeued"
+                    );
+                }
+                Err(e) => {
+                    warn!(message_id = %deliveries[i].message_id, error = %e, "Requeue failed; reporting the record for retry");
+                }
+            }
+        }
+        warn!(
+            requeued = sent,
+            failed = picked.len() - sent,
+            "Store down: records put back on the queue as new messages"
+        );
     }
 
     /// Carries out a decision; whether the record is done or must be retried.
     async fn settle(&self, d: &Delivery, decision: Decision) -> Fate {
         match decision {
             Decision::Ack => Fate::Done,
-            Decision::RetryLater(_) => Fate::Retry,
+            Decision::RetryLater(_) => Fate::Held,
             Decision::AckWithLetters(letters) | Decision::DeadLetter(letters) => {
                 let Some(dlq) = &self.dlq else {
                     warn!(message_id = %d.message_id, "No DLQ configured; leaving the permanent failure to the queue's redrive");
@@ -246,6 +360,38 @@ impl SqsHandler {
                 }
             }
         }
+    }
+}
+
+/// Whether a record can be sent again exactly as it came: every attribute a string, and room
+/// for the requeue counter under SQS's limit.
+fn sendable_as_is(m: &SqsMessage) -> bool {
+    let strings = m.message_attributes.values().all(|v| {
+        v.string_value.is_some()
+            && v.data_type
+                .as_deref()
+                .is_none_or(|t| t.starts_with("String"))
+    });
+    let room = m.message_attributes.contains_key(ATTR_REQUEUES)
+        || m.message_attributes.len() < MAX_MESSAGE_ATTRIBUTES;
+    strings && room
+}
+
+/// `d` as a new message: the same body and attributes, the requeue counter one higher, and a
+/// delay of the retry backoff for that count (so an outage is retried ever more slowly).
+fn requeued(d: &Delivery, core: &CoreConfig) -> Requeued {
+    let before: u32 = d
+        .attributes
+        .get(ATTR_REQUEUES)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let count = before.saturating_add(1);
+    let mut attributes = d.attributes.clone();
+    attributes.insert(ATTR_REQUEUES.to_owned(), count.to_string());
+    Requeued {
+        body: d.body.clone(),
+        attributes,
+        delay: core.retry_delay(count),
     }
 }
 

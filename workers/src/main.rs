@@ -90,18 +90,29 @@ async fn lambda_handler() -> anyhow::Result<SqsHandler> {
         .await
         .context("opening the store")?
         .sink();
-    let dlq: Option<Arc<dyn DeadLetterQueue>> = match &cli.broker.dlq_url {
-        Some(url) => {
-            let config = shared::aws::load_config().await;
-            Some(Arc::new(shared::aws::sqs::SqsDeadLetterQueue::new(
-                shared::aws::sqs_client(&config),
-                url.clone(),
-            )))
-        }
-        None => {
+    let sqs = if cli.broker.dlq_url.is_some() || cli.broker.queue_url.is_some() {
+        Some(shared::aws::sqs_client(&shared::aws::load_config().await))
+    } else {
+        None
+    };
+    let dlq: Option<Arc<dyn DeadLetterQueue>> = match (&cli.broker.dlq_url, &sqs) {
+        (Some(url), Some(client)) => Some(Arc::new(shared::aws::sqs::SqsDeadLetterQueue::new(
+            client.clone(),
+            url.clone(),
+        ))),
+        _ => {
             tracing::warn!("No SPILLWAY_DLQ_URL: permanent failures are retried until the queue's redrive policy moves them");
             None
         }
     };
-    Ok(SqsHandler::new(sink, dlq, cli.worker.lambda_config()))
+    let handler = SqsHandler::new(sink, dlq, cli.worker.lambda_config());
+    Ok(match (&cli.broker.queue_url, sqs) {
+        (Some(url), Some(client)) => handler.with_requeue(Arc::new(
+            shared::aws::sqs::SqsRequeue::new(client, url.clone()),
+        )),
+        _ => {
+            tracing::warn!("No SPILLWAY_QUEUE_URL: while the store is down, records are reported for retry and use up their receives (maxReceiveCount) instead of being requeued");
+            handler
+        }
+    })
 }

@@ -1,6 +1,6 @@
 //! The Lambda SQS handler driven with SQS event fixtures: exactly the records to retry end up
 //! in `batchItemFailures`, permanent failures go to the DLQ, deadlines and panics are
-//! contained per record.
+//! contained per record; while the store is down, the records it holds back are requeued.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use aws_lambda_events::event::sqs::SqsEvent;
 use common::{envelope, events, TestSink};
 use serde_json::{json, Value};
-use shared::{AdEvent, DeadLetter, DeadLetterQueue, SourceError};
+use shared::source::ATTR_REQUEUES;
+use shared::{AdEvent, DeadLetter, DeadLetterQueue, Requeue, Requeued, SourceError};
 use workers::core::REASON_UNDECODABLE;
 use workers::lambda::{HandlerError, LambdaConfig, SqsHandler};
 
@@ -36,6 +37,40 @@ impl DeadLetterQueue for TestDlq {
         self.letters.lock().unwrap().extend_from_slice(letters);
         Ok(())
     }
+}
+
+/// A queue that keeps what is requeued onto it, refusing the bodies in `refuse`.
+#[derive(Debug, Default)]
+struct TestQueue {
+    sent: Mutex<Vec<Requeued>>,
+    refuse: Vec<String>,
+}
+
+#[async_trait]
+impl Requeue for TestQueue {
+    async fn requeue(&self, messages: &[Requeued]) -> Vec<Result<(), SourceError>> {
+        messages
+            .iter()
+            .map(|m| {
+                if self.refuse.contains(&m.body) {
+                    return Err(SourceError::Unavailable {
+                        queue: "worker".into(),
+                        message: "throttled".into(),
+                    });
+                }
+                self.sent.lock().unwrap().push(m.clone());
+                Ok(())
+            })
+            .collect()
+    }
+}
+
+/// Every event of `evs` fails transiently: the store is down.
+fn store_down(sink: &TestSink, evs: &[Vec<AdEvent>]) {
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .extend(evs.iter().flatten().map(|e| e.event_id));
 }
 
 /// One SQS record as the event source mapping sends it.
@@ -250,4 +285,119 @@ async fn a_record_to_retry_without_a_message_id_fails_the_whole_invocation() {
         .handle(event, in_a_minute())
         .await;
     assert!(matches!(out, Err(HandlerError::UnnamedFailures(1))));
+}
+
+#[tokio::test]
+async fn while_the_store_is_down_held_records_are_requeued_with_a_growing_delay_and_not_reported() {
+    let (mut event, evs) = batch();
+    // Record 5 was requeued 4 times already.
+    event.records[5].message_attributes.insert(
+        ATTR_REQUEUES.into(),
+        serde_json::from_value(json!({"stringValue": "4", "dataType": "String"})).unwrap(),
+    );
+    let sink = TestSink::new();
+    store_down(&sink, &evs);
+    let dlq = Arc::new(TestDlq::default());
+    let queue = Arc::new(TestQueue::default());
+    let resp = handler(sink.clone(), Some(dlq.clone()))
+        .with_requeue(queue.clone())
+        .handle(event.clone(), in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), Vec::<String>::new());
+    assert_eq!(sink.stored(), 0);
+    assert_eq!(dlq.letters.lock().unwrap().len(), 1, "the poison record");
+    let sent = queue.sent.lock().unwrap();
+    let bodies: Vec<&str> = sent.iter().map(|m| m.body.as_str()).collect();
+    let expected: Vec<&str> = event
+        .records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, r)| r.body.as_deref().unwrap())
+        .collect();
+    assert_eq!(
+        bodies, expected,
+        "every held record, body unchanged, in order"
+    );
+    for (m, r) in sent.iter().zip(
+        event
+            .records
+            .iter()
+            .filter(|r| r.message_id.as_deref() != Some("m-3")),
+    ) {
+        let mut attrs: std::collections::BTreeMap<String, String> = r
+            .message_attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.string_value.clone().unwrap()))
+            .collect();
+        let count = attrs
+            .get(ATTR_REQUEUES)
+            .map_or(1, |c| c.parse::<u32>().unwrap() + 1);
+        attrs.insert(ATTR_REQUEUES.into(), count.to_string());
+        assert_eq!(m.attributes, attrs, "attributes kept, counter one higher");
+        // Retry backoff of the requeue count: 1 s, then 16 s (less up to 20% jitter).
+        let full = Duration::from_secs(1 << (count - 1));
+        assert!(
+            m.delay <= full && m.delay >= full.mul_f64(0.8),
+            "{count}: {:?}",
+            m.delay
+        );
+    }
+    assert_eq!(
+        sent.iter()
+            .filter(|m| m.attributes[ATTR_REQUEUES] == "5")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_record_failing_while_the_store_stores_others_is_reported_not_requeued() {
+    let (event, evs) = batch();
+    let sink = TestSink::new();
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .insert(evs[6][1].event_id);
+    let queue = Arc::new(TestQueue::default());
+    let resp = handler(sink.clone(), Some(Arc::new(TestDlq::default())))
+        .with_requeue(queue.clone())
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), ["m-6"]);
+    assert!(queue.sent.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_held_record_the_queue_refuses_or_cannot_take_as_it_came_is_reported() {
+    let (mut event, evs) = batch();
+    // Record 2 carries a binary attribute, which the handler cannot send again as it came.
+    event.records[2].message_attributes.insert(
+        "blob".into(),
+        serde_json::from_value(json!({"binaryValue": "AAEC", "dataType": "Binary"})).unwrap(),
+    );
+    let sink = TestSink::new();
+    store_down(&sink, &evs);
+    let queue = Arc::new(TestQueue {
+        refuse: vec![event.records[7].body.clone().unwrap()],
+        ..TestQueue::default()
+    });
+    let resp = handler(sink.clone(), Some(Arc::new(TestDlq::default())))
+        .with_requeue(queue.clone())
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), ["m-2", "m-7"]);
+    assert_eq!(queue.sent.lock().unwrap().len(), 7);
+    // Without a queue to requeue to, every held record is reported.
+    let (event, evs) = batch();
+    let sink = TestSink::new();
+    store_down(&sink, &evs);
+    let resp = handler(sink, Some(Arc::new(TestDlq::default())))
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp).len(), 9);
 }

@@ -16,14 +16,16 @@ use aws_sdk_sqs::Client;
 use super::{ApiCalls, CallCounter};
 use crate::envelope::ATTR_CONTENT_ENCODING;
 use crate::source::{
-    DeadLetter, DeadLetterQueue, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE,
-    ATTR_ERROR_MESSAGE,
+    DeadLetter, DeadLetterQueue, Delivery, DeliveryId, Requeue, Requeued, Source, SourceError,
+    ATTR_ERROR_CODE, ATTR_ERROR_MESSAGE,
 };
 
 /// Most messages per receive and entries per batch call.
 pub const MAX_BATCH_ENTRIES: usize = 10;
 /// Longest long-poll wait SQS allows.
 pub const MAX_WAIT_SECS: u64 = 20;
+/// Longest delay SQS allows on a message sent (15 minutes).
+pub const MAX_DELAY_SECS: u64 = 900;
 /// Longest visibility timeout SQS allows (12 hours).
 pub const MAX_VISIBILITY_SECS: u64 = 43_200;
 /// SQS caps a message attribute value (and we keep reasons short).
@@ -382,6 +384,105 @@ impl SqsDeadLetterQueue {
 impl DeadLetterQueue for SqsDeadLetterQueue {
     async fn send(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
         send_letters(&self.client, &self.dlq_url, &self.calls, letters).await
+    }
+}
+
+/// Puts messages back on the queue a Lambda function drains (`SendMessageBatch`, with a
+/// delay of at most [`MAX_DELAY_SECS`]), so a store outage does not use up their receives.
+#[derive(Debug, Clone)]
+pub struct SqsRequeue {
+    client: Client,
+    queue_url: String,
+    calls: Arc<CallCounter>,
+}
+
+impl SqsRequeue {
+    /// Requeues onto `queue_url` over a client built once from the standard AWS configuration.
+    pub fn new(client: Client, queue_url: String) -> Self {
+        Self {
+            client,
+            queue_url,
+            calls: Arc::default(),
+        }
+    }
+
+    /// The SQS API calls made so far, by operation.
+    pub fn calls(&self) -> ApiCalls {
+        self.calls.snapshot()
+    }
+
+    async fn send_chunk(&self, chunk: &[Requeued]) -> Vec<Result<(), SourceError>> {
+        let rejected = |message: String| SourceError::Rejected {
+            queue: self.queue_url.clone(),
+            message,
+        };
+        let mut entries = Vec::with_capacity(chunk.len());
+        for (i, m) in chunk.iter().enumerate() {
+            // Whole seconds, rounded up, within what SQS takes.
+            let secs = u64::try_from(m.delay.as_millis().div_ceil(1_000))
+                .unwrap_or(MAX_DELAY_SECS)
+                .min(MAX_DELAY_SECS);
+            let mut b = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(&m.body)
+                .delay_seconds(i32::try_from(secs).unwrap_or(0));
+            for (k, v) in &m.attributes {
+                match string_attr(v) {
+                    Ok(attr) => b = b.message_attributes(k, attr),
+                    Err(e) => return chunk.iter().map(|_| Err(rejected(e.to_string()))).collect(),
+                }
+            }
+            match b.build() {
+                Ok(entry) => entries.push(entry),
+                Err(e) => return chunk.iter().map(|_| Err(rejected(e.to_string()))).collect(),
+            }
+        }
+        self.calls.count("SendMessageBatch");
+        let out = match self
+            .client
+            .send_message_batch()
+            .queue_url(&self.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let err = sdk_error(&self.queue_url, &e);
+                return chunk.iter().map(|_| Err(err.clone())).collect();
+            }
+        };
+        let mut results: Vec<Result<(), SourceError>> = chunk.iter().map(|_| Ok(())).collect();
+        for f in out.failed() {
+            if let Some(r) = f
+                .id()
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| results.get_mut(i))
+            {
+                let message = format!("requeue failed: {} {}", f.code(), f.message().unwrap_or(""));
+                *r = Err(if f.sender_fault() {
+                    rejected(message)
+                } else {
+                    SourceError::Unavailable {
+                        queue: self.queue_url.clone(),
+                        message,
+                    }
+                });
+            }
+        }
+        results
+    }
+}
+
+#[async_trait]
+impl Requeue for SqsRequeue {
+    async fn requeue(&self, messages: &[Requeued]) -> Vec<Result<(), SourceError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for chunk in messages.chunks(MAX_BATCH_ENTRIES) {
+            results.extend(self.send_chunk(chunk).await);
+        }
+        results
     }
 }
 
