@@ -220,10 +220,25 @@ async fn delete_successes(
     }
 }
 
+/// Invokes the function with `event` (30 s to run) and returns its answer.
+async fn answer(api: &RuntimeApi, event: &Value) -> Value {
+    api.invoke(event, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .response()
+        .unwrap()
+}
+
+/// Starts the worker as a Lambda function with `env` and waits until it asks for work.
+async fn start_ready(api: &RuntimeApi, env: &[(&str, &str)]) -> LambdaFunction {
+    let mut f = LambdaFunction::start(&worker_bin(), api, env).unwrap();
+    f.wait_ready(api, Duration::from_secs(30)).await.unwrap();
+    f
+}
+
 /// Starts the worker as a Lambda function on PostgreSQL with a 1 s statement timeout.
 async fn start_worker(api: &RuntimeApi, db: &TestDb, dlq_url: &str) -> LambdaFunction {
-    let mut f = LambdaFunction::start(
-        &worker_bin(),
+    start_ready(
         api,
         &[
             ("SPILLWAY_SINK", "postgres"),
@@ -233,9 +248,7 @@ async fn start_worker(api: &RuntimeApi, db: &TestDb, dlq_url: &str) -> LambdaFun
             ("SPILLWAY_BROKER", "aws"),
         ],
     )
-    .unwrap();
-    f.wait_ready(api, Duration::from_secs(30)).await.unwrap();
-    f
+    .await
 }
 
 #[tokio::test]
@@ -262,12 +275,7 @@ async fn a_batch_of_ten_with_a_poison_record_and_a_locked_row_reports_exactly_th
 
     let api = RuntimeApi::start("spillway-worker").await.unwrap();
     let _worker = start_worker(&api, &db, &dlq_url).await;
-    let out = api
-        .invoke(&sqs_event(&records), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .response()
-        .unwrap();
+    let out = answer(&api, &sqs_event(&records)).await;
     assert_eq!(
         out,
         json!({"batchItemFailures": [{"itemIdentifier": "msg-6"}]})
@@ -302,12 +310,7 @@ async fn a_batch_of_ten_with_a_poison_record_and_a_locked_row_reports_exactly_th
     // The lock goes away; the retried record is stored by the next invocation.
     lock.batch_execute("ROLLBACK").await.unwrap();
     let retry = sqs_event(&[sqs_record("msg-6", &messages[6].0, &messages[6].1, 2)]);
-    let out = api
-        .invoke(&retry, Duration::from_secs(30))
-        .await
-        .unwrap()
-        .response()
-        .unwrap();
+    let out = answer(&api, &retry).await;
     assert_eq!(out, json!({"batchItemFailures": []}));
     assert_eq!(stored_ids(&db).await.len(), 27);
 }
@@ -316,8 +319,7 @@ async fn a_batch_of_ten_with_a_poison_record_and_a_locked_row_reports_exactly_th
 async fn records_not_started_before_the_deadline_minus_the_margin_are_all_reported() {
     let dir = tempfile::tempdir().unwrap();
     let api = RuntimeApi::start("spillway-worker").await.unwrap();
-    let mut worker = LambdaFunction::start(
-        &worker_bin(),
+    let _worker = start_ready(
         &api,
         &[
             ("SPILLWAY_SINK", "sqlite"),
@@ -325,11 +327,7 @@ async fn records_not_started_before_the_deadline_minus_the_margin_are_all_report
             ("SPILLWAY_LAMBDA_DEADLINE_MARGIN_MS", "2000"),
         ],
     )
-    .unwrap();
-    worker
-        .wait_ready(&api, Duration::from_secs(30))
-        .await
-        .unwrap();
+    .await;
     let records: Vec<Value> = ten_messages(2_000)
         .iter()
         .enumerate()
@@ -346,12 +344,7 @@ async fn records_not_started_before_the_deadline_minus_the_margin_are_all_report
     assert_eq!(failure_ids(&out), expected);
     // With time to spare the same batch is stored; no DLQ is configured, so the poison record
     // is left to the queue's redrive policy.
-    let out = api
-        .invoke(&sqs_event(&records), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .response()
-        .unwrap();
+    let out = answer(&api, &sqs_event(&records)).await;
     assert_eq!(failure_ids(&out), ["late-3"]);
 }
 
@@ -392,16 +385,7 @@ async fn a_worker_that_cannot_open_its_store_reports_an_init_error_and_exits() {
 async fn an_event_that_is_not_an_sqs_batch_fails_the_invocation_and_the_function_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let api = RuntimeApi::start("spillway-worker").await.unwrap();
-    let mut worker = LambdaFunction::start(
-        &worker_bin(),
-        &api,
-        &[("SPILLWAY_DATA_DIR", dir.path().to_str().unwrap())],
-    )
-    .unwrap();
-    worker
-        .wait_ready(&api, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let _worker = start_ready(&api, &[("SPILLWAY_DATA_DIR", dir.path().to_str().unwrap())]).await;
     let out = api
         .invoke(&json!({"Records": "nope"}), Duration::from_secs(10))
         .await
@@ -458,12 +442,7 @@ async fn the_failures_reported_for_a_real_sqs_batch_are_the_messages_left_in_the
 
     let api = RuntimeApi::start("spillway-worker").await.unwrap();
     let _worker = start_worker(&api, &db, &dlq_url).await;
-    let out = api
-        .invoke(&sqs_event(&records), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .response()
-        .unwrap();
+    let out = answer(&api, &sqs_event(&records)).await;
     let failures = failure_ids(&out);
     assert_eq!(failures, std::slice::from_ref(&locked_id));
 
@@ -538,12 +517,7 @@ async fn esm_turn(
         return received;
     }
     let records: Vec<Value> = received.iter().map(|m| to_record(m, queue_arn)).collect();
-    let out = api
-        .invoke(&sqs_event(&records), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .response()
-        .unwrap();
+    let out = answer(api, &sqs_event(&records)).await;
     delete_successes(sqs, queue_url, &received, &failure_ids(&out)).await;
     received
 }
@@ -584,8 +558,7 @@ async fn a_store_outage_longer_than_the_redrive_allows_sends_no_valid_message_to
         .collect();
 
     let api = RuntimeApi::start("spillway-worker").await.unwrap();
-    let mut worker = LambdaFunction::start(
-        &worker_bin(),
+    let _worker = start_ready(
         &api,
         &[
             ("SPILLWAY_SINK", "postgres"),
@@ -598,11 +571,7 @@ async fn a_store_outage_longer_than_the_redrive_allows_sends_no_valid_message_to
             ("SPILLWAY_RETRY_MAX_SECS", "2"),
         ],
     )
-    .unwrap();
-    worker
-        .wait_ready(&api, Duration::from_secs(30))
-        .await
-        .unwrap();
+    .await;
 
     // The store takes a first batch, so the pool holds a connection the crash breaks.
     send_all(&sqs, &queue_url, &before).await;

@@ -152,11 +152,17 @@ async fn a_poison_record_goes_to_the_dlq_and_only_the_transient_failure_is_retri
         .unwrap()
         .insert(evs[6][1].event_id);
     let dlq = Arc::new(TestDlq::default());
+    let queue = Arc::new(TestQueue::default());
     let resp = handler(sink.clone(), Some(dlq.clone()))
+        .with_requeue(queue.clone())
         .handle(event, in_a_minute())
         .await
         .unwrap();
     assert_eq!(failures(&resp), ["m-6"]);
+    assert!(
+        queue.sent.lock().unwrap().is_empty(),
+        "the store stores the others: record 6 is reported, not requeued"
+    );
     // 8 good records × 3 events stored; record 6's events are not.
     assert_eq!(sink.stored(), 24);
     assert!(!sink.inner.events().contains_key(&evs[6][0].event_id));
@@ -350,24 +356,6 @@ async fn while_the_store_is_down_held_records_are_requeued_with_a_growing_delay_
             .count(),
         1
     );
-}
-
-#[tokio::test]
-async fn a_record_failing_while_the_store_stores_others_is_reported_not_requeued() {
-    let (event, evs) = batch();
-    let sink = TestSink::new();
-    sink.transient_for
-        .lock()
-        .unwrap()
-        .insert(evs[6][1].event_id);
-    let queue = Arc::new(TestQueue::default());
-    let resp = handler(sink.clone(), Some(Arc::new(TestDlq::default())))
-        .with_requeue(queue.clone())
-        .handle(event, in_a_minute())
-        .await
-        .unwrap();
-    assert_eq!(failures(&resp), ["m-6"]);
-    assert!(queue.sent.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
