@@ -12,15 +12,19 @@
 //!   reported, so Lambda's timeout never fails the whole batch;
 //! - a panic while handling it → reported; its neighbours are unaffected.
 //!
-//! When the store is down (every write of the invocation failed transiently, nothing was
-//! stored), the records held back by it are not reported but put back on the queue as new
+//! When the store is down (every write of the invocation failed transiently and nothing was
+//! stored, for two or more records or, with one, the store does not answer a ping), the
+//! records held back by it are not reported but put back on the queue as new
 //! messages ([`Requeue`]), delayed by the retry backoff and counted in `spillway-requeues`:
 //! the event source mapping keeps receiving during an outage, and each receive would bring
 //! the queue's redrive policy (`maxReceiveCount`) closer to moving a valid message to the
 //! DLQ. A new message starts at receive count 0, so no outage, however long, burns a valid
 //! message into the DLQ. A record whose requeue fails is reported as before; one with
 //! attributes that cannot be sent again as they came (binary or number values, or no room
-//! for the counter under SQS's 10) is reported too.
+//! for the counter under SQS's 10) is reported too. A single record failing while the store
+//! answers is reported, not requeued: nothing tells a store that refuses every write from a
+//! record it chokes on, and requeuing would keep such a record from ever reaching the DLQ
+//! (the poller's breaker reasons the same way).
 //!
 //! The batch is written in one store call first (one transaction for the whole batch); when
 //! that call fails transiently or panics, records are written one by one so a single record
@@ -104,8 +108,8 @@ enum Fate {
 struct Probe {
     /// Some write reached the store (stored, or refused data permanently).
     answered: bool,
-    /// Some write failed transiently.
-    failed: bool,
+    /// Records whose write failed transiently.
+    failed: usize,
 }
 
 impl SqsHandler {
@@ -178,7 +182,9 @@ impl SqsHandler {
                     let probe = self
                         .write_one_by_one(&deliveries, prepared, cutoff, &mut fates)
                         .await;
-                    store_down = probe.failed && !probe.answered;
+                    store_down = probe.failed > 0
+                        && !probe.answered
+                        && (probe.failed >= 2 || self.sink.ping().await.is_err());
                 }
             }
         } else if !prepared.is_empty() {
@@ -256,7 +262,7 @@ impl SqsHandler {
                     match outcome.sink_health {
                         SinkHealth::Unavailable => {
                             consecutive_failures += 1;
-                            probe.failed = true;
+                            probe.failed += 1;
                         }
                         SinkHealth::Healthy => {
                             consecutive_failures = 0;

@@ -359,7 +359,8 @@ async fn while_the_store_is_down_held_records_are_requeued_with_a_growing_delay_
 }
 
 #[tokio::test]
-async fn a_held_record_the_queue_refuses_or_cannot_take_as_it_came_is_reported() {
+async fn a_held_record_is_reported_when_it_cannot_be_requeued_or_fails_alone_while_the_store_answers(
+) {
     let (mut event, evs) = batch();
     // Record 2 carries a binary attribute, which the handler cannot send again as it came.
     event.records[2].message_attributes.insert(
@@ -379,6 +380,20 @@ async fn a_held_record_the_queue_refuses_or_cannot_take_as_it_came_is_reported()
         .unwrap();
     assert_eq!(failures(&resp), ["m-2", "m-7"]);
     assert_eq!(queue.sent.lock().unwrap().len(), 7);
+    // One record failing while the store answers a ping: reported, not requeued, so a
+    // record the store chokes on still reaches the DLQ through the redrive policy.
+    let (mut event, evs) = batch();
+    event.records.truncate(1);
+    let sink = TestSink::new();
+    store_down(&sink, &evs);
+    let queue = Arc::new(TestQueue::default());
+    let resp = handler(sink, Some(Arc::new(TestDlq::default())))
+        .with_requeue(queue.clone())
+        .handle(event, in_a_minute())
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), ["m-0"]);
+    assert!(queue.sent.lock().unwrap().is_empty());
     // Without a queue to requeue to, every held record is reported.
     let (event, evs) = batch();
     let sink = TestSink::new();
