@@ -247,44 +247,107 @@ impl Source for SqsSource {
     }
 }
 
-/// Sends letters to an SQS queue with their reason attributes, in batches of ten.
+/// Sends letters to an SQS queue with their reason attributes, in batches of ten; stops at
+/// the first batch the queue did not take whole.
 async fn send_letters(
     client: &Client,
     dlq: &str,
     calls: &CallCounter,
     letters: &[DeadLetter],
 ) -> Result<(), SourceError> {
-    let rejected = |message: String| SourceError::Rejected {
-        queue: dlq.to_owned(),
-        message,
-    };
     for chunk in letters.chunks(MAX_BATCH_ENTRIES) {
-        let mut entries = Vec::with_capacity(chunk.len());
-        for (i, letter) in chunk.iter().enumerate() {
-            let mut b = SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body(&letter.body);
-            for (k, v) in letter_attributes(letter) {
-                b = b.message_attributes(k, string_attr(v)?);
-            }
-            entries.push(b.build().map_err(|e| rejected(e.to_string()))?);
-        }
-        calls.count("SendMessageBatch");
-        let out = client
-            .send_message_batch()
-            .queue_url(dlq)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .map_err(|e| sdk_error(dlq, &e))?;
-        if let Some(f) = out.failed().first() {
-            return Err(SourceError::Unavailable {
-                queue: dlq.to_owned(),
-                message: format!("send to DLQ failed: {}", f.code()),
-            });
+        let outgoing: Vec<Outgoing<'_>> = chunk
+            .iter()
+            .map(|l| Outgoing {
+                body: &l.body,
+                attributes: letter_attributes(l),
+                delay: Duration::ZERO,
+            })
+            .collect();
+        let results = send_batch(client, dlq, calls, &outgoing).await;
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            return Err(e);
         }
     }
     Ok(())
+}
+
+/// One message of a `SendMessageBatch`.
+struct Outgoing<'a> {
+    body: &'a str,
+    /// String attributes.
+    attributes: Vec<(&'a str, &'a str)>,
+    /// Rounded up to whole seconds, at most [`MAX_DELAY_SECS`].
+    delay: Duration,
+}
+
+/// Sends up to ten messages to `queue` in one `SendMessageBatch`; one result per message, in
+/// order.
+async fn send_batch(
+    client: &Client,
+    queue: &str,
+    calls: &CallCounter,
+    messages: &[Outgoing<'_>],
+) -> Vec<Result<(), SourceError>> {
+    let all = |err: SourceError| messages.iter().map(|_| Err(err.clone())).collect();
+    let rejected = |message: String| SourceError::Rejected {
+        queue: queue.to_owned(),
+        message,
+    };
+    let mut entries = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let secs = u64::try_from(m.delay.as_millis().div_ceil(1_000))
+            .unwrap_or(MAX_DELAY_SECS)
+            .min(MAX_DELAY_SECS);
+        let mut b = SendMessageBatchRequestEntry::builder()
+            .id(i.to_string())
+            .message_body(m.body);
+        if secs > 0 {
+            b = b.delay_seconds(i32::try_from(secs).unwrap_or(0));
+        }
+        for &(k, v) in &m.attributes {
+            match string_attr(v) {
+                Ok(attr) => b = b.message_attributes(k, attr),
+                Err(e) => return all(rejected(e.to_string())),
+            }
+        }
+        match b.build() {
+            Ok(entry) => entries.push(entry),
+            Err(e) => return all(rejected(e.to_string())),
+        }
+    }
+    calls.count("SendMessageBatch");
+    let out = match client
+        .send_message_batch()
+        .queue_url(queue)
+        .set_entries(Some(entries))
+        .send()
+        .await
+    {
+        Ok(out) => out,
+        Err(e) => return all(sdk_error(queue, &e)),
+    };
+    let mut results: Vec<Result<(), SourceError>> = messages.iter().map(|_| Ok(())).collect();
+    for f in out.failed() {
+        let Some(r) = f
+            .id()
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| results.get_mut(i))
+        else {
+            continue;
+        };
+        let message = format!("send failed: {} {}", f.code(), f.message().unwrap_or(""));
+        *r = Err(if f.sender_fault() {
+            rejected(message)
+        } else {
+            SourceError::Unavailable {
+                queue: queue.to_owned(),
+                message,
+            }
+        });
+    }
+    results
 }
 
 /// The attributes a letter goes to the DLQ with: its reason (code and message) and as many of
@@ -410,69 +473,6 @@ impl SqsRequeue {
     pub fn calls(&self) -> ApiCalls {
         self.calls.snapshot()
     }
-
-    async fn send_chunk(&self, chunk: &[Requeued]) -> Vec<Result<(), SourceError>> {
-        let rejected = |message: String| SourceError::Rejected {
-            queue: self.queue_url.clone(),
-            message,
-        };
-        let mut entries = Vec::with_capacity(chunk.len());
-        for (i, m) in chunk.iter().enumerate() {
-            // Whole seconds, rounded up, within what SQS takes.
-            let secs = u64::try_from(m.delay.as_millis().div_ceil(1_000))
-                .unwrap_or(MAX_DELAY_SECS)
-                .min(MAX_DELAY_SECS);
-            let mut b = SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body(&m.body)
-                .delay_seconds(i32::try_from(secs).unwrap_or(0));
-            for (k, v) in &m.attributes {
-                match string_attr(v) {
-                    Ok(attr) => b = b.message_attributes(k, attr),
-                    Err(e) => return chunk.iter().map(|_| Err(rejected(e.to_string()))).collect(),
-                }
-            }
-            match b.build() {
-                Ok(entry) => entries.push(entry),
-                Err(e) => return chunk.iter().map(|_| Err(rejected(e.to_string()))).collect(),
-            }
-        }
-        self.calls.count("SendMessageBatch");
-        let out = match self
-            .client
-            .send_message_batch()
-            .queue_url(&self.queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) => {
-                let err = sdk_error(&self.queue_url, &e);
-                return chunk.iter().map(|_| Err(err.clone())).collect();
-            }
-        };
-        let mut results: Vec<Result<(), SourceError>> = chunk.iter().map(|_| Ok(())).collect();
-        for f in out.failed() {
-            if let Some(r) = f
-                .id()
-                .parse::<usize>()
-                .ok()
-                .and_then(|i| results.get_mut(i))
-            {
-                let message = format!("requeue failed: {} {}", f.code(), f.message().unwrap_or(""));
-                *r = Err(if f.sender_fault() {
-                    rejected(message)
-                } else {
-                    SourceError::Unavailable {
-                        queue: self.queue_url.clone(),
-                        message,
-                    }
-                });
-            }
-        }
-        results
-    }
 }
 
 #[async_trait]
@@ -480,7 +480,19 @@ impl Requeue for SqsRequeue {
     async fn requeue(&self, messages: &[Requeued]) -> Vec<Result<(), SourceError>> {
         let mut results = Vec::with_capacity(messages.len());
         for chunk in messages.chunks(MAX_BATCH_ENTRIES) {
-            results.extend(self.send_chunk(chunk).await);
+            let outgoing: Vec<Outgoing<'_>> = chunk
+                .iter()
+                .map(|m| Outgoing {
+                    body: &m.body,
+                    attributes: m
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect(),
+                    delay: m.delay,
+                })
+                .collect();
+            results.extend(send_batch(&self.client, &self.queue_url, &self.calls, &outgoing).await);
         }
         results
     }
