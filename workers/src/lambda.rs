@@ -41,7 +41,7 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use shared::aws::sqs::MAX_MESSAGE_ATTRIBUTES;
 use shared::source::ATTR_REQUEUES;
 use shared::{DeadLetterQueue, Delivery, DeliveryId, Requeue, Requeued, Sink};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::core::{prepare, write_prepared, CoreConfig, Decision, PreparedDelivery, SinkHealth};
 
@@ -320,7 +320,7 @@ impl SqsHandler {
                 Ok(()) => {
                     fates[i] = Fate::Done;
                     sent += 1;
-                    info!(
+                    debug!(
                         message_id = %deliveries[i].message_id,
                         requeues = %m.attributes.get(ATTR_REQUEUES).map_or("", String::as_str),
                         delay_secs = m.delay.as_secs(),
@@ -335,6 +335,11 @@ impl SqsHandler {
         warn!(
             requeued = sent,
             failed = picked.len() - sent,
+            longest_delay_secs = messages
+                .iter()
+                .map(|m| m.delay.as_secs())
+                .max()
+                .unwrap_or(0),
             "Store down: records put back on the queue as new messages"
         );
     }
