@@ -196,9 +196,11 @@ impl SqsHandler {
                 fates[*i] = Fate::Held;
             }
         }
-        if store_down {
-            self.requeue_held(&deliveries, &sendable, &mut fates).await;
-        }
+        let requeued = if store_down {
+            self.requeue_held(&deliveries, &sendable, &mut fates).await
+        } else {
+            0
+        };
 
         let mut response = SqsBatchResponse::default();
         let mut unnamed = 0;
@@ -216,6 +218,7 @@ impl SqsHandler {
         info!(
             records = deliveries.len(),
             retried = response.batch_item_failures.len() + unnamed,
+            requeued,
             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "Handled SQS batch"
         );
@@ -290,7 +293,13 @@ impl SqsHandler {
 
     /// The store is down: puts the records it held back on the queue again as new messages,
     /// each delayed by the retry backoff of its requeue count; those the queue took are done.
-    async fn requeue_held(&self, deliveries: &[Delivery], sendable: &[bool], fates: &mut [Fate]) {
+    /// Returns how many it requeued.
+    async fn requeue_held(
+        &self,
+        deliveries: &[Delivery],
+        sendable: &[bool],
+        fates: &mut [Fate],
+    ) -> usize {
         let held: Vec<usize> = (0..fates.len())
             .filter(|&i| fates[i] == Fate::Held)
             .collect();
@@ -299,7 +308,7 @@ impl SqsHandler {
                 records = held.len(),
                 "Store down and no SPILLWAY_QUEUE_URL to requeue to: reporting the records, which uses up their receives"
             );
-            return;
+            return 0;
         };
         let (picked, unsendable): (Vec<usize>, Vec<usize>) =
             held.into_iter().partition(|&i| sendable[i]);
@@ -307,7 +316,7 @@ impl SqsHandler {
             warn!(message_id = %deliveries[i].message_id, "Attributes cannot be sent again as they came; reporting the record instead of requeuing it");
         }
         if picked.is_empty() {
-            return;
+            return 0;
         }
         let messages: Vec<Requeued> = picked
             .iter()
@@ -342,6 +351,7 @@ impl SqsHandler {
                 .unwrap_or(0),
             "Store down: records put back on the queue as new messages"
         );
+        sent
     }
 
     /// Carries out a decision; whether the record is done or must be retried.
