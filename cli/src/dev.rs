@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use ingest_api::auth::{AdvertiserScope, ApiKey, ApiKeys};
 use ingest_api::settings::IngestSettings;
-use ingest_api::{serve, AppState};
+use ingest_api::{serve_router, AppState};
 use rand::Rng;
 use shared::settings::{shutdown_signal, BrokerSettings, SinkSettings};
 use time::format_description::well_known::Rfc3339;
@@ -80,6 +80,7 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         .context("opening the store")?;
     let poller = Poller::new(source, store.sink(), args.worker.poller_config())
         .context("worker settings")?;
+    let worker_metrics = poller.metrics_page();
     let stop_workers = CancellationToken::new();
     let workers = tokio::spawn(poller.run(stop_workers.clone()));
 
@@ -88,12 +89,15 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         keys,
         args.ingest.config_for(args.broker.is_keyed()),
     );
+    // Dev listens on loopback by default: `/metrics` shares the API's port.
+    let metrics = shared::metrics::router(vec![state.metrics(), worker_metrics]);
+    let router = ingest_api::router(state).merge(metrics);
     let listener = tokio::net::TcpListener::bind(args.ingest.listen)
         .await
         .with_context(|| format!("binding {}", args.ingest.listen))?;
     let addr = listener.local_addr()?;
     print_welcome(addr, data_dir, &args.broker)?;
-    serve(listener, state, shutdown_signal())
+    serve_router(listener, router, shutdown_signal())
         .await
         .context("serving HTTP")?;
     info!("HTTP stopped; draining the workers");
@@ -153,6 +157,7 @@ fn print_welcome(
         ),
         _ => println!("Then: spillway stats --data-dir {}", data_dir.display()),
     }
+    println!("Metrics (Prometheus): http://{addr}/metrics");
     println!("Press Ctrl-C to stop (requests and batches in flight finish first).");
     std::io::stdout().flush()?;
     Ok(())

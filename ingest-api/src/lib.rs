@@ -11,18 +11,20 @@
 //! - [`body`]: content type/encoding, size limits, splitting into items.
 //! - [`ingest`]: the HTTP-free decision from body to envelopes and report.
 //! - [`error`]: the HTTP error boundary.
+//! - [`metrics`]: counters for `GET /metrics`.
 //! - [`settings`]: flags and environment variables.
 
 pub mod auth;
 pub mod body;
 pub mod error;
 pub mod ingest;
+pub mod metrics;
 pub mod rate_limit;
 pub mod settings;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -42,6 +44,7 @@ use crate::auth::ApiKeys;
 use crate::body::{decompress, BodyEncoding, BodyFormat, Limits};
 use crate::error::ApiError;
 use crate::ingest::{prepare, IngestReport, PrepareContext};
+use crate::metrics::IngestMetrics;
 use crate::rate_limit::RateLimiter;
 use shared::envelope::{EnvelopeConfig, Packer};
 use shared::event::ValidationPolicy;
@@ -97,6 +100,7 @@ struct Inner {
     packer: Packer,
     limiter: RateLimiter,
     clock: Arc<dyn Clock>,
+    metrics: Arc<IngestMetrics>,
 }
 
 impl AppState {
@@ -120,7 +124,13 @@ impl AppState {
             keys,
             config,
             clock,
+            metrics: Arc::new(IngestMetrics::new()),
         }))
+    }
+
+    /// The live counters (what `GET /metrics` shows of this API).
+    pub fn metrics(&self) -> Arc<IngestMetrics> {
+        Arc::clone(&self.0.metrics)
     }
 }
 
@@ -151,7 +161,20 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    serve_router(listener, router(state), shutdown).await
+}
+
+/// Like [`serve`], for a router with more routes than the API's (`spillway dev` adds
+/// `/metrics`).
+///
+/// # Errors
+/// The I/O error that stopped the server.
+pub async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -177,7 +200,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match ingest_request(&state, &headers, body).await {
+    let resp = match ingest_request(&state, &headers, body).await {
         Ok(resp) => resp,
         Err(e) => {
             info!(
@@ -187,7 +210,9 @@ async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Bo
             );
             e.into_response()
         }
-    }
+    };
+    state.0.metrics.count_response(resp.status());
+    resp
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
@@ -251,6 +276,7 @@ async fn ingest_request(
         rejected: prepared.rejected,
     };
     if prepared.accepted == 0 {
+        inner.metrics.count_events(0, report.rejected.len());
         let status = if prepared.all_forbidden {
             StatusCode::FORBIDDEN
         } else {
@@ -264,6 +290,9 @@ async fn ingest_request(
         .try_take(key_index, prepared.accepted)
         .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     publish_with_retries(inner, &prepared.envelopes).await?;
+    inner
+        .metrics
+        .count_events(report.accepted, report.rejected.len());
     info!(
         tenant = %key.tenant,
         accepted = report.accepted,
@@ -280,9 +309,14 @@ async fn publish_with_retries(
 ) -> Result<(), ApiError> {
     let attempts = inner.config.publish_attempts.max(1);
     let mut delay = inner.config.publish_backoff;
+    let started = Instant::now();
     for attempt in 1..=attempts {
         match inner.publisher.publish(envelopes).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                let m = &inner.metrics;
+                m.count_publish(envelopes.len(), true, attempt - 1, started.elapsed());
+                return Ok(());
+            }
             Err(e) if e.is_transient() && attempt < attempts => {
                 warn!(attempt, error = %e, "Publish failed; retrying");
                 let jitter = rand::rng().random_range(0.5..1.5);
@@ -291,6 +325,8 @@ async fn publish_with_retries(
             }
             Err(e) => {
                 warn!(attempt, error = %e, "Publish failed; answering 503");
+                let m = &inner.metrics;
+                m.count_publish(envelopes.len(), false, attempt - 1, started.elapsed());
                 break;
             }
         }

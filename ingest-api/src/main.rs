@@ -10,7 +10,7 @@ use ingest_api::settings::IngestSettings;
 use ingest_api::{serve, shutdown_signal, AppState};
 use shared::lambda_init::{is_lambda, report_init_error};
 use shared::publisher::MemoryPublisher;
-use shared::settings::BrokerSettings;
+use shared::settings::{BrokerSettings, MetricsSettings};
 use shared::Publisher;
 
 // The ingest path allocates many small, short-lived buffers per request (keys, strings,
@@ -26,6 +26,8 @@ struct Cli {
     ingest: IngestSettings,
     #[command(flatten)]
     broker: BrokerSettings,
+    #[command(flatten)]
+    metrics: MetricsSettings,
     /// Publish to memory instead of a broker (benchmarks of the HTTP path only; nothing is kept).
     #[arg(long, env = "SPILLWAY_MEMORY_PUBLISHER")]
     memory_publisher: bool,
@@ -97,6 +99,9 @@ async fn lambda_main() -> anyhow::Result<()> {
 async fn server_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let state = state(&cli).await?;
+    if let Some(addr) = cli.metrics.metrics_listen {
+        shared::metrics::spawn(addr, vec![state.metrics()]).await?;
+    }
     let listener = tokio::net::TcpListener::bind(cli.ingest.listen)
         .await
         .with_context(|| format!("binding {}", cli.ingest.listen))?;

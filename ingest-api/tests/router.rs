@@ -475,3 +475,64 @@ async fn every_response_carries_a_request_id() {
     let (_, headers, _) = send(&h, Request::get("/healthz").body(Body::empty()).unwrap()).await;
     assert!(headers.contains_key("x-request-id"));
 }
+
+#[tokio::test]
+async fn metrics_count_answers_events_and_publish_retries() {
+    use shared::metrics::value_of;
+    let h = harness();
+    let mut bad = event(3);
+    bad["currency"] = json!("usd");
+    let (status, _) = send_json(&h, &json!([event(1), event(2), bad])).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, _, _) = send(
+        &h,
+        post(None).body(Body::from(event(4).to_string())).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    h.publisher.fail_next(1);
+    assert_eq!(send_json(&h, &event(5)).await.0, StatusCode::ACCEPTED);
+    h.publisher.set_fail_always(true);
+    assert_eq!(
+        send_json(&h, &event(6)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // Scraped through the endpoint, as Prometheus would.
+    let scrape = shared::metrics::router(vec![h.state.metrics()])
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(scrape.status(), StatusCode::OK);
+    assert_eq!(
+        scrape.headers()["content-type"],
+        shared::metrics::CONTENT_TYPE
+    );
+    let page = String::from_utf8(
+        scrape
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let v = |series: &str| {
+        value_of(&page, series).unwrap_or_else(|| panic!("{series} missing from\n{page}"))
+    };
+    assert_eq!(v(r#"spillway_ingest_responses_total{status="202"}"#), 2.0);
+    assert_eq!(v(r#"spillway_ingest_responses_total{status="401"}"#), 1.0);
+    assert_eq!(v(r#"spillway_ingest_responses_total{status="503"}"#), 1.0);
+    assert_eq!(v(r#"spillway_ingest_responses_total{status="400"}"#), 0.0);
+    assert_eq!(v("spillway_ingest_events_accepted_total"), 3.0);
+    assert_eq!(v("spillway_ingest_events_rejected_total"), 1.0);
+    assert_eq!(v("spillway_ingest_envelopes_published_total"), 2.0);
+    // One failed attempt before the second 202, two before the 503 (3 attempts).
+    assert_eq!(v("spillway_ingest_publish_retries_total"), 3.0);
+    assert_eq!(v("spillway_ingest_publish_seconds_count"), 3.0);
+    assert_eq!(
+        v(r#"spillway_ingest_publish_seconds_bucket{le="+Inf"}"#),
+        3.0
+    );
+}

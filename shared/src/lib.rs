@@ -38,6 +38,7 @@ mod iso;
 pub mod kafka;
 pub mod lambda_init;
 pub mod memory_source;
+pub mod metrics;
 pub mod postgres_sink;
 pub mod publisher;
 pub mod settings;

@@ -46,6 +46,7 @@ use tokio_postgres::{CopyInSink, NoTls};
 use uuid::Uuid;
 
 use crate::event::AdEvent;
+use crate::metrics::Exposition;
 use crate::sink::{Sink, SinkError, WriteReport};
 
 /// The store name carried by this sink's errors.
@@ -797,6 +798,33 @@ impl Sink for PostgresSink {
             .await
             .map(drop)
             .map_err(|e| classify(&e))
+    }
+
+    fn render_metrics(&self, page: &mut Exposition) {
+        let paths = self.write_paths();
+        page.counters(
+            "spillway_postgres_batches_total",
+            "Batches written to PostgreSQL, by path: copy (first delivery), upsert (redelivery, refused copies included), refused_copy.",
+            "path",
+            &[
+                ("copy", paths.copied),
+                ("upsert", paths.upserted),
+                ("refused_copy", paths.refused_copies),
+            ],
+        );
+        let pool = self.pool.status();
+        let size = |n: usize| n as f64;
+        page.gauges(
+            "spillway_postgres_connections",
+            "The connection pool: max (the cap), open, idle, and tasks waiting for a connection.",
+            "state",
+            &[
+                ("max", size(pool.max_size)),
+                ("open", size(pool.size)),
+                ("idle", size(pool.available)),
+                ("waiting", size(pool.waiting)),
+            ],
+        );
     }
 }
 

@@ -519,6 +519,15 @@ impl SinkSettings {
     }
 }
 
+/// Where a long-lived `spillway-ingest` or `spillway-worker` exposes `GET /metrics`.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsSettings {
+    /// Address to serve Prometheus metrics on at `/metrics` (e.g. 127.0.0.1:9464); off when
+    /// unset. A listener of its own, so the ingest API's public port never exposes them.
+    #[arg(long, env = "SPILLWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use crate::event::{AdEvent, EventId};
+use crate::metrics::Exposition;
 
 /// What one write did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,6 +63,12 @@ pub trait Sink: Send + Sync + Debug {
     /// # Errors
     /// [`SinkError::Unavailable`] when the store cannot be reached.
     async fn ping(&self) -> Result<(), SinkError>;
+
+    /// Writes the store's own metrics (a pool's connections, write paths) into `page`; most
+    /// stores have none.
+    fn render_metrics(&self, page: &mut Exposition) {
+        let _ = page;
+    }
 }
 
 /// Keeps events in memory by `event_id`; can be told to fail, for tests of retry paths.

@@ -170,6 +170,27 @@ async fn the_store_holds_exactly_the_valid_unique_events_and_rollups_match_the_p
     assert_eq!(stored_rollups(&store).await, expected_rollups(&valid));
     assert_eq!(s["dlq_depth"], 0);
     assert_eq!(s["events_stored"], 1000);
+
+    // `/metrics` on the dev port tells the same story: 14 answers of 202, 1,410 events
+    // accepted (in-request duplicates and resends included), 10 rejected, 1,000 stored once.
+    let page = client
+        .get(format!("http://{}/metrics", dev.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v = |series: &str| {
+        shared::metrics::value_of(&page, series)
+            .unwrap_or_else(|| panic!("{series} missing from\n{page}"))
+    };
+    assert_eq!(v(r#"spillway_ingest_responses_total{status="202"}"#), 14.0);
+    assert_eq!(v("spillway_ingest_events_accepted_total"), 1410.0);
+    assert_eq!(v("spillway_ingest_events_rejected_total"), 10.0);
+    assert_eq!(v("spillway_worker_events_written_total"), 1000.0);
+    assert_eq!(v("spillway_worker_events_duplicate_total"), 410.0);
+    assert_eq!(v("spillway_worker_dead_letters_total"), 0.0);
     dev.terminate(Duration::from_secs(30)).unwrap();
 }
 

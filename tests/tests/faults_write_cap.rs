@@ -78,6 +78,8 @@ struct Burst {
     verdict: CheckReport,
     burst_secs: u64,
     took: Duration,
+    /// The worker's `/metrics` page once everything was drained.
+    metrics: String,
 }
 
 /// Runs loadgen at [`BASE_RATE`] with a 20× burst against ingest, and a PostgreSQL worker
@@ -92,7 +94,14 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
         .await
         .unwrap();
     let (ingest, addr) = start_ingest(dir.path()).unwrap();
-    let worker = start_worker(dir.path(), &db.url, worker_args).unwrap();
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut args = worker_args.to_vec();
+    args.extend(["--metrics-listen", &metrics_addr]);
+    let worker = start_worker(dir.path(), &db.url, &args).unwrap();
     let admin = connect(&db.url).await.unwrap();
     // Wait for the worker's migrations, so the sampler can count rows from the start.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -132,6 +141,13 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
     wait_drained(&broker, QUEUE, Duration::from_secs(10))
         .await
         .unwrap();
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("the worker serves /metrics")
+        .text()
+        .await
+        .unwrap();
     worker.terminate(Duration::from_secs(30)).unwrap();
     ingest.terminate(Duration::from_secs(30)).unwrap();
     // The last count, once everything is acknowledged (and so committed).
@@ -152,6 +168,7 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
         verdict,
         burst_secs,
         took,
+        metrics,
     }
 }
 
@@ -259,6 +276,17 @@ impl Burst {
         assert_eq!(self.verdict.lost, 0, "{}", self.verdict);
         assert_eq!(self.verdict.duplicated, 0, "{}", self.verdict);
         assert!(self.verdict.rollups_consistent, "{}", self.verdict);
+        // The worker's own account, scraped from `--metrics-listen`, agrees with the store.
+        let written = self.metric("spillway_worker_events_written_total");
+        assert_eq!(written, self.stored as f64, "{}", self.metrics);
+        assert_eq!(self.metric("spillway_worker_dead_letters_total"), 0.0);
+        let open = self.metric(r#"spillway_postgres_connections{state="open"}"#);
+        assert!(open <= self.metric(r#"spillway_postgres_connections{state="max"}"#));
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        shared::metrics::value_of(&self.metrics, series)
+            .unwrap_or_else(|| panic!("{series} missing from\n{}", self.metrics))
     }
 }
 
@@ -375,6 +403,10 @@ async fn a_20x_burst_into_a_slow_store_never_opens_more_connections_than_the_poo
     );
     let s = &run.samples;
     assert_eq!(s.max_connections(), POOL_CAP, "connections, at most");
+    assert_eq!(
+        run.metric(r#"spillway_postgres_connections{state="max"}"#),
+        POOL_CAP as f64
+    );
     assert_eq!(s.max_active(), POOL_CAP, "active statements, at most");
     // More messages in flight than POOL_CAP batches hold: more batches were waiting to write
     // than there were connections, and the pool made them take turns.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use shared::lambda_init::{is_lambda, report_init_error};
-use shared::settings::{shutdown_signal, BrokerSettings, SinkSettings};
+use shared::settings::{shutdown_signal, BrokerSettings, MetricsSettings, SinkSettings};
 use shared::DeadLetterQueue;
 use tokio_util::sync::CancellationToken;
 use workers::lambda::SqsHandler;
@@ -23,6 +23,8 @@ struct Cli {
     sink: SinkSettings,
     #[command(flatten)]
     worker: WorkerSettings,
+    #[command(flatten)]
+    metrics: MetricsSettings,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +56,9 @@ async fn poller_main() -> anyhow::Result<()> {
         .sink();
     let poller =
         Poller::new(source, sink, cli.worker.poller_config()).context("worker settings")?;
+    if let Some(addr) = cli.metrics.metrics_listen {
+        shared::metrics::spawn(addr, vec![poller.metrics_page()]).await?;
+    }
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -84,6 +89,9 @@ async fn lambda_main() -> anyhow::Result<()> {
 /// Settings, store and DLQ client: built once per execution environment.
 async fn lambda_handler() -> anyhow::Result<SqsHandler> {
     let cli = Cli::try_parse().context("reading the settings")?;
+    if cli.metrics.metrics_listen.is_some() {
+        tracing::warn!("SPILLWAY_METRICS_LISTEN is ignored on Lambda: a function cannot be scraped; each invocation logs its counts");
+    }
     let sink = cli
         .sink
         .open(&cli.broker.data_dir)

@@ -1,7 +1,10 @@
-//! Counters of a worker runtime: cheap atomics behind an `Arc`, read by `spillway stats` and
-//! by tests.
+//! Counters of a worker runtime: cheap atomics behind an `Arc`, read by tests and rendered
+//! at `GET /metrics` (`--metrics-listen`).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shared::metrics::{Exposition, Histogram};
 
 /// The circuit breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,6 +60,19 @@ pub struct Metrics {
     settle_errors: AtomicU64,
     breaker_opened: AtomicU64,
     breaker_state: AtomicU8,
+    write_seconds: Histogram,
+    last_settled_unix_ms: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// One batch being written and settled; counted in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A copy of the counters at one moment.
@@ -127,6 +143,121 @@ impl Metrics {
     /// The breaker's state now.
     pub fn breaker_state(&self) -> BreakerState {
         BreakerState::from_u8(self.breaker_state.load(Ordering::Relaxed))
+    }
+
+    /// Counts a batch in flight (being written and settled) until the guard is dropped.
+    pub fn batch_in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    /// Counts how long one batch took to write (write-cap waits and per-event retries
+    /// included); `stored` when the store took it (no transient failure), which makes it the
+    /// latest batch written.
+    pub fn observe_batch_write(&self, took: Duration, stored: bool) {
+        self.write_seconds.observe(took);
+        if !stored {
+            return;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+        self.last_settled_unix_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Writes the counters, the breaker's state and the write latencies into `page`.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn render(&self, page: &mut Exposition) {
+        let m = self.snapshot();
+        let counters: [(&str, &str, u64); 11] = [
+            (
+                "spillway_worker_deliveries_received_total",
+                "Deliveries (queue messages) received, redeliveries included.",
+                m.received,
+            ),
+            (
+                "spillway_worker_events_valid_total",
+                "Valid events decoded from the deliveries received.",
+                m.events_valid,
+            ),
+            (
+                "spillway_worker_events_written_total",
+                "Events stored for the first time.",
+                m.written,
+            ),
+            (
+                "spillway_worker_events_duplicate_total",
+                "Events the store already had (redeliveries); they changed nothing.",
+                m.duplicates,
+            ),
+            (
+                "spillway_worker_deliveries_acked_total",
+                "Deliveries deleted from the queue as done.",
+                m.acked,
+            ),
+            (
+                "spillway_worker_dead_letters_total",
+                "Letters sent to the dead-letter queue (permanent failures).",
+                m.dead_lettered,
+            ),
+            (
+                "spillway_worker_deliveries_retried_total",
+                "Deliveries handed back to the queue for a later retry.",
+                m.retried,
+            ),
+            (
+                "spillway_worker_batches_total",
+                "Batches processed.",
+                m.batches,
+            ),
+            (
+                "spillway_worker_receive_errors_total",
+                "Receive calls to the queue that failed.",
+                m.receive_errors,
+            ),
+            (
+                "spillway_worker_settle_errors_total",
+                "Ack, retry or dead-letter calls that failed.",
+                m.settle_errors,
+            ),
+            (
+                "spillway_worker_breaker_opened_total",
+                "Times the circuit breaker opened (the store kept failing; receiving paused).",
+                m.breaker_opened,
+            ),
+        ];
+        for (name, help, value) in counters {
+            page.counter(name, help, value);
+        }
+        let state = m.breaker_state;
+        let is = |s: BreakerState| if state == s { 1.0 } else { 0.0 };
+        page.gauges(
+            "spillway_worker_breaker_state",
+            "The circuit breaker's state: 1 for the current one.",
+            "state",
+            &[
+                ("closed", is(BreakerState::Closed)),
+                ("open", is(BreakerState::Open)),
+                ("half_open", is(BreakerState::HalfOpen)),
+            ],
+        );
+        page.gauge(
+            "spillway_worker_batches_in_flight",
+            "Batches being written or settled now.",
+            self.in_flight.load(Ordering::Relaxed) as f64,
+        );
+        page.histogram(
+            "spillway_worker_batch_write_seconds",
+            "Time to write one batch to the store, write-cap waits included.",
+            &self.write_seconds,
+        );
+        let last = self.last_settled_unix_ms.load(Ordering::Relaxed);
+        page.gauge(
+            "spillway_worker_last_batch_written_timestamp_seconds",
+            "When the store last took a batch (Unix time; 0 before the first). Alert when it lags while the queue holds messages.",
+            last as f64 / 1000.0,
+        );
     }
 
     /// Reads every counter.

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use shared::metrics::{Exposition, Render};
 use shared::{DeliveryId, Sink, Source};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -195,6 +196,12 @@ impl Poller {
         Arc::clone(&self.ctx.metrics)
     }
 
+    /// What `GET /metrics` shows of this poller: its counters, the batches in flight, and the
+    /// store's own metrics (PostgreSQL: the pool and the write paths).
+    pub fn metrics_page(&self) -> Arc<dyn Render> {
+        Arc::clone(&self.ctx) as Arc<dyn Render>
+    }
+
     /// Runs the receive loops until `shutdown` is cancelled, then lets the batches in flight
     /// finish and settle, and returns.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -322,6 +329,7 @@ async fn receive_batch(
 async fn process(ctx: &Ctx, batch: Batch) {
     let ids: Vec<DeliveryId> = batch.prepared.iter().map(|p| p.id().clone()).collect();
     let events = batch.events;
+    let _in_flight = ctx.metrics.batch_in_flight();
     ctx.metrics.add_events_valid(events as u64);
     let stop = CancellationToken::new();
     let beat = tokio::spawn(heartbeat(
@@ -335,7 +343,10 @@ async fn process(ctx: &Ctx, batch: Batch) {
     // Also stops the heartbeat if this future is dropped mid-write (its loop aborted): a
     // detached heartbeat would keep extending the batch, and keep the source alive.
     let stop_on_drop = stop.drop_guard();
+    let started = Instant::now();
     let outcome = core::write_prepared(batch.prepared, ctx.sink.as_ref(), &ctx.config.core).await;
+    ctx.metrics
+        .observe_batch_write(started.elapsed(), outcome.sink_error.is_none());
     // No extension may follow a settlement: stop the heartbeat and wait for it.
     drop(stop_on_drop);
     if let Err(e) = beat.await {
@@ -440,4 +451,17 @@ async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
         sink_error = outcome.sink_error.as_deref().unwrap_or(""),
         "Settled batch"
     );
+}
+
+impl Render for Ctx {
+    #[allow(clippy::cast_precision_loss)]
+    fn render(&self, page: &mut Exposition) {
+        self.metrics.render(page);
+        page.gauge(
+            "spillway_worker_max_concurrent_batches",
+            "The most batches written at once (--max-concurrent-batches).",
+            self.config.max_concurrent_batches as f64,
+        );
+        self.sink.render_metrics(page);
+    }
 }

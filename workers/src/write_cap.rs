@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use shared::metrics::Exposition;
 use shared::{AdEvent, Sink, SinkError, WriteReport};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -111,6 +112,10 @@ impl Sink for CappedSink {
     /// Not capped: a ping writes nothing.
     async fn ping(&self) -> Result<(), SinkError> {
         self.inner.ping().await
+    }
+
+    fn render_metrics(&self, page: &mut Exposition) {
+        self.inner.render_metrics(page);
     }
 }
 

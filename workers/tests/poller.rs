@@ -443,3 +443,73 @@ fn a_heartbeat_not_under_the_visibility_timeout_is_refused() {
     assert!(cfg.validate().is_err());
     assert!(PollerConfig::default().validate().is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_metrics_page_shows_the_breaker_open_during_an_outage_and_the_drain_after_it() {
+    use shared::metrics::{render_all, value_of};
+    let src = source(Some(3));
+    fill(&src, 300, 10, 5);
+    let sink = TestSink::new();
+    sink.inner.set_fail_always(true);
+    let cfg = PollerConfig {
+        max_batch_messages: 5,
+        max_concurrent_batches: 3,
+        breaker: BreakerConfig {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(5),
+            max_cooldown: Duration::from_secs(20),
+        },
+        ..config()
+    };
+    let poller = Poller::new(Arc::clone(&src) as Arc<dyn Source>, sink.clone(), cfg).unwrap();
+    let page = poller.metrics_page();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(poller.run(token.clone()));
+    let scrape = || render_all(&[Arc::clone(&page)]);
+    let v = |page: &str, series: &str| {
+        value_of(page, series).unwrap_or_else(|| panic!("{series} missing from\n{page}"))
+    };
+
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let during = scrape();
+    assert_eq!(
+        v(&during, r#"spillway_worker_breaker_state{state="open"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(&during, r#"spillway_worker_breaker_state{state="closed"}"#),
+        0.0
+    );
+    assert!(v(&during, "spillway_worker_breaker_opened_total") >= 1.0);
+    assert_eq!(v(&during, "spillway_worker_events_written_total"), 0.0);
+    assert!(v(&during, "spillway_worker_batch_write_seconds_count") >= 2.0);
+    assert_eq!(
+        v(
+            &during,
+            "spillway_worker_last_batch_written_timestamp_seconds"
+        ),
+        0.0,
+        "no batch was stored yet"
+    );
+
+    sink.inner.set_fail_always(false);
+    until("queue drained", Duration::from_secs(600), || src.is_empty()).await;
+    let after = scrape();
+    token.cancel();
+    handle.await.unwrap();
+    assert_eq!(
+        v(&after, r#"spillway_worker_breaker_state{state="closed"}"#),
+        1.0
+    );
+    assert_eq!(v(&after, "spillway_worker_events_written_total"), 50.0);
+    assert_eq!(v(&after, "spillway_worker_deliveries_acked_total"), 10.0);
+    assert_eq!(v(&after, "spillway_worker_dead_letters_total"), 0.0);
+    assert_eq!(v(&after, "spillway_worker_max_concurrent_batches"), 3.0);
+    assert_eq!(v(&after, "spillway_worker_batches_in_flight"), 0.0);
+    assert!(
+        v(
+            &after,
+            "spillway_worker_last_batch_written_timestamp_seconds"
+        ) > 1.7e9
+    );
+}

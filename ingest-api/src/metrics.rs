@@ -1,0 +1,124 @@
+//! The ingest API's counters, rendered at `GET /metrics` (`--metrics-listen`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use shared::metrics::{Exposition, Histogram, Render};
+
+/// The statuses `POST /v1/events` answers (README, "The ingest API"); anything else counts
+/// as `other`.
+const STATUSES: [(StatusCode, &str); 8] = [
+    (StatusCode::ACCEPTED, "202"),
+    (StatusCode::BAD_REQUEST, "400"),
+    (StatusCode::UNAUTHORIZED, "401"),
+    (StatusCode::FORBIDDEN, "403"),
+    (StatusCode::PAYLOAD_TOO_LARGE, "413"),
+    (StatusCode::UNSUPPORTED_MEDIA_TYPE, "415"),
+    (StatusCode::TOO_MANY_REQUESTS, "429"),
+    (StatusCode::SERVICE_UNAVAILABLE, "503"),
+];
+
+/// Live counters of one ingest API; every field only grows.
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    /// One per entry of `STATUSES`, then `other`.
+    responses: [AtomicU64; STATUSES.len() + 1],
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    envelopes: AtomicU64,
+    publish_retries: AtomicU64,
+    publish_seconds: Histogram,
+}
+
+impl IngestMetrics {
+    /// Zeroed counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one answer to `POST /v1/events`.
+    pub fn count_response(&self, status: StatusCode) {
+        let i = STATUSES
+            .iter()
+            .position(|(s, _)| *s == status)
+            .unwrap_or(STATUSES.len());
+        self.responses[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts the events a request's report accepted and rejected.
+    pub fn count_events(&self, accepted: usize, rejected: usize) {
+        self.accepted.fetch_add(accepted as u64, Ordering::Relaxed);
+        self.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one request's publish: its envelopes (when acknowledged), the attempts that
+    /// failed and were retried, and how long it took, retries included.
+    pub fn count_publish(
+        &self,
+        envelopes: usize,
+        acknowledged: bool,
+        retries: u32,
+        took: Duration,
+    ) {
+        if acknowledged {
+            self.envelopes
+                .fetch_add(envelopes as u64, Ordering::Relaxed);
+        }
+        self.publish_retries
+            .fetch_add(u64::from(retries), Ordering::Relaxed);
+        self.publish_seconds.observe(took);
+    }
+
+    /// The answers counted with `status`.
+    pub fn responses(&self, status: StatusCode) -> u64 {
+        let i = STATUSES
+            .iter()
+            .position(|(s, _)| *s == status)
+            .unwrap_or(STATUSES.len());
+        self.responses[i].load(Ordering::Relaxed)
+    }
+}
+
+impl Render for IngestMetrics {
+    fn render(&self, page: &mut Exposition) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let by_status: Vec<(&str, u64)> = STATUSES
+            .iter()
+            .map(|(_, name)| *name)
+            .chain(["other"])
+            .zip(self.responses.iter().map(get))
+            .collect();
+        page.counters(
+            "spillway_ingest_responses_total",
+            "Answers to POST /v1/events, by HTTP status.",
+            "status",
+            &by_status,
+        );
+        page.counter(
+            "spillway_ingest_events_accepted_total",
+            "Events accepted: the publisher acknowledged them before the 202.",
+            get(&self.accepted),
+        );
+        page.counter(
+            "spillway_ingest_events_rejected_total",
+            "Events rejected by validation or the key's advertiser scope (listed in the answers' `rejected`).",
+            get(&self.rejected),
+        );
+        page.counter(
+            "spillway_ingest_envelopes_published_total",
+            "Envelopes (broker messages) the publisher acknowledged.",
+            get(&self.envelopes),
+        );
+        page.counter(
+            "spillway_ingest_publish_retries_total",
+            "Publish attempts that failed and were tried again.",
+            get(&self.publish_retries),
+        );
+        page.histogram(
+            "spillway_ingest_publish_seconds",
+            "Time from the first publish attempt of a request to its acknowledgement or 503, retries included.",
+            &self.publish_seconds,
+        );
+    }
+}
