@@ -282,6 +282,7 @@ async fn init_error(
 pub struct LambdaFunction {
     child: Child,
     started: Instant,
+    stdout: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 impl LambdaFunction {
@@ -292,6 +293,38 @@ impl LambdaFunction {
     /// # Errors
     /// When it cannot be spawned.
     pub fn start(binary: &Path, api: &RuntimeApi, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn(binary, api, env, false)
+    }
+
+    /// Like [`LambdaFunction::start`], keeping every line the function writes to stdout
+    /// (where Lambda's log capture reads it) for [`LambdaFunction::stdout_lines`]; each line
+    /// is also echoed to this process's stdout.
+    ///
+    /// # Errors
+    /// When it cannot be spawned.
+    pub fn start_capturing(
+        binary: &Path,
+        api: &RuntimeApi,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(binary, api, env, true)
+    }
+
+    /// The lines written to stdout so far (only with [`LambdaFunction::start_capturing`]).
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout
+            .as_ref()
+            .map(|l| lock(l).clone())
+            .unwrap_or_default()
+    }
+
+    #[allow(clippy::print_stdout)]
+    fn spawn(
+        binary: &Path,
+        api: &RuntimeApi,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.env("AWS_LAMBDA_RUNTIME_API", api.addr.to_string())
             .env("AWS_LAMBDA_FUNCTION_NAME", &api.function_name)
@@ -308,16 +341,39 @@ impl LambdaFunction {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
+            .stdout(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let started = Instant::now();
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", binary.display()))?;
-        Ok(Self { child, started })
+        let stdout = match child.stdout.take() {
+            Some(out) => {
+                let lines = Arc::new(Mutex::new(Vec::new()));
+                let sink = Arc::clone(&lines);
+                std::thread::spawn(move || {
+                    for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                        let Ok(line) = line else { break };
+                        println!("{line}");
+                        lock(&sink).push(line);
+                    }
+                });
+                Some(lines)
+            }
+            None => None,
+        };
+        Ok(Self {
+            child,
+            started,
+            stdout,
+        })
     }
 
     /// Waits until the function asks for its first invocation; its init time.

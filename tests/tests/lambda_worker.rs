@@ -274,7 +274,23 @@ async fn a_batch_of_ten_with_a_poison_record_and_a_locked_row_reports_exactly_th
     let lock = lock_event(&db, &locked).await;
 
     let api = RuntimeApi::start("spillway-worker").await.unwrap();
-    let _worker = start_worker(&api, &db, &dlq_url).await;
+    let mut worker = LambdaFunction::start_capturing(
+        &worker_bin(),
+        &api,
+        &[
+            ("SPILLWAY_SINK", "postgres"),
+            ("DATABASE_URL", &db.url),
+            ("SPILLWAY_PG_STATEMENT_TIMEOUT_SECS", "1"),
+            ("SPILLWAY_DLQ_URL", &dlq_url),
+            ("SPILLWAY_BROKER", "aws"),
+            ("SPILLWAY_EMF_NAMESPACE", "SpillwayTest"),
+        ],
+    )
+    .unwrap();
+    worker
+        .wait_ready(&api, Duration::from_secs(30))
+        .await
+        .unwrap();
     let out = answer(&api, &sqs_event(&records)).await;
     assert_eq!(
         out,
@@ -313,6 +329,43 @@ async fn a_batch_of_ten_with_a_poison_record_and_a_locked_row_reports_exactly_th
     let out = answer(&api, &retry).await;
     assert_eq!(out, json!({"batchItemFailures": []}));
     assert_eq!(stored_ids(&db).await.len(), 27);
+
+    // One Embedded Metric Format line per invocation on stdout, as CloudWatch reads them.
+    let emf = emf_lines(&worker).await;
+    assert_eq!(emf.len(), 2, "{emf:?}");
+    let metrics = &emf[0]["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(metrics["Namespace"], "SpillwayTest");
+    assert_eq!(metrics["Dimensions"], json!([["FunctionName"]]));
+    assert_eq!(emf[0]["FunctionName"], "spillway-worker");
+    let counts = |v: &Value| {
+        [
+            "Records",
+            "EventsWritten",
+            "EventsDuplicate",
+            "DeadLetters",
+            "RecordsRetried",
+            "RecordsRequeued",
+            "ColdStart",
+        ]
+        .map(|k| {
+            v[k].as_u64()
+                .unwrap_or_else(|| panic!("{k} missing from {v}"))
+        })
+    };
+    // 8 records of 3 events stored, the poison record dead-lettered, the locked one retried.
+    assert_eq!(counts(&emf[0]), [10, 24, 0, 1, 1, 0, 1]);
+    assert_eq!(counts(&emf[1]), [1, 3, 0, 0, 0, 0, 0]);
+}
+
+/// The Embedded Metric Format lines the function has written to stdout, parsed.
+async fn emf_lines(f: &LambdaFunction) -> Vec<Value> {
+    // The reader thread may still be a line behind the last answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    f.stdout_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("_aws").is_some())
+        .collect()
 }
 
 #[tokio::test]

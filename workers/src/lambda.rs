@@ -43,7 +43,11 @@ use shared::source::ATTR_REQUEUES;
 use shared::{DeadLetterQueue, Delivery, DeliveryId, Requeue, Requeued, Sink};
 use tracing::{debug, error, info, warn};
 
-use crate::core::{prepare, write_prepared, CoreConfig, Decision, PreparedDelivery, SinkHealth};
+use crate::core::{
+    prepare, write_prepared, BatchOutcome, CoreConfig, Decision, PreparedDelivery, SinkHealth,
+};
+use crate::emf::{self, EmfTarget, InvocationCounts};
+use crate::metrics::{Metrics, MetricsSnapshot};
 
 /// The SQS system attribute carrying how many times a message was received.
 const ATTR_RECEIVE_COUNT: &str = "ApproximateReceiveCount";
@@ -89,6 +93,8 @@ pub struct SqsHandler {
     dlq: Option<Arc<dyn DeadLetterQueue>>,
     requeue: Option<Arc<dyn Requeue>>,
     config: LambdaConfig,
+    metrics: Arc<Metrics>,
+    emf: Option<EmfTarget>,
 }
 
 /// What became of one record.
@@ -125,7 +131,23 @@ impl SqsHandler {
             dlq,
             requeue: None,
             config,
+            metrics: Arc::new(Metrics::new()),
+            emf: None,
         }
+    }
+
+    /// Logs each invocation's counts as CloudWatch Embedded Metric Format to stdout (one
+    /// JSON line; see [`emf`]).
+    #[must_use]
+    pub fn with_emf(mut self, target: EmfTarget) -> Self {
+        self.emf = Some(target);
+        self
+    }
+
+    /// The counters since this execution environment started (`batches` counts
+    /// invocations).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Puts the records held back by a store outage back on the queue through `requeue`
@@ -146,6 +168,11 @@ impl SqsHandler {
         deadline: SystemTime,
     ) -> Result<SqsBatchResponse, HandlerError> {
         let started = std::time::Instant::now();
+        // One invocation at a time per execution environment: the difference of two
+        // snapshots is this invocation's.
+        let before = self.metrics.snapshot();
+        self.metrics.add_batches(1);
+        self.metrics.add_received(event.records.len() as u64);
         let cutoff = deadline
             .checked_sub(self.config.deadline_margin)
             .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -169,6 +196,7 @@ impl SqsHandler {
             let batch: Vec<PreparedDelivery> = prepared.iter().map(|(_, p)| p.clone()).collect();
             match self.write(batch).await {
                 Some(outcome) if outcome.sink_health != SinkHealth::Unavailable => {
+                    self.count_written(&outcome);
                     for ((i, _), s) in prepared.iter().zip(outcome.settlements) {
                         fates[*i] = self.settle(&deliveries[*i], s.decision).await;
                     }
@@ -215,17 +243,38 @@ impl SqsHandler {
                 }
             }
         }
+        let retried = response.batch_item_failures.len() + unnamed;
+        self.metrics.add_retried(retried as u64);
+        self.metrics.add_requeued(requeued as u64);
+        let counts = invocation_counts(&before, &self.metrics.snapshot());
         info!(
             records = deliveries.len(),
-            retried = response.batch_item_failures.len() + unnamed,
+            written = counts.events_written,
+            duplicates = counts.events_duplicate,
+            dead_lettered = counts.dead_letters,
+            retried,
             requeued,
             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "Handled SQS batch"
         );
+        if let Some(target) = &self.emf {
+            emit(&emf::line(
+                target,
+                &counts,
+                before.batches == 0,
+                SystemTime::now(),
+            ));
+        }
         if unnamed > 0 {
             return Err(HandlerError::UnnamedFailures(unnamed));
         }
         Ok(response)
+    }
+
+    fn count_written(&self, outcome: &BatchOutcome) {
+        self.metrics.add_written(outcome.written.inserted as u64);
+        self.metrics
+            .add_duplicates(outcome.written.duplicates as u64);
     }
 
     /// Writes prepared deliveries in a task of their own, so a panic is caught; `None` when
@@ -262,6 +311,7 @@ impl SqsHandler {
             }
             match self.write(vec![p]).await {
                 Some(outcome) => {
+                    self.count_written(&outcome);
                     match outcome.sink_health {
                         SinkHealth::Unavailable => {
                             consecutive_failures += 1;
@@ -366,6 +416,7 @@ impl SqsHandler {
                 };
                 match dlq.send(&letters).await {
                     Ok(()) => {
+                        self.metrics.add_dead_lettered(letters.len() as u64);
                         info!(
                             message_id = %d.message_id,
                             letters = letters.len(),
@@ -382,6 +433,28 @@ impl SqsHandler {
             }
         }
     }
+}
+
+/// What one invocation did: the counters after it less those before.
+fn invocation_counts(before: &MetricsSnapshot, after: &MetricsSnapshot) -> InvocationCounts {
+    InvocationCounts {
+        records: after.received - before.received,
+        events_written: after.written - before.written,
+        events_duplicate: after.duplicates - before.duplicates,
+        dead_letters: after.dead_lettered - before.dead_lettered,
+        records_retried: after.retried - before.retried,
+        records_requeued: after.requeued - before.requeued,
+    }
+}
+
+/// Writes one EMF line to stdout, where Lambda's log capture (and CloudWatch's metric
+/// extraction) reads it.
+#[allow(clippy::print_stdout)]
+fn emit(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 /// Whether a record can be sent again exactly as it came: every attribute a string, and room

@@ -17,6 +17,7 @@
 
 pub mod breaker;
 pub mod core;
+pub mod emf;
 pub mod lambda;
 pub mod metrics;
 pub mod poller;

@@ -113,7 +113,13 @@ async fn lambda_handler() -> anyhow::Result<SqsHandler> {
             None
         }
     };
-    let handler = SqsHandler::new(sink, dlq, cli.worker.lambda_config());
+    let mut handler = SqsHandler::new(sink, dlq, cli.worker.lambda_config());
+    if let Some(namespace) = cli.worker.emf_namespace.filter(|n| !n.is_empty()) {
+        handler = handler.with_emf(workers::emf::EmfTarget {
+            namespace,
+            function_name: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_default(),
+        });
+    }
     Ok(match (&cli.broker.queue_url, sqs) {
         (Some(url), Some(client)) => handler.with_requeue(Arc::new(
             shared::aws::sqs::SqsRequeue::new(client, url.clone()),

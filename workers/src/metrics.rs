@@ -55,6 +55,7 @@ pub struct Metrics {
     acked: AtomicU64,
     dead_lettered: AtomicU64,
     retried: AtomicU64,
+    requeued: AtomicU64,
     batches: AtomicU64,
     receive_errors: AtomicU64,
     settle_errors: AtomicU64,
@@ -92,6 +93,8 @@ pub struct MetricsSnapshot {
     pub dead_lettered: u64,
     /// Deliveries handed back for a later retry.
     pub retried: u64,
+    /// Lambda: records put back on the queue as new messages while the store was down.
+    pub requeued: u64,
     /// Batches processed.
     pub batches: u64,
     /// Receive calls that failed.
@@ -129,6 +132,7 @@ impl Metrics {
         acked => add_acked,
         dead_lettered => add_dead_lettered,
         retried => add_retried,
+        requeued => add_requeued,
         batches => add_batches,
         receive_errors => add_receive_errors,
         settle_errors => add_settle_errors,
@@ -271,6 +275,7 @@ impl Metrics {
             acked: get(&self.acked),
             dead_lettered: get(&self.dead_lettered),
             retried: get(&self.retried),
+            requeued: get(&self.requeued),
             batches: get(&self.batches),
             receive_errors: get(&self.receive_errors),
             settle_errors: get(&self.settle_errors),

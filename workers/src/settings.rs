@@ -76,6 +76,12 @@ pub struct WorkerSettings {
         default_value_t = 2_000
     )]
     pub lambda_deadline_margin_ms: u64,
+
+    /// Lambda: CloudWatch namespace of the metrics each invocation logs in Embedded Metric
+    /// Format (records, events written, duplicates, dead letters, retried, requeued, cold
+    /// start); off when unset or empty.
+    #[arg(long, env = "SPILLWAY_EMF_NAMESPACE")]
+    pub emf_namespace: Option<String>,
 }
 
 impl WorkerSettings {

@@ -153,12 +153,15 @@ async fn a_poison_record_goes_to_the_dlq_and_only_the_transient_failure_is_retri
         .insert(evs[6][1].event_id);
     let dlq = Arc::new(TestDlq::default());
     let queue = Arc::new(TestQueue::default());
-    let resp = handler(sink.clone(), Some(dlq.clone()))
-        .with_requeue(queue.clone())
-        .handle(event, in_a_minute())
-        .await
-        .unwrap();
+    let h = handler(sink.clone(), Some(dlq.clone())).with_requeue(queue.clone());
+    let resp = h.handle(event, in_a_minute()).await.unwrap();
     assert_eq!(failures(&resp), ["m-6"]);
+    let m = h.metrics().snapshot();
+    assert_eq!(
+        (m.batches, m.received, m.written, m.duplicates),
+        (1, 10, 24, 0)
+    );
+    assert_eq!((m.dead_lettered, m.retried, m.requeued), (1, 1, 0));
     assert!(
         queue.sent.lock().unwrap().is_empty(),
         "the store stores the others: record 6 is reported, not requeued"
@@ -305,13 +308,12 @@ async fn while_the_store_is_down_held_records_are_requeued_with_a_growing_delay_
     store_down(&sink, &evs);
     let dlq = Arc::new(TestDlq::default());
     let queue = Arc::new(TestQueue::default());
-    let resp = handler(sink.clone(), Some(dlq.clone()))
-        .with_requeue(queue.clone())
-        .handle(event.clone(), in_a_minute())
-        .await
-        .unwrap();
+    let h = handler(sink.clone(), Some(dlq.clone())).with_requeue(queue.clone());
+    let resp = h.handle(event.clone(), in_a_minute()).await.unwrap();
     assert_eq!(failures(&resp), Vec::<String>::new());
     assert_eq!(sink.stored(), 0);
+    let m = h.metrics().snapshot();
+    assert_eq!((m.written, m.retried, m.requeued), (0, 0, 9));
     assert_eq!(dlq.letters.lock().unwrap().len(), 1, "the poison record");
     let sent = queue.sent.lock().unwrap();
     let bodies: Vec<&str> = sent.iter().map(|m| m.body.as_str()).collect();

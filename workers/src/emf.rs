@@ -1,0 +1,132 @@
+//! CloudWatch Embedded Metric Format: one JSON log line per Lambda invocation from which
+//! CloudWatch Logs extracts metrics, with no API call and no added latency. A Lambda function
+//! cannot be scraped like the poller's `/metrics`; this is how its counts become metrics.
+//!
+//! <https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/CloudWatch_Embedded_Metric_Format_Specification.html>
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+/// Where the metrics go: a CloudWatch namespace, and the function as their one dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmfTarget {
+    /// The CloudWatch namespace (e.g. `Spillway`).
+    pub namespace: String,
+    /// The `FunctionName` dimension (Lambda's `AWS_LAMBDA_FUNCTION_NAME`).
+    pub function_name: String,
+}
+
+/// What one invocation did, record by record and event by event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InvocationCounts {
+    /// Records in the SQS batch.
+    pub records: u64,
+    /// Events stored for the first time.
+    pub events_written: u64,
+    /// Events the store already had (redeliveries).
+    pub events_duplicate: u64,
+    /// Letters sent to the DLQ.
+    pub dead_letters: u64,
+    /// Records reported in `batchItemFailures` (retried after the visibility timeout).
+    pub records_retried: u64,
+    /// Records put back on the queue as new messages while the store was down.
+    pub records_requeued: u64,
+}
+
+/// The EMF line of one invocation; `cold_start` marks the first one of an execution
+/// environment (metric `ColdStart` = 1).
+pub fn line(
+    target: &EmfTarget,
+    counts: &InvocationCounts,
+    cold_start: bool,
+    at: SystemTime,
+) -> String {
+    let ms = at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let values: [(&str, u64); 7] = [
+        ("Records", counts.records),
+        ("EventsWritten", counts.events_written),
+        ("EventsDuplicate", counts.events_duplicate),
+        ("DeadLetters", counts.dead_letters),
+        ("RecordsRetried", counts.records_retried),
+        ("RecordsRequeued", counts.records_requeued),
+        ("ColdStart", u64::from(cold_start)),
+    ];
+    let mut root = Map::new();
+    root.insert(
+        "_aws".into(),
+        json!({
+            "Timestamp": u64::try_from(ms).unwrap_or(u64::MAX),
+            "CloudWatchMetrics": [{
+                "Namespace": target.namespace,
+                "Dimensions": [["FunctionName"]],
+                "Metrics": values
+                    .iter()
+                    .map(|(name, _)| json!({"Name": name, "Unit": "Count"}))
+                    .collect::<Vec<_>>(),
+            }],
+        }),
+    );
+    root.insert("FunctionName".into(), json!(target.function_name));
+    for (name, v) in values {
+        root.insert(name.into(), json!(v));
+    }
+    Value::Object(root).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_line_declares_every_metric_under_the_function_dimension_with_its_value() {
+        let target = EmfTarget {
+            namespace: "Spillway".into(),
+            function_name: "spillway-worker".into(),
+        };
+        let counts = InvocationCounts {
+            records: 10,
+            events_written: 40,
+            events_duplicate: 2,
+            dead_letters: 1,
+            records_retried: 1,
+            records_requeued: 0,
+        };
+        let at = UNIX_EPOCH + Duration::from_millis(1_764_662_400_123);
+        let v: Value = serde_json::from_str(&line(&target, &counts, true, at)).unwrap();
+        let meta = &v["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(v["_aws"]["Timestamp"], 1_764_662_400_123_u64);
+        assert_eq!(meta["Namespace"], "Spillway");
+        assert_eq!(meta["Dimensions"], json!([["FunctionName"]]));
+        assert_eq!(v["FunctionName"], "spillway-worker");
+        let names: Vec<&str> = meta["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                assert_eq!(m["Unit"], "Count");
+                m["Name"].as_str().unwrap()
+            })
+            .collect();
+        // Every declared metric has its value at the top level, as EMF requires.
+        let values: Vec<u64> = names.iter().map(|n| v[n].as_u64().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "Records",
+                "EventsWritten",
+                "EventsDuplicate",
+                "DeadLetters",
+                "RecordsRetried",
+                "RecordsRequeued",
+                "ColdStart"
+            ]
+        );
+        assert_eq!(values, [10, 40, 2, 1, 1, 0, 1]);
+    }
+}
