@@ -338,16 +338,7 @@ async fn a_batch_of_ten_with_a_poison_record_and_a_locked_row_reports_exactly_th
     assert_eq!(metrics["Dimensions"], json!([["FunctionName"]]));
     assert_eq!(emf[0]["FunctionName"], "spillway-worker");
     let counts = |v: &Value| {
-        [
-            "Records",
-            "EventsWritten",
-            "EventsDuplicate",
-            "DeadLetters",
-            "RecordsRetried",
-            "RecordsRequeued",
-            "ColdStart",
-        ]
-        .map(|k| {
+        workers::emf::METRICS.map(|k| {
             v[k].as_u64()
                 .unwrap_or_else(|| panic!("{k} missing from {v}"))
         })

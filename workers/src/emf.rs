@@ -34,6 +34,17 @@ pub struct InvocationCounts {
     pub records_requeued: u64,
 }
 
+/// The metrics of a line, in order, each a `Count`.
+pub const METRICS: [&str; 7] = [
+    "Records",
+    "EventsWritten",
+    "EventsDuplicate",
+    "DeadLetters",
+    "RecordsRetried",
+    "RecordsRequeued",
+    "ColdStart",
+];
+
 /// The EMF line of one invocation; `cold_start` marks the first one of an execution
 /// environment (metric `ColdStart` = 1).
 pub fn line(
@@ -46,15 +57,15 @@ pub fn line(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    let values: [(&str, u64); 7] = [
-        ("Records", counts.records),
-        ("EventsWritten", counts.events_written),
-        ("EventsDuplicate", counts.events_duplicate),
-        ("DeadLetters", counts.dead_letters),
-        ("RecordsRetried", counts.records_retried),
-        ("RecordsRequeued", counts.records_requeued),
-        ("ColdStart", u64::from(cold_start)),
-    ];
+    let values = METRICS.into_iter().zip([
+        counts.records,
+        counts.events_written,
+        counts.events_duplicate,
+        counts.dead_letters,
+        counts.records_retried,
+        counts.records_requeued,
+        u64::from(cold_start),
+    ]);
     let mut root = Map::new();
     root.insert(
         "_aws".into(),
@@ -63,9 +74,9 @@ pub fn line(
             "CloudWatchMetrics": [{
                 "Namespace": target.namespace,
                 "Dimensions": [["FunctionName"]],
-                "Metrics": values
+                "Metrics": METRICS
                     .iter()
-                    .map(|(name, _)| json!({"Name": name, "Unit": "Count"}))
+                    .map(|name| json!({"Name": name, "Unit": "Count"}))
                     .collect::<Vec<_>>(),
             }],
         }),
@@ -115,18 +126,7 @@ mod tests {
             .collect();
         // Every declared metric has its value at the top level, as EMF requires.
         let values: Vec<u64> = names.iter().map(|n| v[n].as_u64().unwrap()).collect();
-        assert_eq!(
-            names,
-            [
-                "Records",
-                "EventsWritten",
-                "EventsDuplicate",
-                "DeadLetters",
-                "RecordsRetried",
-                "RecordsRequeued",
-                "ColdStart"
-            ]
-        );
+        assert_eq!(names, METRICS);
         assert_eq!(values, [10, 40, 2, 1, 1, 0, 1]);
     }
 }
