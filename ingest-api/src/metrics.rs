@@ -69,15 +69,6 @@ impl IngestMetrics {
             .fetch_add(u64::from(retries), Ordering::Relaxed);
         self.publish_seconds.observe(took);
     }
-
-    /// The answers counted with `status`.
-    pub fn responses(&self, status: StatusCode) -> u64 {
-        let i = STATUSES
-            .iter()
-            .position(|(s, _)| *s == status)
-            .unwrap_or(STATUSES.len());
-        self.responses[i].load(Ordering::Relaxed)
-    }
 }
 
 impl Render for IngestMetrics {

@@ -6,7 +6,6 @@
 //! components (`spillway dev`) renders each of them into the same page.
 
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -193,43 +192,21 @@ pub fn value_of(page: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Binds `addr` for the metrics endpoint; an error names the address.
-///
-/// # Errors
-/// When the address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot listen for metrics on {addr}: {e}"),
-        )
-    })
-}
-
-/// Serves `GET /metrics` for `parts` on `listener` until `shutdown` completes.
-///
-/// # Errors
-/// The I/O error that stopped the server.
-pub async fn serve(
-    listener: TcpListener,
-    parts: Vec<Arc<dyn Render>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(parts))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
 /// Binds `addr` and serves `GET /metrics` for `parts` in a task of its own for as long as the
 /// runtime runs; returns the bound address.
 ///
 /// # Errors
 /// When the address cannot be bound (the error names it).
 pub async fn spawn(addr: SocketAddr, parts: Vec<Arc<dyn Render>>) -> std::io::Result<SocketAddr> {
-    let listener = bind(addr).await?;
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for metrics on {addr}: {e}"),
+        )
+    })?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = serve(listener, parts, std::future::pending()).await {
+        if let Err(e) = axum::serve(listener, router(parts)).await {
             tracing::error!(error = %e, "Metrics endpoint stopped");
         }
     });
