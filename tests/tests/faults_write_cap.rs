@@ -18,9 +18,12 @@
 
 use std::time::{Duration, Instant};
 
+use shared::metrics::value_of;
 use tests::checker::{check, read_ids, CheckReport, PostgresStoreView};
+use tests::dev_process::DevProcess;
 use tests::pipeline::{
-    declare_topology, start_ingest, start_worker, wait_drained, LoadReport, Loadgen, QUEUE,
+    declare_topology, start_ingest_on, start_worker, wait_drained, LoadReport, Loadgen, QUEUE,
+    TOPIC,
 };
 use tests::postgres::{connect, TestDb};
 
@@ -80,6 +83,19 @@ struct Burst {
     took: Duration,
     /// The worker's `/metrics` page once everything was drained.
     metrics: String,
+    /// The ingest API's.
+    ingest_metrics: String,
+}
+
+/// The `/metrics` page served on `addr`.
+async fn scrape(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("the process serves /metrics")
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Runs loadgen at [`BASE_RATE`] with a 20× burst against ingest, and a PostgreSQL worker
@@ -93,12 +109,20 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
     let broker = declare_topology(dir.path(), Duration::from_secs(30), 10)
         .await
         .unwrap();
-    let (ingest, addr) = start_ingest(dir.path()).unwrap();
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let ingest_metrics_addr = DevProcess::free_addr().unwrap().to_string();
+    let (ingest, addr) = start_ingest_on(
+        dir.path(),
+        &[
+            "--broker",
+            "embedded",
+            "--topic",
+            TOPIC,
+            "--metrics-listen",
+            &ingest_metrics_addr,
+        ],
+    )
+    .unwrap();
+    let metrics_addr = DevProcess::free_addr().unwrap().to_string();
     let mut args = worker_args.to_vec();
     args.extend(["--metrics-listen", &metrics_addr]);
     let worker = start_worker(dir.path(), &db.url, &args).unwrap();
@@ -141,13 +165,8 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
     wait_drained(&broker, QUEUE, Duration::from_secs(10))
         .await
         .unwrap();
-    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .expect("the worker serves /metrics")
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&metrics_addr).await;
+    let ingest_metrics = scrape(&ingest_metrics_addr).await;
     worker.terminate(Duration::from_secs(30)).unwrap();
     ingest.terminate(Duration::from_secs(30)).unwrap();
     // The last count, once everything is acknowledged (and so committed).
@@ -169,6 +188,7 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
         burst_secs,
         took,
         metrics,
+        ingest_metrics,
     }
 }
 
@@ -276,7 +296,18 @@ impl Burst {
         assert_eq!(self.verdict.lost, 0, "{}", self.verdict);
         assert_eq!(self.verdict.duplicated, 0, "{}", self.verdict);
         assert!(self.verdict.rollups_consistent, "{}", self.verdict);
-        // The worker's own account, scraped from `--metrics-listen`, agrees with the store.
+        // The processes' own accounts, scraped from `--metrics-listen`, agree with the
+        // client's and the store's.
+        let accepted = value_of(
+            &self.ingest_metrics,
+            "spillway_ingest_events_accepted_total",
+        );
+        assert_eq!(
+            accepted,
+            Some(self.load.accepted as f64),
+            "{}",
+            self.ingest_metrics
+        );
         let written = self.metric("spillway_worker_events_written_total");
         assert_eq!(written, self.stored as f64, "{}", self.metrics);
         assert_eq!(self.metric("spillway_worker_dead_letters_total"), 0.0);
@@ -285,7 +316,7 @@ impl Burst {
     }
 
     fn metric(&self, series: &str) -> f64 {
-        shared::metrics::value_of(&self.metrics, series)
+        value_of(&self.metrics, series)
             .unwrap_or_else(|| panic!("{series} missing from\n{}", self.metrics))
     }
 }
