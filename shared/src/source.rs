@@ -156,4 +156,10 @@ pub trait Source: Send + Sync + Debug {
     /// [`SourceError`].
     async fn dead_letter(&self, id: &DeliveryId, letters: &[DeadLetter])
         -> Result<(), SourceError>;
+
+    /// Writes the source's own metrics (Kafka: the consumer lag per partition) into `page`;
+    /// most sources have none (a queue's depth is the broker's to tell).
+    fn render_metrics(&self, page: &mut crate::metrics::Exposition) {
+        let _ = page;
+    }
 }

@@ -319,3 +319,58 @@ async fn a_retried_message_comes_back_after_its_backoff_while_other_partitions_m
         BTreeMap::from([(0, 5), (1, 5)])
     );
 }
+
+/// The page `source` renders, once `series` shows `want`. Statistics come every 100 ms here,
+/// served while the consumer polls, as the poller's receive loops keep it doing.
+async fn lag_page(source: &KafkaSource, series: &str, want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let more = source
+            .receive(10, Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert!(more.is_empty(), "every message was already received");
+        let mut page = shared::metrics::Exposition::new();
+        source.render_metrics(&mut page);
+        let page = page.finish();
+        if shared::metrics::value_of(&page, series) == Some(want) {
+            return page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never became {want}:\n{page}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_lag_of_each_owned_partition_is_rendered_for_metrics() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let (bodies, _) = envelopes(20, 1, 7);
+    produce_to(&bootstrap, TOPIC, 0, &bodies).await.unwrap();
+    let mut config = consumer_config(&bootstrap, "lag");
+    config
+        .client
+        .extra
+        .insert("statistics.interval.ms".into(), "100".into());
+    let source = Arc::new(KafkaSource::new(&config).unwrap());
+    let mut got = receive_n(&source, 20, Duration::from_secs(30)).await;
+    got.sort_by_key(offset_of);
+
+    // Offsets 0..5 done and committed: 15 of the 20 are still behind the group.
+    let done: Vec<DeliveryId> = got[..5].iter().map(|d| d.id.clone()).collect();
+    source.ack(&done).await.unwrap();
+    commit(&source).await;
+    let series = r#"spillway_kafka_consumer_lag{partition="0"}"#;
+    lag_page(&source, series, 15.0).await;
+
+    let rest: Vec<DeliveryId> = got[5..].iter().map(|d| d.id.clone()).collect();
+    source.ack(&rest).await.unwrap();
+    commit(&source).await;
+    let page = lag_page(&source, series, 0.0).await;
+    assert!(
+        page.contains("# TYPE spillway_kafka_consumer_lag gauge"),
+        "{page}"
+    );
+}

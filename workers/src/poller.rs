@@ -462,6 +462,7 @@ impl Render for Ctx {
             "The most batches written at once (--max-concurrent-batches).",
             self.config.max_concurrent_batches as f64,
         );
+        self.source.render_metrics(page);
         self.sink.render_metrics(page);
     }
 }

@@ -47,6 +47,7 @@ use super::{
     attributes_of, headers_of, log_line, millis, KafkaClientConfig, HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
 };
+use crate::metrics::Exposition;
 use crate::source::{
     DeadLetter, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE, ATTR_ERROR_MESSAGE,
 };
@@ -117,6 +118,8 @@ impl ConsumerConfig {
             ("session.timeout.ms", millis(self.session_timeout)),
             ("heartbeat.interval.ms", millis(heartbeat)),
             ("max.poll.interval.ms", millis(self.max_poll_interval)),
+            // The consumer lag rendered at `/metrics` (`spillway_kafka_consumer_lag`).
+            ("statistics.interval.ms", "5000".into()),
         ])
     }
 }
@@ -176,6 +179,8 @@ impl State {
 struct Shared {
     topic: String,
     state: Mutex<State>,
+    /// The consumer lag of each partition assigned here, from the latest statistics.
+    lags: Mutex<BTreeMap<i32, i64>>,
     /// Wakes a waiting `receive` when a redelivery was scheduled.
     wake: Notify,
 }
@@ -184,6 +189,30 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn lags(&self) -> MutexGuard<'_, BTreeMap<i32, i64>> {
+        self.lags.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The part of librdkafka's statistics JSON the lag gauge reads.
+#[derive(Debug, serde::Deserialize)]
+struct LagStats {
+    #[serde(default)]
+    topics: HashMap<String, LagTopic>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LagTopic {
+    #[serde(default)]
+    partitions: HashMap<String, LagPartition>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LagPartition {
+    partition: i32,
+    desired: bool,
+    consumer_lag: i64,
 }
 
 /// The consumer's callbacks: rebalances and logs.
@@ -199,6 +228,32 @@ impl ClientContext for SourceContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(error = %error, reason, "Kafka consumer error");
+    }
+
+    /// Keeps the lag of the partitions assigned here (`desired`); librdkafka reports -1 while
+    /// it does not know it yet, and such partitions are left out.
+    /// Keeps the lag of the partitions assigned here (`desired`) from librdkafka's statistics
+    /// JSON; it reports -1 while it does not know a lag yet, and such partitions are left
+    /// out. Only the few fields used are read (rdkafka's typed `Statistics` does not parse
+    /// the vendored librdkafka's JSON).
+    fn stats_raw(&self, statistics: &[u8]) {
+        match serde_json::from_slice::<LagStats>(statistics) {
+            Ok(mut stats) => {
+                let lags = stats
+                    .topics
+                    .remove(&self.shared.topic)
+                    .map(|t| {
+                        t.partitions
+                            .into_values()
+                            .filter(|p| p.partition >= 0 && p.desired && p.consumer_lag >= 0)
+                            .map(|p| (p.partition, p.consumer_lag))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                *self.shared.lags() = lags;
+            }
+            Err(e) => debug!(error = %e, "Unreadable librdkafka statistics"),
+        }
     }
 }
 
@@ -316,6 +371,7 @@ impl KafkaSource {
         let shared = Arc::new(Shared {
             topic: config.topic.clone(),
             state: Mutex::new(State::default()),
+            lags: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
         });
         let consumer: StreamConsumer<SourceContext> = config
@@ -701,6 +757,22 @@ impl Source for KafkaSource {
         }
         // Only after the DLQ acknowledged every letter.
         self.ack(std::slice::from_ref(id)).await
+    }
+
+    fn render_metrics(&self, page: &mut Exposition) {
+        let lags = self.shared.lags().clone();
+        #[allow(clippy::cast_precision_loss)]
+        let samples: Vec<(String, f64)> = lags
+            .iter()
+            .map(|(p, lag)| (p.to_string(), *lag as f64))
+            .collect();
+        let samples: Vec<(&str, f64)> = samples.iter().map(|(p, l)| (p.as_str(), *l)).collect();
+        page.gauges(
+            "spillway_kafka_consumer_lag",
+            "Messages of each partition this worker owns past the group's committed offset (librdkafka statistics, refreshed every statistics.interval.ms).",
+            "partition",
+            &samples,
+        );
     }
 }
 
