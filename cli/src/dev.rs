@@ -41,6 +41,8 @@ pub(crate) struct DevArgs {
 /// answers those in flight, and the workers finish and settle the batches they hold.
 pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     shared::telemetry::init();
+    // Installed before start-up: a stop meanwhile shuts the pipeline down as soon as it runs.
+    let stop = shutdown_signal();
     // `--broker kafka` without bootstrap servers: an in-process mock cluster, for trying the
     // Kafka transport with nothing installed. It lives until this function returns.
     let _mock = if args.broker.is_keyed() && args.broker.kafka.kafka_bootstrap_servers.is_none() {
@@ -97,7 +99,7 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.ingest.listen))?;
     let addr = listener.local_addr()?;
     print_welcome(addr, data_dir, &args.broker)?;
-    serve_router(listener, router, shutdown_signal())
+    serve_router(listener, router, stop)
         .await
         .context("serving HTTP")?;
     info!("HTTP stopped; draining the workers");

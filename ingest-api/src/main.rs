@@ -98,6 +98,8 @@ async fn lambda_main() -> anyhow::Result<()> {
 
 async fn server_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Installed before start-up: a stop meanwhile shuts the server down as soon as it runs.
+    let stop = shutdown_signal();
     let state = state(&cli).await?;
     if let Some(addr) = cli.metrics.metrics_listen {
         shared::metrics::spawn(addr, vec![state.metrics()]).await?;
@@ -106,8 +108,6 @@ async fn server_main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cli.ingest.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "Ingest API listening");
-    serve(listener, state, shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    serve(listener, state, stop).await.context("serving HTTP")?;
     Ok(())
 }

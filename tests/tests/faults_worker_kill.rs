@@ -233,3 +233,32 @@ async fn a_worker_on_sqs_killed_every_few_seconds_loses_nothing_and_counts_nothi
     )
     .await;
 }
+
+/// Regression: SIGTERM used to be handled only once the worker had opened its source and
+/// store, so a stop during start-up (here: a store that accepts the connection and never
+/// answers) killed it by the signal instead of letting it exit 0. The kill test above hit
+/// it when the backlog was already drained as the last restarted worker came up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_it_starts_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    declare_topology(dir.path(), Duration::from_secs(30), 5)
+        .await
+        .unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "postgres://postgres@{}/postgres",
+        silent.local_addr().unwrap()
+    );
+    let mut worker = start_worker_on(
+        dir.path(),
+        &["--broker", "embedded", "--queue", QUEUE],
+        &url,
+        &[],
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    worker
+        .ensure_running()
+        .expect("still starting: the store has not answered");
+    worker.terminate(Duration::from_secs(10)).unwrap();
+}

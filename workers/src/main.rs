@@ -47,6 +47,34 @@ fn main() -> anyhow::Result<()> {
 
 async fn poller_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Listen first: a stop while the worker starts (opening the queue, migrating the store)
+    // ends start-up cleanly; nothing has been received yet.
+    let shutdown = CancellationToken::new();
+    let signal = shutdown_signal();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signal.await;
+        trigger.cancel();
+    });
+    let poller = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {
+            tracing::info!("Stopped during start-up");
+            return Ok(());
+        }
+        poller = start_poller(&cli) => poller?,
+    };
+    if let Some(addr) = cli.metrics.metrics_listen {
+        shared::metrics::spawn(addr, vec![poller.metrics_page()]).await?;
+    }
+    tracing::info!("Worker started");
+    poller.run(shutdown).await;
+    tracing::info!("Worker drained in-flight batches and stopped");
+    Ok(())
+}
+
+/// The source, the store and the poller over them.
+async fn start_poller(cli: &Cli) -> anyhow::Result<Poller> {
     let source = cli.broker.source().await.context("opening the source")?;
     let sink = cli
         .sink
@@ -54,21 +82,7 @@ async fn poller_main() -> anyhow::Result<()> {
         .await
         .context("opening the store")?
         .sink();
-    let poller =
-        Poller::new(source, sink, cli.worker.poller_config()).context("worker settings")?;
-    if let Some(addr) = cli.metrics.metrics_listen {
-        shared::metrics::spawn(addr, vec![poller.metrics_page()]).await?;
-    }
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        trigger.cancel();
-    });
-    tracing::info!("Worker started");
-    poller.run(shutdown).await;
-    tracing::info!("Worker drained in-flight batches and stopped");
-    Ok(())
+    Poller::new(source, sink, cli.worker.poller_config()).context("worker settings")
 }
 
 async fn lambda_main() -> anyhow::Result<()> {
