@@ -76,13 +76,14 @@ async fn poller_main() -> anyhow::Result<()> {
 /// The source, the store and the poller over them.
 async fn start_poller(cli: &Cli) -> anyhow::Result<Poller> {
     let source = cli.broker.source().await.context("opening the source")?;
-    let sink = cli
-        .sink
-        .open(&cli.broker.data_dir)
-        .await
-        .context("opening the store")?
-        .sink();
+    let sink = open_store(cli).await?;
     Poller::new(source, sink, cli.worker.poller_config()).context("worker settings")
+}
+
+/// The store the settings name (migrated first when `--migrate`).
+async fn open_store(cli: &Cli) -> anyhow::Result<Arc<dyn shared::Sink>> {
+    let store = cli.sink.open(&cli.broker.data_dir).await;
+    Ok(store.context("opening the store")?.sink())
 }
 
 async fn lambda_main() -> anyhow::Result<()> {
@@ -104,14 +105,9 @@ async fn lambda_main() -> anyhow::Result<()> {
 async fn lambda_handler() -> anyhow::Result<SqsHandler> {
     let cli = Cli::try_parse().context("reading the settings")?;
     if cli.metrics.metrics_listen.is_some() {
-        tracing::warn!("SPILLWAY_METRICS_LISTEN is ignored on Lambda: a function cannot be scraped; each invocation logs its counts");
+        tracing::warn!("SPILLWAY_METRICS_LISTEN is ignored on Lambda: a function cannot be scraped; set SPILLWAY_EMF_NAMESPACE for per-invocation metrics");
     }
-    let sink = cli
-        .sink
-        .open(&cli.broker.data_dir)
-        .await
-        .context("opening the store")?
-        .sink();
+    let sink = open_store(&cli).await?;
     let sqs = if cli.broker.dlq_url.is_some() || cli.broker.queue_url.is_some() {
         Some(shared::aws::sqs_client(&shared::aws::load_config().await))
     } else {
