@@ -230,8 +230,6 @@ impl ClientContext for SourceContext {
         warn!(error = %error, reason, "Kafka consumer error");
     }
 
-    /// Keeps the lag of the partitions assigned here (`desired`); librdkafka reports -1 while
-    /// it does not know it yet, and such partitions are left out.
     /// Keeps the lag of the partitions assigned here (`desired`) from librdkafka's statistics
     /// JSON; it reports -1 while it does not know a lag yet, and such partitions are left
     /// out. Only the few fields used are read (rdkafka's typed `Statistics` does not parse
@@ -760,9 +758,10 @@ impl Source for KafkaSource {
     }
 
     fn render_metrics(&self, page: &mut Exposition) {
-        let lags = self.shared.lags().clone();
         #[allow(clippy::cast_precision_loss)]
-        let samples: Vec<(String, f64)> = lags
+        let samples: Vec<(String, f64)> = self
+            .shared
+            .lags()
             .iter()
             .map(|(p, lag)| (p.to_string(), *lag as f64))
             .collect();
