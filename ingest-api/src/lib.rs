@@ -232,7 +232,7 @@ async fn ingest_request(
     // Refuse an exhausted key before reading its body; the real charge comes after parsing.
     inner
         .limiter
-        .try_take(key_index, 0)
+        .check(key_index)
         .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     let format = BodyFormat::from_content_type(header_str(headers, header::CONTENT_TYPE))?;
     let encoding = BodyEncoding::from_header(header_str(headers, header::CONTENT_ENCODING))?;

@@ -35,16 +35,60 @@ impl RateLimiter {
         }
     }
 
-    /// Takes `n` tokens from key `key`'s bucket, or none and returns how long until they
-    /// would be there.
+    /// Charges `n` events to key `key`'s bucket, or nothing and returns how long until the
+    /// request would pass.
+    ///
+    /// A request passes when the bucket holds `n` tokens, or, for a request larger than the
+    /// burst, when the bucket is full. It is charged all `n`: the bucket goes into debt, and
+    /// later requests wait until the rate has paid it back, so no request size gets more than
+    /// the configured rate.
     ///
     /// # Errors
-    /// The wait, when the bucket holds fewer than `n` tokens.
+    /// The wait, when the request cannot pass yet.
     pub fn try_take(&self, key: usize, n: usize) -> Result<(), Duration> {
         self.take_at(key, n, Instant::now())
     }
 
+    /// Whether key `key` may send at all: refuses a bucket that is empty or in debt, so that
+    /// an exhausted key is turned away before its body is read.
+    ///
+    /// # Errors
+    /// The wait until the bucket holds a token again.
+    pub fn check(&self, key: usize) -> Result<(), Duration> {
+        self.check_at(key, Instant::now())
+    }
+
     fn take_at(&self, key: usize, n: usize, now: Instant) -> Result<(), Duration> {
+        #[allow(clippy::cast_precision_loss)]
+        let n = n as f64;
+        self.with_bucket(key, now, |b| {
+            let need = n.min(self.burst);
+            if b.tokens >= need {
+                b.tokens -= n;
+                Ok(())
+            } else {
+                Err(self.wait_for(need - b.tokens))
+            }
+        })
+    }
+
+    fn check_at(&self, key: usize, now: Instant) -> Result<(), Duration> {
+        self.with_bucket(key, now, |b| {
+            if b.tokens >= 1.0 {
+                Ok(())
+            } else {
+                Err(self.wait_for(1.0 - b.tokens))
+            }
+        })
+    }
+
+    /// Refills key `key`'s bucket up to `now` and runs `f` on it; unlimited when the rate is 0.
+    fn with_bucket(
+        &self,
+        key: usize,
+        now: Instant,
+        f: impl FnOnce(&mut Bucket) -> Result<(), Duration>,
+    ) -> Result<(), Duration> {
         if self.events_per_sec <= 0.0 {
             return Ok(());
         }
@@ -58,17 +102,11 @@ impl RateLimiter {
         let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
         b.tokens = (b.tokens + elapsed * self.events_per_sec).min(self.burst);
         b.updated = now;
-        // A request larger than the burst could never pass: charge it the whole bucket.
-        #[allow(clippy::cast_precision_loss)]
-        let need = (n as f64).min(self.burst);
-        if b.tokens >= need {
-            b.tokens -= need;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (need - b.tokens) / self.events_per_sec,
-            ))
-        }
+        f(b)
+    }
+
+    fn wait_for(&self, tokens: f64) -> Duration {
+        Duration::from_secs_f64(tokens / self.events_per_sec)
     }
 }
 
@@ -95,5 +133,32 @@ mod tests {
         assert!(rl.take_at(1, 10, t0).is_ok());
         let off = RateLimiter::new(0, 0, 1);
         assert!(off.take_at(0, 1_000_000, t0).is_ok());
+        assert!(off.check_at(0, t0).is_ok());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_burst_is_charged_in_full() {
+        // 100 events/s, burst 100: one request of 1,000 passes on a full bucket and leaves
+        // a debt of 900, paid back in 9 s, then 1 s more to fill the bucket again.
+        let rl = RateLimiter::new(100, 100, 1);
+        let t0 = Instant::now();
+        assert!(rl.take_at(0, 1_000, t0).is_ok());
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let wait = rl.take_at(0, 1_000, at(1_000)).unwrap_err();
+        assert!((wait.as_secs_f64() - 9.0).abs() < 0.01, "{wait:?}");
+        assert!(rl.take_at(0, 1, at(9_000)).is_err());
+        assert!(rl.take_at(0, 1_000, at(10_000)).is_ok());
+    }
+
+    #[test]
+    fn check_refuses_an_empty_or_indebted_bucket_and_charges_nothing() {
+        let rl = RateLimiter::new(10, 10, 1);
+        let t0 = Instant::now();
+        assert!(rl.check_at(0, t0).is_ok());
+        assert!(rl.check_at(0, t0).is_ok(), "check charges nothing");
+        assert!(rl.take_at(0, 10, t0).is_ok());
+        let wait = rl.check_at(0, t0).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.1).abs() < 0.01, "{wait:?}");
+        assert!(rl.check_at(0, t0 + Duration::from_millis(100)).is_ok());
     }
 }

@@ -407,7 +407,32 @@ async fn an_exhausted_key_is_429_with_retry_after() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(headers["retry-after"], "1");
     assert_eq!(resp["error"]["code"], "rate_limited");
+    // The exhausted key is refused before its body is read: this one is not even JSON.
+    let (status, _, resp) = send(&h, post(Some("key-all")).body(Body::from("{")).unwrap()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{resp}");
     assert_eq!(h.publisher.event_count(), 2);
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_burst_passes_once_and_pays_for_every_event() {
+    let h = harness_with(IngestConfig {
+        rate_limit_eps: 2,
+        rate_limit_burst: 2,
+        ..Default::default()
+    });
+    let five: Vec<Value> = (1..=5).map(event).collect();
+    assert_eq!(send_json(&h, &json!(five)).await.0, StatusCode::ACCEPTED);
+    // 5 events on a 2-token bucket leave a debt of 3: one more event waits 2 s, not 0.5 s.
+    let (status, headers, _) = send(
+        &h,
+        post(Some("key-all"))
+            .body(Body::from(event(6).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "2");
+    assert_eq!(h.publisher.event_count(), 5);
 }
 
 #[tokio::test]
