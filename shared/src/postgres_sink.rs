@@ -150,6 +150,13 @@ pub enum PostgresError {
         /// The parser's complaint.
         source: tokio_postgres::Error,
     },
+    /// The statement timeout is longer than PostgreSQL accepts (`i32::MAX` ms, about 24.8
+    /// days); the server would refuse every connection.
+    #[error("statement timeout of {ms} ms is longer than PostgreSQL's limit of 2147483647 ms")]
+    StatementTimeoutTooLong {
+        /// The configured timeout.
+        ms: u128,
+    },
     /// The connection pool could not be built.
     #[error("cannot build the PostgreSQL connection pool: {message}")]
     Pool {
@@ -307,7 +314,10 @@ pub struct RollupRow {
 
 /// The write: insert the new events, then add exactly the inserted ones (the `RETURNING`
 /// rows) into the rollups. Rollup keys are upserted in key order so concurrent writers lock
-/// them in the same order; the events arrive sorted by `event_id` for the same reason.
+/// them in the same order; the events arrive sorted by `event_id` for the same reason. The
+/// text keys sort by bytes (`COLLATE "C"`), as [`RollupDeltas`] sorts them for the COPY
+/// path: under the database's own collation (en-US sorts `a1` before `Acme`) the two paths
+/// would lock the same rows in opposite orders and deadlock.
 const WRITE_SQL: &str = "
 WITH ins AS (
     INSERT INTO ad_events (event_id, type, occurred_at, advertiser_id, campaign_id, ad_id,
@@ -326,7 +336,8 @@ WITH ins AS (
            coalesce(currency, ''), count(*), sum(cost_micros), coalesce(sum(revenue_micros), 0)
     FROM ins
     GROUP BY 1, 2, 3, 4, 5, 6
-    ORDER BY 1, 2, 3, 4, 5, 6
+    ORDER BY 1, advertiser_id COLLATE \"C\", campaign_id COLLATE \"C\", ad_id COLLATE \"C\",
+             type COLLATE \"C\", coalesce(currency, '') COLLATE \"C\"
     ON CONFLICT (minute, advertiser_id, campaign_id, ad_id, type, currency) DO UPDATE
     SET events = m.events + EXCLUDED.events,
         cost_micros = m.cost_micros + EXCLUDED.cost_micros,
@@ -632,6 +643,9 @@ impl PostgresSink {
                     source,
                 })?;
         let timeout_ms = config.statement_timeout.as_millis().max(1);
+        if timeout_ms > u128::from(i32::MAX.unsigned_abs()) {
+            return Err(PostgresError::StatementTimeoutTooLong { ms: timeout_ms });
+        }
         let options = match pg.get_options() {
             Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={timeout_ms}"),
             _ => format!("-c statement_timeout={timeout_ms}"),
@@ -959,14 +973,18 @@ fn classify(err: &tokio_postgres::Error) -> SinkError {
     }
 }
 
-/// Pool errors: timeouts and a closed pool are transient; a backend error is classified.
+/// Pool errors are all transient: timeouts, a closed pool, and a connection that could not
+/// be opened, whatever its SQLSTATE. A server refusing the session's settings (22023, say an
+/// `options` value it rejects) fails every connection alike, so it is an operator's problem
+/// to hold behind the breaker, not the batch's data to dead-letter.
 fn classify_pool(err: &PoolError) -> SinkError {
-    match err {
-        PoolError::Backend(e) => classify(e),
-        other => SinkError::Unavailable {
-            store: STORE.into(),
-            message: format!("connection pool: {other}"),
-        },
+    let message = match err {
+        PoolError::Backend(e) => describe(e),
+        other => other.to_string(),
+    };
+    SinkError::Unavailable {
+        store: STORE.into(),
+        message: format!("connection pool: {message}"),
     }
 }
 
@@ -1162,5 +1180,23 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, PostgresError::InvalidUrl { .. }), "{err}");
         assert!(!err.to_string().contains("pw@"), "{err}");
+    }
+
+    #[test]
+    fn a_statement_timeout_past_postgres_limit_is_refused_up_front() {
+        let config = |secs| PostgresConfig {
+            statement_timeout: Duration::from_secs(secs),
+            ..PostgresConfig::new("postgres://u@host/db")
+        };
+        // 24 days fits PostgreSQL's i32 milliseconds; 25 days does not.
+        assert!(PostgresSink::new(&config(24 * 86_400)).is_ok());
+        let err = PostgresSink::new(&config(25 * 86_400)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PostgresError::StatementTimeoutTooLong { ms: 2_160_000_000 }
+            ),
+            "{err}"
+        );
     }
 }

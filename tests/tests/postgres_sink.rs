@@ -40,6 +40,11 @@ impl TestDb {
     /// Creates `spillway_test_<random>`, or returns `None` (skip) when PostgreSQL cannot be
     /// reached outside CI.
     async fn create() -> Option<Self> {
+        Self::create_with("").await
+    }
+
+    /// As [`TestDb::create`], with `options` after `CREATE DATABASE name`.
+    async fn create_with(options: &str) -> Option<Self> {
         let admin_url = format!("{}/postgres", server_url());
         let admin = match tokio::time::timeout(Duration::from_secs(5), connect(&admin_url)).await {
             Ok(Ok(c)) => c,
@@ -67,7 +72,7 @@ impl TestDb {
         };
         let name = format!("spillway_test_{:016x}", rand::random::<u64>());
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .expect("create test database");
         let url = format!("{}/{name}", server_url());
@@ -115,6 +120,12 @@ impl Drop for TestDb {
 }
 
 macro_rules! test_db {
+    ($options:expr) => {
+        match TestDb::create_with($options).await {
+            Some(db) => db,
+            None => return,
+        }
+    };
     () => {
         match TestDb::create().await {
             Some(db) => db,
@@ -360,6 +371,93 @@ async fn concurrent_writers_of_overlapping_batches_store_each_event_once() {
     assert!(report.is_clean(), "{report}");
 }
 
+/// A valid click of `advertiser` at `at`, in the same campaign and ad as every other.
+fn click(advertiser: &str, at: OffsetDateTime) -> AdEvent {
+    let json = serde_json::json!({
+        "event_id": Uuid::new_v4().to_string(),
+        "type": "click",
+        "occurred_at": at.format(&time::format_description::well_known::Rfc3339).unwrap(),
+        "advertiser_id": advertiser,
+        "campaign_id": "cmp-1",
+        "ad_id": "ad-1",
+    });
+    AdEvent::from_json(json, &ValidationPolicy::default(), &SystemClock).unwrap()
+}
+
+/// Backends of `db` waiting for a lock.
+async fn lock_waiters(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Under a collation that does not sort like bytes (ICU en-US sorts `a1` before `Acme`;
+/// bytes put `Acme` first), a COPY-path writer and an `ON CONFLICT`-path writer adding to
+/// the same two rollup rows must still lock them in the same order. A third session holds
+/// the first row so that both writers queue up mid-transaction; with opposite orders, the
+/// upsert would hold the second row while waiting for the first, and releasing the holder
+/// would deadlock (40P01).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_two_write_paths_lock_rollup_rows_in_the_same_order_under_any_collation() {
+    let db = test_db!("LOCALE_PROVIDER icu ICU_LOCALE 'en-US' TEMPLATE template0");
+    let at = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    let pair = || vec![click("Acme", at), click("a1", at)];
+    let (first, for_copy, for_upsert) = (pair(), pair(), pair());
+
+    let setup = db.sink().await;
+    assert_eq!(setup.write(&first).await.unwrap().inserted, 2);
+    // A redelivery puts this sink on the ON CONFLICT path for its next batches.
+    let upserter = PostgresSink::new(&db.config()).unwrap();
+    assert_eq!(upserter.write(&first[..1]).await.unwrap().duplicates, 1);
+    let copier = PostgresSink::new(&db.config()).unwrap();
+
+    let holder = db.client().await;
+    holder
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM ad_metrics_minute WHERE advertiser_id = 'Acme' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    let watcher = db.client().await;
+    let wait_for = |n| {
+        let watcher = &watcher;
+        async move {
+            for _ in 0..200 {
+                if lock_waiters(watcher).await == n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("{n} writers never waited for the held rollup row");
+        }
+    };
+    let expected = expected_rollups(first.iter().chain(&for_copy).chain(&for_upsert));
+    let copy = tokio::spawn({
+        let copier = copier.clone();
+        async move { copier.write(&for_copy).await }
+    });
+    wait_for(1).await;
+    let upsert = tokio::spawn({
+        let upserter = upserter.clone();
+        async move { upserter.write(&for_upsert).await }
+    });
+    wait_for(2).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    let copied = copy.await.unwrap().expect("COPY-path write");
+    let upserted = upsert.await.unwrap().expect("ON CONFLICT-path write");
+    assert_eq!((copied.inserted, upserted.inserted), (2, 2));
+    assert_eq!(copier.write_paths().copied, 1);
+    assert_eq!(upserter.write_paths().upserted, 2);
+    assert_eq!(stored_rollups(&setup).await, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     let db = test_db!();
@@ -421,6 +519,23 @@ async fn a_server_that_cannot_be_reached_is_a_transient_error() {
     let err = sink.write(&events(6, 3)).await.unwrap_err();
     assert!(matches!(err, SinkError::Unavailable { .. }), "{err}");
     assert!(err.is_transient());
+}
+
+/// A server that refuses the session's settings refuses every connection with a data-class
+/// SQLSTATE (22023): that is the operator's configuration, not the batch's data, so the
+/// write must be transient (held behind the breaker), never dead-lettered.
+#[tokio::test]
+async fn a_connection_refused_for_its_settings_is_a_transient_error() {
+    let db = test_db!();
+    db.sink().await;
+    let sink = PostgresSink::new(&PostgresConfig::new(format!(
+        "{}?options=-c%20lock_timeout%3D-5",
+        db.url
+    )))
+    .unwrap();
+    let err = sink.write(&events(6, 3)).await.unwrap_err();
+    assert!(matches!(err, SinkError::Unavailable { .. }), "{err}");
+    assert!(err.to_string().contains("22023"), "{err}");
 }
 
 #[tokio::test]
