@@ -3,8 +3,8 @@
 //!
 //! One transaction per write: each event is inserted with `ON CONFLICT DO NOTHING`, and only
 //! the newly inserted ones are aggregated in memory and upserted into the rollups, so a
-//! redelivered batch changes nothing. WAL with `synchronous=NORMAL` (durable against a killed
-//! process), cached prepared statements and a large page cache; raw events are appended to a
+//! redelivered batch changes nothing. WAL with `synchronous=FULL` (a commit is on disk before
+//! its messages are deleted, so it survives an OS crash), cached prepared statements and a large page cache; raw events are appended to a
 //! rowid table with a unique index on the 16-byte id. `docs/SQLITE_PERF.md` has the figures.
 
 use std::collections::HashMap;
@@ -283,7 +283,10 @@ impl SqliteSink {
             // drain`: 4 KiB beat 512 B, 1 KiB, 16 KiB and 64 KiB (docs/SQLITE_PERF.md).
             conn.pragma_update(None, "page_size", PAGE_BYTES)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            // FULL: a batch's commit is on disk before the worker deletes its messages, so an
+            // OS crash cannot keep the delete and lose the events (NORMAL syncs the WAL only
+            // at checkpoints).
+            conn.pragma_update(None, "synchronous", "FULL")?;
             conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
             conn.pragma_update(None, "temp_store", "MEMORY")?;
             // Random event ids and rollup keys dirty many pages per batch; checkpointing less

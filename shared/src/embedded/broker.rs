@@ -133,17 +133,16 @@ impl BrokerError {
     }
 }
 
-/// Whether a SQLite error is a transient condition (contention or I/O) rather than bad data.
+/// Whether a SQLite error may pass on retry, rather than being caused by the data written.
+///
+/// Only a constraint, size or type error is the data's fault. Everything else is transient:
+/// contention and I/O by nature, and an operator's problem (a read-only or corrupt file,
+/// permissions, memory) too, so that the events wait in the queue behind the circuit breaker
+/// instead of being dead-lettered one by one as if each were bad.
 pub(crate) fn is_transient_sqlite(e: &rusqlite::Error) -> bool {
-    matches!(
+    !matches!(
         e.sqlite_error_code(),
-        Some(
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::DiskFull
-                | ErrorCode::CannotOpen
-        )
+        Some(ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch)
     )
 }
 
@@ -446,10 +445,11 @@ impl Broker {
         let conn = Connection::open(&path).map_err(sql("open"))?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(sql("set busy timeout"))?;
-        // WAL + NORMAL: a commit survives the process being killed (not a power cut).
+        // WAL + FULL: the WAL is fsynced at every commit, so a publish answered 202 and a
+        // delete survive an OS crash or a power cut, not only the process being killed.
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql("enable WAL"))?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sql("set synchronous"))?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql("enable foreign keys"))?;
@@ -1283,6 +1283,41 @@ mod tests {
             body: body.to_owned(),
             attributes: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn only_errors_caused_by_the_data_are_permanent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            .unwrap();
+        conn.execute("INSERT INTO t VALUES (1, 'a')", []).unwrap();
+        let duplicate = conn
+            .execute("INSERT INTO t VALUES (1, 'b')", [])
+            .unwrap_err();
+        assert!(!is_transient_sqlite(&duplicate), "{duplicate}");
+        let null = conn
+            .execute("INSERT INTO t VALUES (2, NULL)", [])
+            .unwrap_err();
+        assert!(!is_transient_sqlite(&null), "{null}");
+
+        // An operator's problems: the events must wait, not be dead-lettered.
+        let read_only =
+            Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let refused = read_only
+            .execute("INSERT INTO t VALUES (3, 'c')", [])
+            .unwrap_err();
+        assert_eq!(refused.sqlite_error_code(), Some(ErrorCode::ReadOnly));
+        assert!(is_transient_sqlite(&refused), "{refused}");
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![b'x'; 8192]).unwrap();
+        let not_a_db = Connection::open(&garbage)
+            .unwrap()
+            .execute_batch("SELECT * FROM sqlite_master")
+            .unwrap_err();
+        assert_eq!(not_a_db.sqlite_error_code(), Some(ErrorCode::NotADatabase));
+        assert!(is_transient_sqlite(&not_a_db), "{not_a_db}");
     }
 
     #[tokio::test]

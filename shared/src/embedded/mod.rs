@@ -1,8 +1,8 @@
 //! The embedded durable broker: topics, subscriptions and queues in one SQLite file.
 //!
 //! It stands in for SNS + SQS when Spillway runs as one process (`spillway dev`): a publish is
-//! acknowledged only after the SQLite commit (WAL, `synchronous=NORMAL`, durable against a
-//! killed process), queues have visibility timeouts, receive counts, delays, retention and a
+//! acknowledged only after the SQLite commit (WAL, `synchronous=FULL`, durable against a
+//! killed process, an OS crash and a power cut), queues have visibility timeouts, receive counts, delays, retention and a
 //! redrive policy to a dead-letter queue, and a receipt is valid only for the latest receive of
 //! a message, as in SQS.
 //!
