@@ -69,12 +69,11 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         AdvertiserScope::Any,
     )]));
 
-    let publisher = args
+    let (publisher, source) = args
         .broker
-        .publisher()
+        .publisher_and_source()
         .await
-        .context("opening the broker")?;
-    let source = args.broker.source().await.context("opening the queue")?;
+        .context("opening the broker and its queue")?;
     let store = args
         .sink
         .open(data_dir)
