@@ -32,6 +32,9 @@ pub const REASON_SINK_REJECTED: &str = "sink_rejected";
 pub const SAMPLE_EVENTS: usize = 4;
 /// How many transiently failed deliveries of a batch give the outcome a [`ProbeSample`].
 pub const SAMPLE_DELIVERIES: usize = 4;
+/// When a redelivered batch is written delivery by delivery, this many transient failures in
+/// a row before anything is stored mean the store is down: the rest are retried untried.
+pub const ALONE_FAILURES_MEANING_DOWN: usize = 3;
 
 /// How the core decides.
 #[derive(Debug, Clone)]
@@ -358,13 +361,24 @@ pub async fn write_prepared(
                     // are not retried with it until redrive burns them into the DLQ.
                     warn!(events = all.len(), error = %e, "Sink failed on a redelivered batch; writing deliveries one by one");
                     let mut any_stored = false;
+                    let mut failures_in_a_row = 0;
                     for &i in &with_events {
+                        // A store that fails the first few alone too is down, not choking
+                        // on one delivery: trying the rest, each up to a timeout, would only
+                        // hold the batch (and a Lambda invocation) for minutes.
+                        if !any_stored && failures_in_a_row >= ALONE_FAILURES_MEANING_DOWN {
+                            fates[i] = WriteFate::Retry;
+                            continue;
+                        }
                         match sink.write(&all[ranges[i].clone()]).await {
                             Ok(report) => {
                                 add(&mut written, report);
                                 any_stored = true;
                             }
-                            Err(e) if e.is_transient() => fates[i] = WriteFate::Retry,
+                            Err(e) if e.is_transient() => {
+                                fates[i] = WriteFate::Retry;
+                                failures_in_a_row += 1;
+                            }
                             Err(e) => {
                                 sink_error = Some(e.to_string());
                                 fates[i] = isolate(

@@ -8,8 +8,9 @@
 //!   sent to the DLQ with the reason attributes, then it is not reported (deleted). When the
 //!   DLQ cannot take them (or none is configured), it is reported and retried instead;
 //! - transient failure (store down, lock or statement timeout) → reported;
-//! - not started before the invocation deadline minus [`LambdaConfig::deadline_margin`] →
-//!   reported, so Lambda's timeout never fails the whole batch;
+//! - not started, or not written, before the invocation deadline minus
+//!   [`LambdaConfig::deadline_margin`] → reported (a write still running then is cancelled),
+//!   so Lambda's timeout never fails the whole batch;
 //! - a panic while handling it → reported; its neighbours are unaffected.
 //!
 //! When the store is down (every write of the invocation failed transiently and nothing was
@@ -109,6 +110,14 @@ enum Fate {
     Held,
 }
 
+/// How a write in its own task ended.
+enum Written {
+    Outcome(crate::core::BatchOutcome),
+    Panicked,
+    /// Still running at the cutoff; cancelled.
+    TimedOut,
+}
+
 /// What writing records one by one learnt about the store.
 #[derive(Debug, Clone, Copy, Default)]
 struct Probe {
@@ -194,15 +203,24 @@ impl SqsHandler {
 
         if SystemTime::now() < cutoff && !prepared.is_empty() {
             let batch: Vec<PreparedDelivery> = prepared.iter().map(|(_, p)| p.clone()).collect();
-            match self.write(batch).await {
-                Some(outcome) if outcome.sink_health != SinkHealth::Unavailable => {
+            match self.write(batch, cutoff).await {
+                Written::Outcome(outcome) if outcome.sink_health != SinkHealth::Unavailable => {
                     self.count_written(&outcome);
                     for ((i, _), s) in prepared.iter().zip(outcome.settlements) {
                         fates[*i] = self.settle(&deliveries[*i], s.decision).await;
                     }
                 }
+                Written::TimedOut => {
+                    warn!(
+                        records = prepared.len(),
+                        "Store did not answer before the invocation deadline; reporting every record for retry"
+                    );
+                    for (i, _) in &prepared {
+                        fates[*i] = Fate::Held;
+                    }
+                }
                 whole => {
-                    if whole.is_none() {
+                    if matches!(whole, Written::Panicked) {
                         warn!("Panic while writing the batch; writing records one by one");
                     } else {
                         warn!("Store failed transiently on the batch; writing records one by one");
@@ -277,13 +295,25 @@ impl SqsHandler {
             .add_duplicates(outcome.written.duplicates as u64);
     }
 
-    /// Writes prepared deliveries in a task of their own, so a panic is caught; `None` when
-    /// it panicked.
-    async fn write(&self, batch: Vec<PreparedDelivery>) -> Option<crate::core::BatchOutcome> {
+    /// Writes prepared deliveries in a task of their own, so a panic is caught, and gives up
+    /// at `cutoff`: a store that hangs (a black-holed connection, a lock wait) must not run
+    /// the invocation into Lambda's timeout, which would fail the whole batch and use up a
+    /// receive of every record. A write given up is cancelled; its transaction, if any, rolls
+    /// back with its connection, and its records are retried (idempotently).
+    async fn write(&self, batch: Vec<PreparedDelivery>, cutoff: SystemTime) -> Written {
         let sink = self.sink.clone();
         let core = self.config.core.clone();
-        let task = tokio::spawn(async move { write_prepared(batch, sink.as_ref(), &core).await });
-        task.await.ok()
+        let mut task =
+            tokio::spawn(async move { write_prepared(batch, sink.as_ref(), &core).await });
+        let left = cutoff.duration_since(SystemTime::now()).unwrap_or_default();
+        match tokio::time::timeout(left, &mut task).await {
+            Ok(Ok(outcome)) => Written::Outcome(outcome),
+            Ok(Err(_)) => Written::Panicked,
+            Err(_) => {
+                task.abort();
+                Written::TimedOut
+            }
+        }
     }
 
     async fn write_one_by_one(
@@ -309,8 +339,8 @@ impl SqsHandler {
                 fates[i] = Fate::Held;
                 continue;
             }
-            match self.write(vec![p]).await {
-                Some(outcome) => {
+            match self.write(vec![p], cutoff).await {
+                Written::Outcome(outcome) => {
                     self.count_written(&outcome);
                     match outcome.sink_health {
                         SinkHealth::Unavailable => {
@@ -327,8 +357,12 @@ impl SqsHandler {
                         fates[i] = self.settle(d, s.decision).await;
                     }
                 }
-                None => {
+                Written::Panicked => {
                     error!(message_id = %d.message_id, "Panic while writing record; reporting it for retry");
+                }
+                Written::TimedOut => {
+                    warn!(message_id = %d.message_id, "Store did not answer before the invocation deadline; reporting the record for retry");
+                    fates[i] = Fate::Held;
                 }
             }
         }

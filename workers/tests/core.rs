@@ -293,3 +293,60 @@ async fn an_sns_notification_wrapping_a_zstd_envelope_is_decoded_and_written() {
     assert_eq!(sink.events().len(), 5);
     assert!(evs.iter().all(|e| sink.events()[&e.event_id] == *e));
 }
+
+#[tokio::test]
+async fn a_redelivered_batch_on_a_store_that_is_down_stops_writing_alone_after_a_few_failures() {
+    let evs: Vec<_> = (0..10).map(|i| events(300 + i, 2)).collect();
+    let batch: Vec<_> = evs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let env = envelope(e);
+            delivery(i, &env.body, env.attributes, 2)
+        })
+        .collect();
+    let sink = TestSink::new();
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .extend(evs.iter().flatten().map(|e| e.event_id));
+    let out = process_batch(&batch, sink.as_ref(), &CoreConfig::default()).await;
+    // The whole batch, then deliveries alone until ALONE_FAILURES_MEANING_DOWN failed in a
+    // row: not ten writes, each of which could wait out a connect timeout.
+    assert_eq!(
+        sink.attempts.load(std::sync::atomic::Ordering::SeqCst),
+        1 + workers::core::ALONE_FAILURES_MEANING_DOWN
+    );
+    assert_eq!(out.sink_health, SinkHealth::Unavailable);
+    assert!(out
+        .settlements
+        .iter()
+        .all(|s| matches!(s.decision, Decision::RetryLater(_))));
+}
+
+#[tokio::test]
+async fn a_redelivered_batch_whose_first_delivery_chokes_the_store_still_writes_the_rest() {
+    let evs: Vec<_> = (0..10).map(|i| events(400 + i, 2)).collect();
+    let batch: Vec<_> = evs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let env = envelope(e);
+            delivery(i, &env.body, env.attributes, 2)
+        })
+        .collect();
+    let sink = TestSink::new();
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .insert(evs[0][0].event_id);
+    let out = process_batch(&batch, sink.as_ref(), &CoreConfig::default()).await;
+    assert_eq!(sink.stored(), 18);
+    assert!(matches!(
+        out.settlements[0].decision,
+        Decision::RetryLater(_)
+    ));
+    assert!(out.settlements[1..]
+        .iter()
+        .all(|s| s.decision == Decision::Ack));
+}

@@ -258,6 +258,26 @@ async fn records_left_when_the_deadline_comes_during_one_by_one_writes_are_retri
 }
 
 #[tokio::test]
+async fn a_store_that_hangs_is_given_up_at_the_cutoff_and_every_record_reported() {
+    let (event, _) = batch();
+    // A black-holed store: the write would take a minute. 3 s left with a 2 s margin.
+    let sink = TestSink::with_delay(Duration::from_secs(60));
+    let started = std::time::Instant::now();
+    let resp = handler(sink.clone(), Some(Arc::new(TestDlq::default())))
+        .handle(event, SystemTime::now() + Duration::from_secs(3))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "ran past the cutoff: {took:?}"
+    );
+    let all: Vec<String> = (0..10).map(|i| format!("m-{i}")).collect();
+    assert_eq!(failures(&resp), all);
+    assert_eq!(sink.stored(), 0);
+}
+
+#[tokio::test]
 async fn a_permanent_failure_whose_dlq_send_fails_is_retried_instead_of_lost() {
     let (event, _) = batch();
     let sink = TestSink::new();
