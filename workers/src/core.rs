@@ -189,6 +189,16 @@ impl PreparedDelivery {
         &self.id
     }
 
+    /// The source's message id (the same across redeliveries).
+    pub fn message_id(&self) -> &str {
+        &self.message_id
+    }
+
+    /// How many times the source has delivered it, this time included.
+    pub fn receive_count(&self) -> u32 {
+        self.receive_count
+    }
+
     /// How many valid events it holds.
     pub fn event_count(&self) -> usize {
         match &self.content {

@@ -60,6 +60,7 @@ pub struct Metrics {
     receive_errors: AtomicU64,
     settle_errors: AtomicU64,
     breaker_opened: AtomicU64,
+    write_panics: AtomicU64,
     breaker_state: AtomicU8,
     write_seconds: Histogram,
     last_settled_unix_ms: AtomicU64,
@@ -103,6 +104,8 @@ pub struct MetricsSnapshot {
     pub settle_errors: u64,
     /// Times the breaker opened.
     pub breaker_opened: u64,
+    /// Batch writes that panicked (a bug; their deliveries were retried).
+    pub write_panics: u64,
     /// The breaker's state now.
     pub breaker_state: BreakerState,
 }
@@ -137,6 +140,7 @@ impl Metrics {
         receive_errors => add_receive_errors,
         settle_errors => add_settle_errors,
         breaker_opened => add_breaker_opened,
+        write_panics => add_write_panics,
     }
 
     /// Records the breaker's new state.
@@ -174,7 +178,7 @@ impl Metrics {
     #[allow(clippy::cast_precision_loss)]
     pub fn render(&self, page: &mut Exposition) {
         let m = self.snapshot();
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "spillway_worker_deliveries_received_total",
                 "Deliveries (queue messages) received, redeliveries included.",
@@ -230,6 +234,11 @@ impl Metrics {
                 "Times the circuit breaker opened (the store kept failing; receiving paused).",
                 m.breaker_opened,
             ),
+            (
+                "spillway_worker_write_panics_total",
+                "Batch writes that panicked (a bug); their deliveries were retried.",
+                m.write_panics,
+            ),
         ];
         for (name, help, value) in counters {
             page.counter(name, help, value);
@@ -280,6 +289,7 @@ impl Metrics {
             receive_errors: get(&self.receive_errors),
             settle_errors: get(&self.settle_errors),
             breaker_opened: get(&self.breaker_opened),
+            write_panics: get(&self.write_panics),
             breaker_state: self.breaker_state(),
         }
     }

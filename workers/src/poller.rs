@@ -7,9 +7,11 @@
 //! (events per second and concurrent batches) that protects the store, and graceful shutdown
 //! (stop receiving, finish and settle the batches in flight, return).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use shared::metrics::{Exposition, Render};
 use shared::{DeliveryId, Sink, Source};
 use tokio::sync::Semaphore;
@@ -207,12 +209,25 @@ impl Poller {
     pub async fn run(self, shutdown: CancellationToken) {
         info!(loops = self.ctx.config.loops, "Poller started");
         let mut loops = JoinSet::new();
+        let mut ids = std::collections::HashMap::new();
         for n in 0..self.ctx.config.loops {
-            loops.spawn(receive_loop(Arc::clone(&self.ctx), shutdown.clone(), n));
+            let id = loops
+                .spawn(receive_loop(Arc::clone(&self.ctx), shutdown.clone(), n))
+                .id();
+            ids.insert(id, n);
         }
-        while let Some(done) = loops.join_next().await {
-            if let Err(e) = done {
-                error!(error = %e, "Receive loop died");
+        while let Some(done) = loops.join_next_with_id().await {
+            let Err(e) = done else { continue };
+            // Only a panic outside a write gets here (decoding, settling): a loop must not
+            // silently drop the worker's capacity, so it is started again.
+            error!(error = %e, "Receive loop died");
+            if !shutdown.is_cancelled() {
+                let n = ids.remove(&e.id()).unwrap_or_default();
+                let id = loops
+                    .spawn(receive_loop(Arc::clone(&self.ctx), shutdown.clone(), n))
+                    .id();
+                ids.insert(id, n);
+                warn!(loop_no = n, "Receive loop started again");
             }
         }
         info!("Poller stopped");
@@ -328,6 +343,11 @@ async fn receive_batch(
 
 async fn process(ctx: &Ctx, batch: Batch) {
     let ids: Vec<DeliveryId> = batch.prepared.iter().map(|p| p.id().clone()).collect();
+    let receive_counts: Vec<u32> = batch
+        .prepared
+        .iter()
+        .map(PreparedDelivery::receive_count)
+        .collect();
     let events = batch.events;
     let _in_flight = ctx.metrics.batch_in_flight();
     ctx.metrics.add_events_valid(events as u64);
@@ -343,17 +363,94 @@ async fn process(ctx: &Ctx, batch: Batch) {
     // Also stops the heartbeat if this future is dropped mid-write (its loop aborted): a
     // detached heartbeat would keep extending the batch, and keep the source alive.
     let stop_on_drop = stop.drop_guard();
+    // A redelivered batch may hold what made an earlier write panic: keep a copy to write
+    // its deliveries alone should it panic again (redeliveries are rare; first deliveries
+    // are not copied).
+    let spare = (batch.prepared.len() > 1 && receive_counts.iter().any(|&n| n > 1))
+        .then(|| batch.prepared.clone());
     let started = Instant::now();
-    let outcome = core::write_prepared(batch.prepared, ctx.sink.as_ref(), &ctx.config.core).await;
-    ctx.metrics
-        .observe_batch_write(started.elapsed(), outcome.sink_error.is_none());
+    let write = core::write_prepared(batch.prepared, ctx.sink.as_ref(), &ctx.config.core);
+    let written = AssertUnwindSafe(write).catch_unwind().await;
+    ctx.metrics.observe_batch_write(
+        started.elapsed(),
+        matches!(&written, Ok(o) if o.sink_error.is_none()),
+    );
+    let (outcomes, panicked) = match (written, spare) {
+        (Ok(outcome), _) => (vec![outcome], Vec::new()),
+        (Err(_), Some(prepared)) => {
+            ctx.metrics.add_write_panics(1);
+            error!(
+                deliveries = prepared.len(),
+                "Panic while writing a redelivered batch; writing its deliveries alone"
+            );
+            write_alone(ctx, prepared).await
+        }
+        (Err(_), None) => {
+            ctx.metrics.add_write_panics(1);
+            error!(
+                deliveries = ids.len(),
+                "Panic while writing a batch; retrying its deliveries later"
+            );
+            (Vec::new(), ids.into_iter().zip(receive_counts).collect())
+        }
+    };
     // No extension may follow a settlement: stop the heartbeat and wait for it.
     drop(stop_on_drop);
     if let Err(e) = beat.await {
         error!(error = %e, "Heartbeat task died");
     }
-    ctx.breaker.record(&outcome);
-    settle(ctx, &outcome, events).await;
+    for outcome in &outcomes {
+        ctx.breaker.record(outcome);
+        settle(ctx, outcome, events).await;
+    }
+    if !panicked.is_empty() {
+        retry_after_panic(ctx, panicked).await;
+    }
+}
+
+/// Writes each delivery alone, catching panics: the outcomes of those written, and the
+/// deliveries (with their receive counts) whose write panicked.
+async fn write_alone(
+    ctx: &Ctx,
+    prepared: Vec<PreparedDelivery>,
+) -> (Vec<BatchOutcome>, Vec<(DeliveryId, u32)>) {
+    let mut outcomes = Vec::new();
+    let mut panicked = Vec::new();
+    for p in prepared {
+        let (id, n, message_id) = (p.id().clone(), p.receive_count(), p.message_id().to_owned());
+        let write = core::write_prepared(vec![p], ctx.sink.as_ref(), &ctx.config.core);
+        match AssertUnwindSafe(write).catch_unwind().await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(_) => {
+                error!(
+                    message_id,
+                    "Panic while writing a delivery alone; retrying it later"
+                );
+                panicked.push((id, n));
+            }
+        }
+    }
+    (outcomes, panicked)
+}
+
+/// Writes that panicked (a bug in the store adapter or the core): nothing of them is known
+/// to be stored, so they are retried after their backoff, as after a transient failure. The
+/// loop lives on; a delivery that panics every time reaches the DLQ by its receive count,
+/// alone once its batch is a redelivery.
+async fn retry_after_panic(ctx: &Ctx, panicked: Vec<(DeliveryId, u32)>) {
+    let m = &ctx.metrics;
+    m.add_batches(1);
+    let retries: Vec<(DeliveryId, Duration)> = panicked
+        .into_iter()
+        .map(|(id, n)| (id, ctx.config.core.retry_delay(n)))
+        .collect();
+    match ctx.source.retry_later(&retries).await {
+        Ok(()) => m.add_retried(retries.len() as u64),
+        Err(e) => {
+            m.add_settle_errors(1);
+            warn!(deliveries = retries.len(), error = %e, "Retry-later failed; they return after their visibility lapses");
+        }
+    }
 }
 
 async fn heartbeat(

@@ -80,6 +80,40 @@ async fn the_poller_writes_every_event_and_acks_each_batch_in_one_call() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_write_that_panics_is_retried_and_its_neighbours_are_written_alone_on_redelivery() {
+    let src = source(Some(3));
+    let good = fill(&src, 500, 10, 4);
+    let poison_events = events(900, 2);
+    let poison = src.send_envelope(&envelope(&poison_events));
+    let sink = TestSink::new();
+    sink.panic_for
+        .lock()
+        .unwrap()
+        .insert(poison_events[1].event_id);
+    let config = PollerConfig {
+        loops: 1,
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), config);
+    until("queue drained", Duration::from_secs(600), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+
+    // The first write of all eleven panicked: all retried. On the redelivery the batch
+    // panicked again and each delivery was written alone: the ten good ones are stored, and
+    // only the poison kept panicking until its receive count sent it to the DLQ.
+    assert_eq!(sink.stored(), 40);
+    let dlq = src.dead_letters();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].source_message_id, poison);
+    assert_eq!(dlq[0].reason.code, REASON_MAX_RECEIVES);
+    assert!(good.iter().all(|id| src.receive_count(id) <= Some(2)));
+    let m = metrics.snapshot();
+    assert!(m.write_panics >= 2, "{m:?}");
+    assert_eq!(m.written, 40);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_undecodable_message_is_dead_lettered_on_its_first_receive() {
     let src = source(Some(5));
     let id = src.send("garbage", BTreeMap::new());
