@@ -355,19 +355,18 @@ impl Ident {
                 "must not be empty",
             ));
         }
-        if raw.len() > MAX_ID_CHARS {
-            return Err(FieldError::new(
-                field,
-                ErrorCode::TooLong,
-                format!(
-                    "{} characters; at most {MAX_ID_CHARS} allowed",
-                    raw.chars().count()
-                ),
-            ));
-        }
         let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
-        // Bytes first: the common, valid case needs no UTF-8 decoding.
+        // Bytes first: the common, valid case needs no UTF-8 decoding. The charset is ASCII,
+        // so a valid identifier has as many bytes as characters; an invalid one is reported
+        // for its characters whatever its length.
         if raw.bytes().all(|b| allowed(char::from(b))) {
+            if raw.len() > MAX_ID_CHARS {
+                return Err(FieldError::new(
+                    field,
+                    ErrorCode::TooLong,
+                    format!("{} characters; at most {MAX_ID_CHARS} allowed", raw.len()),
+                ));
+            }
             return Ok(Self(raw.to_owned()));
         }
         if let Some(bad) = raw.chars().find(|c| !allowed(*c)) {
@@ -1220,11 +1219,21 @@ fn parse_attributes(raw: &Json<'_>) -> Result<BTreeMap<String, String>, FieldErr
     let pointer = |key: &str| format!("/attributes/{}", escape_pointer(key));
     let mut out = BTreeMap::new();
     for (key, value) in entries {
-        if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY_BYTES {
+        if key.is_empty() {
+            return Err(FieldError::new(
+                &pointer(key),
+                ErrorCode::InvalidCharacters,
+                "keys must not be empty",
+            ));
+        }
+        if key.len() > MAX_ATTRIBUTE_KEY_BYTES {
             return Err(FieldError::new(
                 &pointer(key),
                 ErrorCode::TooLong,
-                format!("keys must be 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes"),
+                format!(
+                    "{} bytes; keys are at most {MAX_ATTRIBUTE_KEY_BYTES}",
+                    key.len()
+                ),
             ));
         }
         let Json::Str(value) = value else {
@@ -1244,13 +1253,19 @@ fn parse_attributes(raw: &Json<'_>) -> Result<BTreeMap<String, String>, FieldErr
                 ),
             ));
         }
-        // PostgreSQL text and jsonb cannot hold NUL: refuse it here rather than have a
-        // stored-later batch rejected by the store after a 202.
-        if key.contains('\0') || value.contains('\0') {
+        // PostgreSQL text and jsonb cannot hold NUL, and SQS refuses a message body holding
+        // U+FFFE or U+FFFF (outside the XML character set; JSON writes them unescaped): refuse
+        // them here rather than have the envelope refused by the queue, or its batch by the
+        // store, after a 202. Control characters are fine: JSON escapes them.
+        let refused = |c: char| matches!(c, '\0' | '\u{FFFE}' | '\u{FFFF}');
+        if let Some(c) = key.chars().chain(value.chars()).find(|&c| refused(c)) {
             return Err(FieldError::new(
                 &pointer(key),
                 ErrorCode::InvalidCharacters,
-                "the NUL character is not allowed in attributes",
+                format!(
+                    "character U+{:04X} is not allowed in attributes",
+                    u32::from(c)
+                ),
             ));
         }
         out.insert(key.as_ref().to_owned(), value.as_ref().to_owned());
@@ -1486,6 +1501,26 @@ mod tests {
             (
                 with("attributes", json!({"k": "a\u{0}b"})),
                 "/attributes/k",
+                ErrorCode::InvalidCharacters,
+            ),
+            (
+                with("attributes", json!({"k": "a\u{FFFF}b"})),
+                "/attributes/k",
+                ErrorCode::InvalidCharacters,
+            ),
+            (
+                with("attributes", json!({"\u{FFFE}": "v"})),
+                "/attributes/\u{FFFE}",
+                ErrorCode::InvalidCharacters,
+            ),
+            (
+                with("attributes", json!({"": "v"})),
+                "/attributes/",
+                ErrorCode::InvalidCharacters,
+            ),
+            (
+                with("advertiser_id", json!("é".repeat(40))),
+                "/advertiser_id",
                 ErrorCode::InvalidCharacters,
             ),
         ];
