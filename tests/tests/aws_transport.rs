@@ -15,7 +15,7 @@ use shared::aws::sqs::{SqsConfig, SqsSource};
 use shared::envelope::decode_message;
 use shared::source::{DeadLetter, DeadLetterReason, Delivery, DeliveryId, Source, ATTR_ERROR_CODE};
 use shared::synthetic::SyntheticEvents;
-use tests::localstack::{self, create_queue, create_topology, queue_depth, subscribe};
+use tests::localstack::{self, create_queue, create_topology, queue_depth, queue_total, subscribe};
 use tests::spawn_ingest;
 
 /// Drains a queue until `want` events were seen or `timeout` passed; returns event ids,
@@ -347,6 +347,70 @@ async fn a_heartbeat_with_one_bad_receipt_in_its_first_chunk_still_extends_every
     let err = extended.expect_err("one entry could not be changed");
     assert!(err.to_string().contains("1 of 15"), "{err}");
     assert_eq!(source.calls().get("ChangeMessageVisibilityBatch"), 2);
+}
+
+#[tokio::test]
+async fn ten_large_dead_letters_go_out_in_calls_under_256_kib_and_all_reach_the_dlq() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-big-{}", localstack::suffix());
+    let (queue_url, _, dlq_url) = create_queue(&sqs, &name, 30, 5).await.unwrap();
+    sqs.send_message()
+        .queue_url(&queue_url)
+        .message_body("an envelope with ten bad events")
+        .send()
+        .await
+        .unwrap();
+    let source = SqsSource::new(
+        sqs.clone(),
+        SqsConfig {
+            queue_url: queue_url.clone(),
+            dlq_url: Some(dlq_url.clone()),
+        },
+    );
+    let got = source.receive(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // 1.2 MiB in all: over the 256 KiB of a SendMessageBatch, and over LocalStack's own check
+    // (1 MiB), so one call for all ten fails here too.
+    let letters: Vec<DeadLetter> = (0..10_u8)
+        .map(|i| DeadLetter {
+            body: char::from(b'a' + i).to_string().repeat(120 * 1024),
+            attributes: [("spillway-schema".to_owned(), "1".to_owned())].into(),
+            reason: DeadLetterReason {
+                code: "invalid_event".into(),
+                message: format!("event {i} is invalid"),
+            },
+        })
+        .collect();
+    source.dead_letter(&got[0].id, &letters).await.unwrap();
+
+    // Two letters (240 KiB and their attributes) per call.
+    assert_eq!(source.calls().get("SendMessageBatch"), 5);
+    assert_eq!(queue_total(&sqs, &dlq_url).await.unwrap(), 10);
+    assert_eq!(
+        queue_total(&sqs, &queue_url).await.unwrap(),
+        0,
+        "deleted after"
+    );
+    let dlq = SqsSource::new(
+        sqs,
+        SqsConfig {
+            queue_url: dlq_url,
+            dlq_url: None,
+        },
+    );
+    let mut bodies = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bodies.len() < 10 && Instant::now() < deadline {
+        for d in dlq.receive(10, Duration::from_secs(1)).await.unwrap() {
+            bodies.insert(d.body);
+        }
+    }
+    let want: BTreeSet<String> = letters.into_iter().map(|l| l.body).collect();
+    assert_eq!(bodies, want, "every letter arrives whole");
 }
 
 /// Runs localstack/provision.py (CloudFormation deploy of infra/template.yaml) with the

@@ -18,7 +18,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 
-use super::batch;
+use super::batch::{self, MAX_BATCH_BYTES};
 use super::{ApiCalls, CallCounter};
 use crate::envelope::ATTR_CONTENT_ENCODING;
 use crate::source::{
@@ -42,6 +42,8 @@ pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
 const MAX_RECEIPT_ATTEMPTS: u32 = 3;
 /// Pause before the second call for such receipts; doubled before each further one.
 const RECEIPT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// The data type SQS counts in a string attribute's size.
+const STRING_TYPE: &str = "String";
 
 /// Settings of the SQS source.
 #[derive(Debug, Clone)]
@@ -303,7 +305,7 @@ impl Unsettled {
 
 fn string_attr(value: &str) -> Result<MessageAttributeValue, SourceError> {
     MessageAttributeValue::builder()
-        .data_type("String")
+        .data_type(STRING_TYPE)
         .string_value(value)
         .build()
         .map_err(|e| SourceError::Rejected {
@@ -399,24 +401,41 @@ impl Source for SqsSource {
     }
 }
 
-/// Sends letters to an SQS queue with their reason attributes, in batches of ten; stops at
-/// the first batch the queue did not take whole.
+/// Sends letters to an SQS queue with their reason attributes, in batches of at most ten
+/// entries and [`MAX_BATCH_BYTES`]; stops at the first batch the queue did not take whole.
+/// A letter over that size on its own is refused before anything is sent: no retry helps it.
 async fn send_letters(
     client: &Client,
     dlq: &str,
     calls: &CallCounter,
     letters: &[DeadLetter],
 ) -> Result<(), SourceError> {
-    for chunk in letters.chunks(MAX_BATCH_ENTRIES) {
-        let outgoing: Vec<Outgoing<'_>> = chunk
-            .iter()
-            .map(|l| Outgoing {
-                body: &l.body,
-                attributes: letter_attributes(l),
-                delay: Duration::ZERO,
-            })
-            .collect();
-        let results = send_batch(client, dlq, calls, &outgoing).await;
+    let outgoing: Vec<Outgoing<'_>> = letters
+        .iter()
+        .map(|l| Outgoing {
+            body: &l.body,
+            attributes: letter_attributes(l),
+            delay: Duration::ZERO,
+        })
+        .collect();
+    let sizes: Vec<usize> = outgoing.iter().map(Outgoing::payload_bytes).collect();
+    if let Some((i, bytes)) = sizes
+        .iter()
+        .enumerate()
+        .find(|(_, b)| **b > MAX_BATCH_BYTES)
+    {
+        return Err(SourceError::Rejected {
+            queue: dlq.to_owned(),
+            message: format!(
+                "dead letter {} of {} is {bytes} bytes with its attributes, over the \
+                 {MAX_BATCH_BYTES} SQS takes in one message; no letter was sent",
+                i + 1,
+                letters.len()
+            ),
+        });
+    }
+    for range in batch::plan(sizes) {
+        let results = send_batch(client, dlq, calls, &outgoing[range]).await;
         if let Some(e) = results.into_iter().find_map(Result::err) {
             return Err(e);
         }
@@ -431,6 +450,19 @@ struct Outgoing<'a> {
     attributes: Vec<(&'a str, &'a str)>,
     /// Rounded up to whole seconds, at most [`MAX_DELAY_SECS`].
     delay: Duration,
+}
+
+impl Outgoing<'_> {
+    /// What the message counts for against SQS's size limits: its body, and each attribute's
+    /// name, data type and value.
+    fn payload_bytes(&self) -> usize {
+        self.body.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + STRING_TYPE.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// Sends up to ten messages to `queue` in one `SendMessageBatch`; one result per message, in
@@ -741,6 +773,49 @@ mod tests {
                 && text.contains("10 × call failed (timed out)"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_letter_over_256_kib_is_refused_for_good_before_any_call() {
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            // Nothing listens there; no call may be made.
+            .endpoint_url("http://127.0.0.1:9")
+            .build();
+        let dlq = SqsDeadLetterQueue::new(
+            Client::from_conf(config),
+            "http://127.0.0.1:9/000000000000/dlq".into(),
+        );
+        let letter = |bytes: usize| DeadLetter {
+            body: "x".repeat(bytes),
+            attributes: BTreeMap::new(),
+            reason: DeadLetterReason {
+                code: "invalid_event".into(),
+                message: "m".into(),
+            },
+        };
+        let err = dlq
+            .send(&[letter(10), letter(MAX_BATCH_BYTES)])
+            .await
+            .unwrap_err();
+        assert!(!err.is_transient(), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("dead letter 2 of 2 is 262") && text.contains("no letter was sent"),
+            "{text}"
+        );
+        assert_eq!(dlq.calls().total(), 0);
+    }
+
+    #[test]
+    fn a_letter_counts_its_body_and_each_attribute_name_type_and_value() {
+        let m = Outgoing {
+            body: "12345",
+            attributes: vec![("ab", "xyz")],
+            delay: Duration::ZERO,
+        };
+        assert_eq!(m.payload_bytes(), 5 + 2 + "String".len() + 3);
     }
 
     #[test]
