@@ -1,5 +1,6 @@
 //! The AWS transport against a real LocalStack: HTTP → SNS → SQS, filter policies, raw and
-//! SNS-wrapped bodies, dead-lettering with reasons, visibility backoff.
+//! SNS-wrapped bodies, dead-lettering with reasons, visibility backoff, and batch calls that
+//! settle every chunk even when one entry fails.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,9 +13,9 @@ use serde_json::Value;
 use shared::aws::sns::{SnsConfig, SnsPublisher};
 use shared::aws::sqs::{SqsConfig, SqsSource};
 use shared::envelope::decode_message;
-use shared::source::{DeadLetter, DeadLetterReason, Source, ATTR_ERROR_CODE};
+use shared::source::{DeadLetter, DeadLetterReason, Delivery, DeliveryId, Source, ATTR_ERROR_CODE};
 use shared::synthetic::SyntheticEvents;
-use tests::localstack::{self, create_queue, create_topology, subscribe};
+use tests::localstack::{self, create_queue, create_topology, queue_depth, queue_total, subscribe};
 use tests::spawn_ingest;
 
 /// Drains a queue until `want` events were seen or `timeout` passed; returns event ids,
@@ -249,6 +250,167 @@ async fn retry_later_hides_a_message_for_its_delay_and_counts_receives() {
     let again = source.receive(1, Duration::from_secs(5)).await.unwrap();
     assert_eq!(again.len(), 1, "visible again after the delay");
     assert_eq!(again[0].receive_count, 2);
+}
+
+/// Sends `n` small messages to a fresh queue with `visibility_secs` and receives them all.
+async fn received(
+    sqs: &aws_sdk_sqs::Client,
+    tag: &str,
+    visibility_secs: u32,
+    n: usize,
+) -> (SqsSource, String, Vec<Delivery>) {
+    let name = format!("spillway-test-{tag}-{}", localstack::suffix());
+    let (queue_url, _, _) = create_queue(sqs, &name, visibility_secs, 5).await.unwrap();
+    for i in 0..n {
+        sqs.send_message()
+            .queue_url(&queue_url)
+            .message_body(format!("m{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let source = SqsSource::new(
+        sqs.clone(),
+        SqsConfig {
+            queue_url: queue_url.clone(),
+            dlq_url: None,
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        got.extend(source.receive(10, Duration::from_secs(1)).await.unwrap());
+    }
+    assert_eq!(got.len(), n, "every message sent is received");
+    (source, queue_url, got)
+}
+
+/// The receipts of `got`, with the third replaced by one SQS does not know.
+fn with_a_bogus_third_receipt(got: &[Delivery]) -> Vec<DeliveryId> {
+    let mut ids: Vec<DeliveryId> = got.iter().map(|d| d.id.clone()).collect();
+    ids[2] = DeliveryId("bogus-receipt-handle".into());
+    ids
+}
+
+#[tokio::test]
+async fn an_ack_with_one_bad_receipt_in_its_first_chunk_still_deletes_every_other_message() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let (source, queue_url, got) = received(&sqs, "ack", 30, 15).await;
+
+    let acked = source.ack(&with_a_bogus_third_receipt(&got)).await;
+    // Only the message whose receipt was swapped out is left, still in flight.
+    assert_eq!(queue_depth(&sqs, &queue_url).await.unwrap(), (0, 1));
+    let err = acked.expect_err("one entry could not be deleted");
+    let text = err.to_string();
+    assert!(
+        text.contains("1 of 15") && text.contains("ReceiptHandleIsInvalid"),
+        "the error names how many failed and why: {text}"
+    );
+    assert!(
+        !err.is_transient(),
+        "a bad receipt is not helped by a retry"
+    );
+    // Two chunks, and the bad receipt is not retried.
+    assert_eq!(source.calls().get("DeleteMessageBatch"), 2);
+}
+
+#[tokio::test]
+async fn a_heartbeat_with_one_bad_receipt_in_its_first_chunk_still_extends_every_other_message() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let (source, _, got) = received(&sqs, "extend", 3, 15).await;
+
+    let extended = source
+        .extend(&with_a_bogus_third_receipt(&got), Duration::from_secs(60))
+        .await;
+    // Past the queue's 3 s visibility only the message whose receipt was swapped out is back.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut back = BTreeSet::new();
+    while Instant::now() < deadline {
+        for d in source.receive(10, Duration::from_secs(1)).await.unwrap() {
+            back.insert(d.body);
+        }
+    }
+    assert_eq!(
+        back,
+        BTreeSet::from([got[2].body.clone()]),
+        "the other 14 stay hidden"
+    );
+    let err = extended.expect_err("one entry could not be changed");
+    assert!(err.to_string().contains("1 of 15"), "{err}");
+    assert_eq!(source.calls().get("ChangeMessageVisibilityBatch"), 2);
+}
+
+#[tokio::test]
+async fn ten_large_dead_letters_go_out_in_calls_under_256_kib_and_all_reach_the_dlq() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-big-{}", localstack::suffix());
+    let (queue_url, _, dlq_url) = create_queue(&sqs, &name, 30, 5).await.unwrap();
+    sqs.send_message()
+        .queue_url(&queue_url)
+        .message_body("an envelope with ten bad events")
+        .send()
+        .await
+        .unwrap();
+    let source = SqsSource::new(
+        sqs.clone(),
+        SqsConfig {
+            queue_url: queue_url.clone(),
+            dlq_url: Some(dlq_url.clone()),
+        },
+    );
+    let got = source.receive(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // 1.2 MiB in all: over the 256 KiB of a SendMessageBatch, and over LocalStack's own check
+    // (1 MiB), so one call for all ten fails here too.
+    let letters: Vec<DeadLetter> = (0..10_u8)
+        .map(|i| DeadLetter {
+            body: char::from(b'a' + i).to_string().repeat(120 * 1024),
+            attributes: [("spillway-schema".to_owned(), "1".to_owned())].into(),
+            reason: DeadLetterReason {
+                code: "invalid_event".into(),
+                message: format!("event {i} is invalid"),
+            },
+        })
+        .collect();
+    source.dead_letter(&got[0].id, &letters).await.unwrap();
+
+    // Two letters (240 KiB and their attributes) per call.
+    assert_eq!(source.calls().get("SendMessageBatch"), 5);
+    assert_eq!(queue_total(&sqs, &dlq_url).await.unwrap(), 10);
+    assert_eq!(
+        queue_total(&sqs, &queue_url).await.unwrap(),
+        0,
+        "deleted after"
+    );
+    let dlq = SqsSource::new(
+        sqs,
+        SqsConfig {
+            queue_url: dlq_url,
+            dlq_url: None,
+        },
+    );
+    let mut bodies = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bodies.len() < 10 && Instant::now() < deadline {
+        for d in dlq.receive(10, Duration::from_secs(1)).await.unwrap() {
+            bodies.insert(d.body);
+        }
+    }
+    let want: BTreeSet<String> = letters.into_iter().map(|l| l.body).collect();
+    assert_eq!(bodies, want, "every letter arrives whole");
 }
 
 /// Runs localstack/provision.py (CloudFormation deploy of infra/template.yaml) with the

@@ -6,9 +6,11 @@
 //! # Layout
 //! - [`sns`]: `SnsPublisher` (`PublishBatch`, per-entry retries, FIFO ids).
 //! - [`sqs`]: `SqsSource` (long poll, batch delete, visibility, send-then-delete DLQ).
+//! - [`batch`]: the entry and byte limits of a batch call, and the planner that keeps to them.
 //! - [`ApiCalls`]: how many API calls an adapter made, by operation (request-efficiency
 //!   figures and tests).
 
+pub mod batch;
 pub mod sns;
 pub mod sqs;
 

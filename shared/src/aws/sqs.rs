@@ -1,5 +1,9 @@
 //! SQS source: long polling, batch delete, visibility changes for backoff and heartbeat,
 //! and dead-lettering that sends to the DLQ first and deletes after.
+//!
+//! A delete or visibility change of many receipts goes out in calls of ten; every call is
+//! sent whatever the previous one answered, entries SQS failed on its side are retried, and
+//! the failures are reported together at the end.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,11 +12,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
-    MessageAttributeValue, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+    BatchResultErrorEntry, ChangeMessageVisibilityBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
+    SendMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
 
+use super::batch::{self, MAX_BATCH_BYTES};
 use super::{ApiCalls, CallCounter};
 use crate::envelope::ATTR_CONTENT_ENCODING;
 use crate::source::{
@@ -21,7 +27,7 @@ use crate::source::{
 };
 
 /// Most messages per receive and entries per batch call.
-pub const MAX_BATCH_ENTRIES: usize = 10;
+pub const MAX_BATCH_ENTRIES: usize = batch::MAX_BATCH_ENTRIES;
 /// Longest long-poll wait SQS allows.
 pub const MAX_WAIT_SECS: u64 = 20;
 /// Longest delay SQS allows on a message sent (15 minutes).
@@ -32,6 +38,12 @@ pub const MAX_VISIBILITY_SECS: u64 = 43_200;
 const MAX_REASON_BYTES: usize = 1_024;
 /// SQS takes at most this many message attributes per message.
 pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+/// Calls per receipt for a delete or visibility change that SQS failed on its side.
+const MAX_RECEIPT_ATTEMPTS: u32 = 3;
+/// Pause before the second call for such receipts; doubled before each further one.
+const RECEIPT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// The data type SQS counts in a string attribute's size.
+const STRING_TYPE: &str = "String";
 
 /// Settings of the SQS source.
 #[derive(Debug, Clone)]
@@ -73,37 +85,117 @@ impl SqsSource {
     }
 
     async fn change_visibility(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
-        for chunk in items.chunks(MAX_BATCH_ENTRIES) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, (id, delay))| {
-                    // Whole seconds, rounded up: a backoff is never shortened (1.6 s → 2 s).
-                    let secs = u64::try_from(delay.as_millis().div_ceil(1_000))
-                        .unwrap_or(MAX_VISIBILITY_SECS)
-                        .clamp(1, MAX_VISIBILITY_SECS);
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&id.0)
-                        .visibility_timeout(i32::try_from(secs).unwrap_or(i32::MAX))
-                        .build()
-                        .map_err(|e| self.rejected(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            self.calls.count("ChangeMessageVisibilityBatch");
-            let out = self
-                .client
-                .change_message_visibility_batch()
-                .queue_url(&self.config.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| self.error(&self.config.queue_url, &e))?;
-            if let Some(f) = out.failed().first() {
-                return Err(self.unavailable(format!("change visibility failed: {}", f.code())));
+        let receipts: Vec<(&DeliveryId, i32)> = items
+            .iter()
+            .map(|(id, delay)| {
+                // Whole seconds, rounded up: a backoff is never shortened (1.6 s → 2 s).
+                let secs = u64::try_from(delay.as_millis().div_ceil(1_000))
+                    .unwrap_or(MAX_VISIBILITY_SECS)
+                    .clamp(1, MAX_VISIBILITY_SECS);
+                (id, i32::try_from(secs).unwrap_or(i32::MAX))
+            })
+            .collect();
+        self.settle(Settle::ChangeVisibility, &receipts).await
+    }
+
+    /// Deletes receipts or changes their visibility (to the `i32`, in seconds; a delete
+    /// ignores it), in calls of ten.
+    /// Every call is sent; entries SQS failed on its side are sent again, up to
+    /// [`MAX_RECEIPT_ATTEMPTS`] calls each; the rest of the failures are reported at the end.
+    async fn settle(&self, op: Settle, receipts: &[(&DeliveryId, i32)]) -> Result<(), SourceError> {
+        let mut unsettled = Unsettled::default();
+        let mut pending = receipts.to_vec();
+        let mut backoff = RECEIPT_RETRY_BACKOFF;
+        for attempt in 1..=MAX_RECEIPT_ATTEMPTS {
+            let mut again = Vec::new();
+            for chunk in pending.chunks(MAX_BATCH_ENTRIES) {
+                let failed = match self.settle_batch(op, chunk).await {
+                    Ok(failed) => failed,
+                    Err(e) => {
+                        // The SDK has retried the call itself already.
+                        unsettled.call_failed(chunk.len(), &e);
+                        continue;
+                    }
+                };
+                for f in &failed {
+                    let receipt = f.id().parse::<usize>().ok().and_then(|i| chunk.get(i));
+                    match receipt {
+                        Some(&r) if retryable(f) && attempt < MAX_RECEIPT_ATTEMPTS => again.push(r),
+                        _ => unsettled.entry_failed(f),
+                    }
+                }
             }
+            if again.is_empty() {
+                break;
+            }
+            tracing::debug!(
+                queue = %self.config.queue_url,
+                operation = op.operation(),
+                receipts = again.len(),
+                attempt,
+                "Retrying entries SQS failed on its side"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = backoff.saturating_mul(2);
+            pending = again;
         }
-        Ok(())
+        unsettled.into_result(&self.config.queue_url, op, receipts.len())
+    }
+
+    /// One call of at most ten entries, each with its index as its id; the failed entries.
+    async fn settle_batch(
+        &self,
+        op: Settle,
+        receipts: &[(&DeliveryId, i32)],
+    ) -> Result<Vec<BatchResultErrorEntry>, SourceError> {
+        let queue = &self.config.queue_url;
+        self.calls.count(op.operation());
+        let failed = match op {
+            Settle::Delete => {
+                let entries = receipts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, _))| {
+                        DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(&id.0)
+                            .build()
+                            .map_err(|e| self.rejected(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.client
+                    .delete_message_batch()
+                    .queue_url(queue)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|e| self.error(queue, &e))?
+                    .failed
+            }
+            Settle::ChangeVisibility => {
+                let entries = receipts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, secs))| {
+                        ChangeMessageVisibilityBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(&id.0)
+                            .visibility_timeout(*secs)
+                            .build()
+                            .map_err(|e| self.rejected(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.client
+                    .change_message_visibility_batch()
+                    .queue_url(queue)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|e| self.error(queue, &e))?
+                    .failed
+            }
+        };
+        Ok(failed)
     }
 
     fn rejected(&self, message: String) -> SourceError {
@@ -112,18 +204,108 @@ impl SqsSource {
             message,
         }
     }
+}
 
-    fn unavailable(&self, message: String) -> SourceError {
-        SourceError::Unavailable {
-            queue: self.config.queue_url.clone(),
-            message,
+/// What [`SqsSource::settle`] does to each receipt.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// `DeleteMessageBatch`.
+    Delete,
+    /// `ChangeMessageVisibilityBatch`.
+    ChangeVisibility,
+}
+
+impl Settle {
+    fn operation(self) -> &'static str {
+        match self {
+            Self::Delete => "DeleteMessageBatch",
+            Self::ChangeVisibility => "ChangeMessageVisibilityBatch",
         }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Delete => "delete",
+            Self::ChangeVisibility => "change visibility",
+        }
+    }
+}
+
+/// Whether sending a failed entry again can help: only when SQS failed on its side, never
+/// for a bad or stale receipt handle (LocalStack reports those with `SenderFault=false`).
+fn retryable(f: &BatchResultErrorEntry) -> bool {
+    let code = f.code();
+    let code = code.strip_prefix("AWS.SimpleQueueService.").unwrap_or(code);
+    !f.sender_fault()
+        && !matches!(
+            code,
+            "ReceiptHandleIsInvalid" | "InvalidParameterValue" | "MessageNotInflight"
+        )
+}
+
+/// The receipts a [`Settle`] left unsettled, by error code.
+#[derive(Debug, Default)]
+struct Unsettled {
+    /// Receipts in all.
+    count: usize,
+    /// Whether any of them might be settled by a later call.
+    transient: bool,
+    /// Per code: how many, and the first message.
+    by_code: BTreeMap<String, (usize, String)>,
+}
+
+impl Unsettled {
+    fn entry_failed(&mut self, f: &BatchResultErrorEntry) {
+        self.add(1, f.code(), f.message().unwrap_or(""), retryable(f));
+    }
+
+    fn call_failed(&mut self, receipts: usize, err: &SourceError) {
+        let message = match err {
+            SourceError::Unavailable { message, .. } | SourceError::Rejected { message, .. } => {
+                message
+            }
+        };
+        self.add(receipts, "call failed", message, err.is_transient());
+    }
+
+    fn add(&mut self, receipts: usize, code: &str, message: &str, transient: bool) {
+        self.count += receipts;
+        self.transient |= transient;
+        self.by_code
+            .entry(code.to_owned())
+            .or_insert_with(|| (0, message.to_owned()))
+            .0 += receipts;
+    }
+
+    /// `Ok` when nothing was left; otherwise one error naming how many of `total` receipts
+    /// failed and why, transient when any of them might succeed later.
+    fn into_result(self, queue: &str, op: Settle, total: usize) -> Result<(), SourceError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let why: Vec<String> = self
+            .by_code
+            .iter()
+            .map(|(code, (n, message))| format!("{n} × {code} ({message})"))
+            .collect();
+        let message = format!(
+            "{} failed for {} of {total} entries: {}",
+            op.verb(),
+            self.count,
+            why.join("; ")
+        );
+        let queue = queue.to_owned();
+        Err(if self.transient {
+            SourceError::Unavailable { queue, message }
+        } else {
+            SourceError::Rejected { queue, message }
+        })
     }
 }
 
 fn string_attr(value: &str) -> Result<MessageAttributeValue, SourceError> {
     MessageAttributeValue::builder()
-        .data_type("String")
+        .data_type(STRING_TYPE)
         .string_value(value)
         .build()
         .map_err(|e| SourceError::Rejected {
@@ -192,36 +374,8 @@ impl Source for SqsSource {
     }
 
     async fn ack(&self, ids: &[DeliveryId]) -> Result<(), SourceError> {
-        for chunk in ids.chunks(MAX_BATCH_ENTRIES) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, id)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&id.0)
-                        .build()
-                        .map_err(|e| self.rejected(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            self.calls.count("DeleteMessageBatch");
-            let out = self
-                .client
-                .delete_message_batch()
-                .queue_url(&self.config.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| self.error(&self.config.queue_url, &e))?;
-            if let Some(f) = out.failed().first() {
-                return Err(self.unavailable(format!(
-                    "delete failed for {} entries ({})",
-                    out.failed().len(),
-                    f.code()
-                )));
-            }
-        }
-        Ok(())
+        let receipts: Vec<(&DeliveryId, i32)> = ids.iter().map(|id| (id, 0)).collect();
+        self.settle(Settle::Delete, &receipts).await
     }
 
     async fn retry_later(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
@@ -247,24 +401,41 @@ impl Source for SqsSource {
     }
 }
 
-/// Sends letters to an SQS queue with their reason attributes, in batches of ten; stops at
-/// the first batch the queue did not take whole.
+/// Sends letters to an SQS queue with their reason attributes, in batches of at most ten
+/// entries and [`MAX_BATCH_BYTES`]; stops at the first batch the queue did not take whole.
+/// A letter over that size on its own is refused before anything is sent: no retry helps it.
 async fn send_letters(
     client: &Client,
     dlq: &str,
     calls: &CallCounter,
     letters: &[DeadLetter],
 ) -> Result<(), SourceError> {
-    for chunk in letters.chunks(MAX_BATCH_ENTRIES) {
-        let outgoing: Vec<Outgoing<'_>> = chunk
-            .iter()
-            .map(|l| Outgoing {
-                body: &l.body,
-                attributes: letter_attributes(l),
-                delay: Duration::ZERO,
-            })
-            .collect();
-        let results = send_batch(client, dlq, calls, &outgoing).await;
+    let outgoing: Vec<Outgoing<'_>> = letters
+        .iter()
+        .map(|l| Outgoing {
+            body: &l.body,
+            attributes: letter_attributes(l),
+            delay: Duration::ZERO,
+        })
+        .collect();
+    let sizes: Vec<usize> = outgoing.iter().map(Outgoing::payload_bytes).collect();
+    if let Some((i, bytes)) = sizes
+        .iter()
+        .enumerate()
+        .find(|(_, b)| **b > MAX_BATCH_BYTES)
+    {
+        return Err(SourceError::Rejected {
+            queue: dlq.to_owned(),
+            message: format!(
+                "dead letter {} of {} is {bytes} bytes with its attributes, over the \
+                 {MAX_BATCH_BYTES} SQS takes in one message; no letter was sent",
+                i + 1,
+                letters.len()
+            ),
+        });
+    }
+    for range in batch::plan(sizes) {
+        let results = send_batch(client, dlq, calls, &outgoing[range]).await;
         if let Some(e) = results.into_iter().find_map(Result::err) {
             return Err(e);
         }
@@ -279,6 +450,19 @@ struct Outgoing<'a> {
     attributes: Vec<(&'a str, &'a str)>,
     /// Rounded up to whole seconds, at most [`MAX_DELAY_SECS`].
     delay: Duration,
+}
+
+impl Outgoing<'_> {
+    /// What the message counts for against SQS's size limits: its body, and each attribute's
+    /// name, data type and value.
+    fn payload_bytes(&self) -> usize {
+        self.body.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + STRING_TYPE.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// Sends up to ten messages to `queue` in one `SendMessageBatch`; one result per message, in
@@ -532,6 +716,106 @@ mod tests {
         assert_eq!(get("custom-5"), Some("v5"));
         assert_eq!(get("custom-6"), None, "the last names are left out");
         assert_eq!(out.iter().filter(|(n, _)| *n == ATTR_ERROR_CODE).count(), 1);
+    }
+
+    fn failure(code: &str, sender_fault: bool) -> BatchResultErrorEntry {
+        BatchResultErrorEntry::builder()
+            .id("0")
+            .code(code)
+            .sender_fault(sender_fault)
+            .message("the broker's words")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn only_failures_on_the_sqs_side_are_retried_and_never_a_bad_receipt() {
+        assert!(retryable(&failure("InternalError", false)));
+        assert!(!retryable(&failure("ReceiptHandleIsInvalid", false)));
+        assert!(!retryable(&failure(
+            "AWS.SimpleQueueService.MessageNotInflight",
+            false
+        )));
+        assert!(!retryable(&failure("InternalError", true)));
+    }
+
+    #[test]
+    fn unsettled_receipts_are_reported_together_with_their_count_and_reasons() {
+        assert!(Unsettled::default()
+            .into_result("q", Settle::Delete, 15)
+            .is_ok());
+        let mut u = Unsettled::default();
+        u.entry_failed(&failure("ReceiptHandleIsInvalid", false));
+        u.entry_failed(&failure("ReceiptHandleIsInvalid", true));
+        let err = u.into_result("q", Settle::Delete, 15).unwrap_err();
+        assert!(!err.is_transient(), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "q refused: delete failed for 2 of 15 entries: \
+             2 × ReceiptHandleIsInvalid (the broker's words)"
+        );
+        let mut u = Unsettled::default();
+        u.entry_failed(&failure("ReceiptHandleIsInvalid", false));
+        u.call_failed(
+            10,
+            &SourceError::Unavailable {
+                queue: "q".into(),
+                message: "timed out".into(),
+            },
+        );
+        let err = u
+            .into_result("q", Settle::ChangeVisibility, 20)
+            .unwrap_err();
+        assert!(err.is_transient(), "a later call may settle those ten");
+        let text = err.to_string();
+        assert!(
+            text.contains("change visibility failed for 11 of 20 entries")
+                && text.contains("10 × call failed (timed out)"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_letter_over_256_kib_is_refused_for_good_before_any_call() {
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            // Nothing listens there; no call may be made.
+            .endpoint_url("http://127.0.0.1:9")
+            .build();
+        let dlq = SqsDeadLetterQueue::new(
+            Client::from_conf(config),
+            "http://127.0.0.1:9/000000000000/dlq".into(),
+        );
+        let letter = |bytes: usize| DeadLetter {
+            body: "x".repeat(bytes),
+            attributes: BTreeMap::new(),
+            reason: DeadLetterReason {
+                code: "invalid_event".into(),
+                message: "m".into(),
+            },
+        };
+        let err = dlq
+            .send(&[letter(10), letter(MAX_BATCH_BYTES)])
+            .await
+            .unwrap_err();
+        assert!(!err.is_transient(), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("dead letter 2 of 2 is 262") && text.contains("no letter was sent"),
+            "{text}"
+        );
+        assert_eq!(dlq.calls().total(), 0);
+    }
+
+    #[test]
+    fn a_letter_counts_its_body_and_each_attribute_name_type_and_value() {
+        let m = Outgoing {
+            body: "12345",
+            attributes: vec![("ab", "xyz")],
+            delay: Duration::ZERO,
+        };
+        assert_eq!(m.payload_bytes(), 5 + 2 + "String".len() + 3);
     }
 
     #[test]

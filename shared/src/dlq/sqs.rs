@@ -27,10 +27,7 @@ use super::{
 use crate::envelope::ATTR_TYPES;
 use crate::source::DeliveryId;
 
-/// Most entries in one SQS or SNS batch call.
-pub const MAX_BATCH_ENTRIES: usize = 10;
-/// Most payload bytes in one batch call (SQS and SNS: 256 KiB).
-pub const MAX_BATCH_BYTES: usize = 262_144;
+pub use crate::aws::batch::{MAX_BATCH_BYTES, MAX_BATCH_ENTRIES};
 /// Longest visibility timeout SQS allows (12 hours).
 const MAX_VISIBILITY_SECS: u64 = 43_200;
 /// Long-poll wait of a lease: short, so a drained queue ends the run quickly.
@@ -203,21 +200,7 @@ fn payload_bytes(m: &Outgoing) -> usize {
 
 /// Splits messages into batches of ≤ 10 entries and ≤ 256 KiB; returns index ranges.
 fn plan(messages: &[Outgoing]) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, m) in messages.iter().enumerate() {
-        let b = payload_bytes(m);
-        if i > start && (i - start == MAX_BATCH_ENTRIES || bytes + b > MAX_BATCH_BYTES) {
-            out.push(start..i);
-            start = i;
-            bytes = 0;
-        }
-        bytes += b;
-    }
-    if start < messages.len() {
-        out.push(start..messages.len());
-    }
-    out
+    crate::aws::batch::plan(messages.iter().map(payload_bytes))
 }
 
 fn dedup_id(m: &Outgoing) -> String {
