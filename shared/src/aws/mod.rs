@@ -71,8 +71,9 @@ impl CallCounter {
 /// providers Lambda never needs (web identity builds a whole STS client with its TLS
 /// connector: about 30% of the functions' init CPU). Elsewhere the default chain applies.
 pub async fn load_config() -> aws_config::SdkConfig {
-    let loader =
-        aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https_client());
+    let loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(https_client())
+        .timeout_config(timeouts());
     let loader = if crate::lambda_init::is_lambda() {
         loader.credentials_provider(
             aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
@@ -81,6 +82,22 @@ pub async fn load_config() -> aws_config::SdkConfig {
         loader
     };
     loader.load().await
+}
+
+/// Longest wait for one attempt of an API call: above SQS's 20 s long poll, so a receive is
+/// never cut short, but bounded, so that a connection that stalls (a half-open TCP
+/// connection, a stuck proxy) fails the attempt and the SDK retries, instead of hanging a
+/// worker loop, its batch's settlement and its shutdown.
+pub const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest wait for an API call, its retries included.
+pub const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+fn timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .operation_timeout(OPERATION_TIMEOUT)
+        .build()
 }
 
 /// The HTTPS client of the SDK clients: the SDK's default one (hyper, rustls with aws-lc,
@@ -170,4 +187,19 @@ pub fn sns_client(config: &aws_config::SdkConfig) -> aws_sdk_sns::Client {
 /// An SQS client from a loaded configuration.
 pub fn sqs_client(config: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_api_call_is_bounded_in_time() {
+        let config = load_config().await;
+        let t = config.timeout_config().expect("a timeout config");
+        assert_eq!(t.operation_attempt_timeout(), Some(ATTEMPT_TIMEOUT));
+        assert_eq!(t.operation_timeout(), Some(OPERATION_TIMEOUT));
+        // A long poll must fit an attempt.
+        assert!(ATTEMPT_TIMEOUT > std::time::Duration::from_secs(sqs::MAX_WAIT_SECS));
+    }
 }
