@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use ingest_api::IngestConfig;
 use serde_json::Value;
 use shared::aws::sns::{SnsConfig, SnsPublisher};
-use shared::aws::sqs::{SqsConfig, SqsSource};
+use shared::aws::sqs::{SqsConfig, SqsRequeue, SqsSource};
 use shared::envelope::decode_message;
-use shared::source::{DeadLetter, DeadLetterReason, Delivery, DeliveryId, Source, ATTR_ERROR_CODE};
+use shared::source::{
+    DeadLetter, DeadLetterReason, Delivery, DeliveryId, Requeue, Requeued, Source, ATTR_ERROR_CODE,
+};
 use shared::synthetic::SyntheticEvents;
 use tests::localstack::{self, create_queue, create_topology, queue_depth, queue_total, subscribe};
 use tests::spawn_ingest;
@@ -411,6 +413,30 @@ async fn ten_large_dead_letters_go_out_in_calls_under_256_kib_and_all_reach_the_
     }
     let want: BTreeSet<String> = letters.into_iter().map(|l| l.body).collect();
     assert_eq!(bodies, want, "every letter arrives whole");
+}
+
+#[tokio::test]
+async fn ten_large_requeued_messages_go_out_in_calls_under_256_kib() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-requeue-{}", localstack::suffix());
+    let (queue_url, _, _) = create_queue(&sqs, &name, 30, 5).await.unwrap();
+    // Ten envelopes of 120 KiB, as a store outage on Lambda hands back: 1.2 MiB in all.
+    let messages: Vec<Requeued> = (0..10_u8)
+        .map(|i| Requeued {
+            body: char::from(b'a' + i).to_string().repeat(120 * 1024),
+            attributes: [(shared::source::ATTR_REQUEUES.to_owned(), "1".to_owned())].into(),
+            delay: Duration::ZERO,
+        })
+        .collect();
+    let requeue = SqsRequeue::new(sqs.clone(), queue_url.clone());
+    let results = requeue.requeue(&messages).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(requeue.calls().get("SendMessageBatch"), 5);
+    assert_eq!(queue_total(&sqs, &queue_url).await.unwrap(), 10);
 }
 
 /// Runs localstack/provision.py (CloudFormation deploy of infra/template.yaml) with the

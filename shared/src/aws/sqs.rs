@@ -662,21 +662,27 @@ impl SqsRequeue {
 #[async_trait]
 impl Requeue for SqsRequeue {
     async fn requeue(&self, messages: &[Requeued]) -> Vec<Result<(), SourceError>> {
+        let outgoing: Vec<Outgoing<'_>> = messages
+            .iter()
+            .map(|m| Outgoing {
+                body: &m.body,
+                attributes: m
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect(),
+                delay: m.delay,
+            })
+            .collect();
+        // Within a call's 256 KiB as well as its ten entries: ten full envelopes are ten
+        // times that. A message over the limit alone goes in a call of its own, which SQS
+        // then refuses for that message only.
+        let sizes = outgoing.iter().map(Outgoing::payload_bytes);
         let mut results = Vec::with_capacity(messages.len());
-        for chunk in messages.chunks(MAX_BATCH_ENTRIES) {
-            let outgoing: Vec<Outgoing<'_>> = chunk
-                .iter()
-                .map(|m| Outgoing {
-                    body: &m.body,
-                    attributes: m
-                        .attributes
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect(),
-                    delay: m.delay,
-                })
-                .collect();
-            results.extend(send_batch(&self.client, &self.queue_url, &self.calls, &outgoing).await);
+        for range in batch::plan(sizes) {
+            results.extend(
+                send_batch(&self.client, &self.queue_url, &self.calls, &outgoing[range]).await,
+            );
         }
         results
     }
