@@ -708,6 +708,16 @@ async fn export(a: ExportArgs) -> anyhow::Result<()> {
                 report.not_deleted
             );
         }
+        if report.left_by_broker_limit > 0 {
+            println!(
+                "{} matching messages were left in the DLQ and out of the file: {}",
+                report.left_by_broker_limit,
+                report
+                    .left_reason
+                    .as_deref()
+                    .unwrap_or("the broker cannot record more")
+            );
+        }
     }
     Ok(())
 }
@@ -817,6 +827,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             ("refused: no source queue", c.refused_no_source),
             ("refused: FIFO dedup window", c.refused_dedup_window),
             ("left: --max reached", c.left_by_max),
+            ("left: commit metadata full", c.left_by_broker_limit),
             ("refused by the destination", c.send_failed),
             ("sent, delete failed (in both)", c.sent_not_deleted),
         ] {
@@ -836,6 +847,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             + c.refused_invalid
             + c.refused_no_source
             + c.refused_dedup_window
+            + c.left_by_broker_limit
             + c.send_failed;
         if refused > listed {
             println!(

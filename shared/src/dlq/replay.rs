@@ -139,6 +139,9 @@ pub struct Counts {
     pub refused_dedup_window: u64,
     /// Matching messages left alone because `max_messages` was reached.
     pub left_by_max: u64,
+    /// Matching messages left for a later run because the broker could not record their
+    /// move (Kafka: the replay group's commit metadata is full).
+    pub left_by_broker_limit: u64,
     /// Messages the destination refused (still in the DLQ).
     pub send_failed: u64,
     /// Messages sent whose delete from the DLQ did not happen (now in both places).
@@ -442,6 +445,36 @@ impl Run<'_> {
     /// Sends a batch (one call per destination), then deletes from the DLQ exactly the
     /// messages their destination took.
     async fn move_batch(&self, batch: Vec<Pending>) -> Result<(), DlqError> {
+        let receipts: Vec<DeliveryId> = batch.iter().map(|(r, _, _, _)| r.clone()).collect();
+        let left = match self.port.admit(self.dlq, &receipts).await {
+            Ok(left) => left,
+            Err(e) => {
+                self.hold(batch);
+                return Err(e);
+            }
+        };
+        let batch = if left.is_empty() {
+            batch
+        } else {
+            let mut left: HashMap<usize, String> = left.into_iter().collect();
+            let mut st = lock(&self.state);
+            let mut admitted = Vec::with_capacity(batch.len());
+            for (i, p) in batch.into_iter().enumerate() {
+                match left.remove(&i) {
+                    Some(reason) => {
+                        st.counts.left_by_broker_limit += 1;
+                        st.reserved = st.reserved.saturating_sub(1);
+                        refuse(&mut st, &p.1, reason);
+                        st.held.insert(p.1, p.0);
+                    }
+                    None => admitted.push(p),
+                }
+            }
+            admitted
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
         let at = lock(&self.pacer).reserve(batch.len());
         if let Some(at) = at {
             tokio::time::sleep_until(at.into()).await;
@@ -653,6 +686,11 @@ pub struct ExportReport {
     pub deleted: u64,
     /// Exported messages whose delete did not happen (lease lapsed): still in the DLQ.
     pub not_deleted: u64,
+    /// Matching messages left out of the file and in the DLQ because the broker could not
+    /// record their delete (`--delete` on Kafka: the replay group's commit metadata is full).
+    pub left_by_broker_limit: u64,
+    /// Why, for the first of them.
+    pub left_reason: Option<String>,
     /// Wall time in seconds.
     pub elapsed_secs: f64,
     /// Broker API calls the run made.
@@ -680,6 +718,8 @@ pub async fn export(
     // message id → (latest receipt, exported?)
     let mut seen: HashMap<String, (DeliveryId, bool)> = HashMap::new();
     let mut counts = Counts::default();
+    let mut left_by_broker_limit = 0;
+    let mut first_left: Option<String> = None;
     let written = async {
         let mut writer = ExportWriter::create(path)?;
         let mut stale_rounds = 0;
@@ -693,6 +733,7 @@ pub async fn export(
             }
             let now = now_ms();
             let mut fresh = 0;
+            let mut takes = Vec::new();
             for l in leased {
                 if let Some(entry) = seen.get_mut(&l.message.message_id) {
                     entry.0 = l.receipt;
@@ -701,12 +742,34 @@ pub async fn export(
                 fresh += 1;
                 counts.scanned += 1;
                 let take = opts.filter.matches(&l.message, &inspect(&l.message), now)
-                    && opts.max_messages.is_none_or(|m| writer.written() < m);
+                    && opts
+                        .max_messages
+                        .is_none_or(|m| writer.written() + (takes.len() as u64) < m);
+                if take {
+                    takes.push(l);
+                } else {
+                    counts.skipped_by_filter += 1;
+                    seen.insert(l.message.message_id, (l.receipt, false));
+                }
+            }
+            // What is deleted afterwards must be recordable as deleted (Kafka's commit
+            // metadata is bounded): what is not stays out of the file and in the DLQ.
+            let left: HashMap<usize, String> = if delete && !takes.is_empty() {
+                let receipts: Vec<DeliveryId> = takes.iter().map(|l| l.receipt.clone()).collect();
+                port.admit(dlq, &receipts).await?.into_iter().collect()
+            } else {
+                HashMap::new()
+            };
+            for (i, l) in takes.into_iter().enumerate() {
+                let take = !left.contains_key(&i);
                 if take {
                     writer.write(&l.message)?;
                     counts.matched += 1;
                 } else {
-                    counts.skipped_by_filter += 1;
+                    left_by_broker_limit += 1;
+                    if first_left.is_none() {
+                        first_left = left.get(&i).cloned();
+                    }
                 }
                 seen.insert(l.message.message_id, (l.receipt, take));
             }
@@ -763,6 +826,8 @@ pub async fn export(
         exported,
         deleted,
         not_deleted,
+        left_by_broker_limit,
+        left_reason: first_left,
         elapsed_secs: started.elapsed().as_secs_f64(),
         api_calls_total,
     })
