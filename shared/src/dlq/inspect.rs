@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{DlqError, DlqMessage, Outgoing};
+use super::{DlqError, DlqMessage, Outgoing, ATTR_REPLAY_COUNT};
 use crate::clock::Clock;
 use crate::embedded::ATTR_SOURCE_QUEUE;
 use crate::envelope::{decode_message, ATTR_CONTENT_ENCODING, ATTR_TYPES};
@@ -49,6 +49,19 @@ impl Inspection {
             .unwrap_or_default()
             .into_iter()
             .collect()
+    }
+
+    /// How many times `message` was replayed: the larger of its own counter attribute and,
+    /// for an SNS notification body, the counter the notification carries (the DLQ of an SNS
+    /// subscription without raw delivery holds the attributes only there).
+    pub fn replay_count(&self, message: &DlqMessage) -> u32 {
+        let inner = self
+            .notification
+            .as_ref()
+            .and_then(|(_, attrs)| attrs.get(ATTR_REPLAY_COUNT))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        message.replay_count().max(inner)
     }
 
     /// The advertisers of the events inside.
@@ -465,6 +478,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("fails ingest validation"), "{err}");
+    }
+
+    #[test]
+    fn the_replay_count_is_the_larger_of_the_outer_and_the_wrapped_one() {
+        let wrapped = |inner: &str| {
+            json!({"Type":"Notification","Message": "{}",
+                "MessageAttributes": {ATTR_REPLAY_COUNT: {"Type":"String","Value": inner}}})
+            .to_string()
+        };
+        let mut m = message(&wrapped("3"));
+        assert_eq!(inspect(&m).replay_count(&m), 3, "no outer counter");
+        m.attributes.insert(ATTR_REPLAY_COUNT.into(), "5".into());
+        assert_eq!(inspect(&m).replay_count(&m), 5);
+        let mut m = message(&wrapped("x"));
+        assert_eq!(inspect(&m).replay_count(&m), 0, "unreadable counts as none");
+        m.attributes.insert(ATTR_REPLAY_COUNT.into(), "1".into());
+        assert_eq!(inspect(&m).replay_count(&m), 1);
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl Run<'_> {
                         continue;
                     }
                     st.counts.matched += 1;
-                    let replays = m.replay_count();
+                    let replays = inspection.replay_count(m);
                     if replays >= self.opts.max_replays {
                         st.counts.refused_max_replays += 1;
                         refuse(
@@ -1034,6 +1034,39 @@ mod tests {
         assert_eq!(again.counts.moved, 25);
         assert_eq!(port.stats(DEV_DLQ).await.unwrap().total(), 0);
         assert_eq!(port.stats(DEV_QUEUE).await.unwrap().total(), 35);
+    }
+
+    #[tokio::test]
+    async fn the_loop_guard_counts_the_replays_inside_an_sns_notification() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(dir.path().join("b.db")).unwrap();
+        broker.dev_topology().await.unwrap();
+        let port = EmbeddedDlq::new(broker);
+        // The DLQ of an SNS subscription without raw delivery: the counter is only inside.
+        let wrapped = |n: u32| Outgoing {
+            body: serde_json::json!({
+                "Type": "Notification", "MessageId": format!("m{n}"), "Message": "{}",
+                "MessageAttributes": {
+                    ATTR_REPLAY_COUNT: {"Type": "String", "Value": n.to_string()}
+                }
+            })
+            .to_string(),
+            ..Outgoing::default()
+        };
+        port.send(DEV_DLQ, &[wrapped(3), wrapped(1)]).await.unwrap();
+        let target = Target::Queue(DEV_QUEUE.into());
+        let report = replay(&port, DEV_DLQ, &target, &ReplayOptions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(report.counts.refused_max_replays, 1, "{:?}", report.counts);
+        assert_eq!(report.counts.moved, 1);
+        let moved = port
+            .lease(DEV_QUEUE, 10, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].message.body.contains("m1"));
+        assert_eq!(moved[0].message.attributes[ATTR_REPLAY_COUNT], "2");
     }
 
     #[test]
