@@ -329,7 +329,12 @@ struct PurgeArgs {
 fn parse_rate(raw: &str) -> Result<f64, String> {
     let n = raw.trim().trim_end_matches("/s");
     match n.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        Ok(r) if r.is_finite() && r >= replay::MIN_RATE_PER_SEC => Ok(r),
+        Ok(r) if r.is_finite() && r > 0.0 => Err(format!(
+            "{raw:?} is too slow: the slowest rate is {} messages per second (one every \
+             1,000 s)",
+            replay::MIN_RATE_PER_SEC
+        )),
         _ => Err(format!("{raw:?} is not a rate such as 200 or 200/s")),
     }
 }
@@ -950,4 +955,23 @@ async fn purge(a: PurgeArgs) -> anyhow::Result<()> {
         println!("(SQS purges asynchronously, within 60 s; messages sent meanwhile may go too)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_below_one_message_per_1000_s_is_refused_at_parse_time() {
+        assert_eq!(parse_rate("200"), Ok(200.0));
+        assert_eq!(parse_rate("200/s"), Ok(200.0));
+        assert_eq!(parse_rate("0.001"), Ok(0.001));
+        let err = parse_rate("1e-20").unwrap_err();
+        assert!(err.contains("too slow") && err.contains("0.001"), "{err}");
+        assert!(parse_rate("0.0009").is_err());
+        for bad in ["0", "-5", "inf", "NaN", "fast"] {
+            let err = parse_rate(bad).unwrap_err();
+            assert!(err.contains("not a rate"), "{bad}: {err}");
+        }
+    }
 }

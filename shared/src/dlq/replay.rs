@@ -194,6 +194,26 @@ struct Pacer {
 
 /// Most schedule time a late sender may make up at once.
 const CATCH_UP: Duration = Duration::from_secs(1);
+/// Slowest `--rate` accepted, in messages per second (one message every 1,000 s): anything
+/// slower is a typo, and would overflow the schedule.
+pub const MIN_RATE_PER_SEC: f64 = 0.001;
+/// Longest a batch waits for the next (a full batch at [`MIN_RATE_PER_SEC`] is shorter).
+const MAX_PACER_STEP: Duration = Duration::from_secs(1_000_000);
+
+/// Refuses a rate that is not at least [`MIN_RATE_PER_SEC`] messages per second.
+///
+/// # Errors
+/// [`DlqError::Invalid`] saying what is accepted.
+pub fn check_rate(rate: f64) -> Result<(), DlqError> {
+    if rate.is_finite() && rate >= MIN_RATE_PER_SEC {
+        Ok(())
+    } else {
+        Err(DlqError::Invalid(format!(
+            "--rate must be at least {MIN_RATE_PER_SEC} messages per second (one every \
+             1,000 s), not {rate}"
+        )))
+    }
+}
 
 impl Pacer {
     fn new(rate: Option<f64>) -> Self {
@@ -206,7 +226,11 @@ impl Pacer {
         let now = Instant::now();
         let floor = now.checked_sub(CATCH_UP).unwrap_or(now);
         let at = self.next.map_or(now, |next| next.max(floor));
-        self.next = Some(at + Duration::from_secs_f64(n as f64 / rate));
+        // Callers check the rate (`check_rate`); a rate that slips through is paced at the
+        // longest step rather than overflowing the conversion or the clock.
+        let step = Duration::try_from_secs_f64(n as f64 / rate)
+            .map_or(MAX_PACER_STEP, |d| d.min(MAX_PACER_STEP));
+        self.next = Some(at.checked_add(step).unwrap_or(at));
         Some(at)
     }
 }
@@ -570,11 +594,7 @@ pub async fn replay(
         )));
     }
     if let Some(r) = opts.rate_per_sec {
-        if !(r > 0.0 && r.is_finite()) {
-            return Err(DlqError::Invalid(format!(
-                "--rate must be positive, not {r}"
-            )));
-        }
+        check_rate(r)?;
     }
     // Fail fast, before leasing anything, on a DLQ that does not exist.
     port.stats(dlq).await?;
@@ -861,6 +881,9 @@ pub async fn import(
     rate_per_sec: Option<f64>,
     progress: Option<Progress>,
 ) -> Result<ImportReport, DlqError> {
+    if let Some(r) = rate_per_sec {
+        check_rate(r)?;
+    }
     let mut reader = ExportReader::open(path)?;
     let calls_before = port.calls();
     let started = Instant::now();
@@ -1081,5 +1104,43 @@ mod tests {
         let behind = Instant::now() - late;
         assert!(behind <= CATCH_UP + Duration::from_millis(50), "{behind:?}");
         assert!(Pacer::new(None).reserve(10).is_none());
+    }
+
+    #[test]
+    fn a_rate_too_small_to_schedule_neither_panics_nor_passes_the_check() {
+        for tiny in [1e-20, 5e-324] {
+            let mut p = Pacer::new(Some(tiny));
+            let t0 = p.reserve(1).unwrap();
+            let t1 = p.reserve(1).unwrap();
+            assert_eq!(t1 - t0, MAX_PACER_STEP, "{tiny}");
+        }
+        for tiny in [1e-20, 5e-324, 0.0009] {
+            let err = check_rate(tiny).unwrap_err().to_string();
+            assert!(err.contains("at least 0.001"), "{err}");
+        }
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(check_rate(bad).is_err(), "{bad}");
+        }
+        check_rate(MIN_RATE_PER_SEC).unwrap();
+        check_rate(200.0).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replay_at_a_tiny_rate_is_refused_before_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(dir.path().join("b.db")).unwrap();
+        broker.dev_topology().await.unwrap();
+        let port = EmbeddedDlq::new(broker);
+        port.send(DEV_DLQ, &[Outgoing::default()]).await.unwrap();
+        let opts = ReplayOptions {
+            rate_per_sec: Some(1e-20),
+            ..ReplayOptions::default()
+        };
+        let target = Target::Queue(DEV_QUEUE.into());
+        let err = replay(&port, DEV_DLQ, &target, &opts, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DlqError::Invalid(_)), "{err}");
+        assert_eq!(port.stats(DEV_DLQ).await.unwrap().visible, 1, "untouched");
     }
 }
