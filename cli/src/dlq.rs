@@ -169,7 +169,8 @@ struct FilterArgs {
     newer_than: Option<Duration>,
 
     /// Only messages with an event whose JSONPATH has VALUE, e.g. '$.campaign_id=cmp-1',
-    /// '$.attributes.placement=top' (repeatable: all must hold).
+    /// '$.attributes.placement=top' (repeatable: all must hold; spaces around '=' are
+    /// ignored).
     #[arg(long = "match", value_name = "JSONPATH=VALUE")]
     matches: Vec<String>,
 }

@@ -140,6 +140,7 @@ enum Step {
 /// `--match JSONPATH=VALUE`: a JSONPath into each event (`$.campaign_id`,
 /// `$.attributes.placement`, `$.items[0].sku`, `$.items[*].sku`) and the value it must have
 /// (a string compares to a string value, anything else to the JSON text of the value).
+/// Spaces around the path and the value are ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonMatch {
     path: Vec<Step>,
@@ -217,7 +218,8 @@ impl JsonMatch {
         }
         Ok(Self {
             path: steps,
-            value: value.to_owned(),
+            // Spaces around `=` are layout, as around the path: `$.k = v` means `$.k=v`.
+            value: value.trim().to_owned(),
             raw: raw.to_owned(),
         })
     }
@@ -416,6 +418,18 @@ mod tests {
         for bad in ["k=v", "$=v", "$.k", "$..=v", "$[x]=1"] {
             assert!(JsonMatch::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn spaces_around_the_equals_sign_are_ignored_on_both_sides() {
+        let e = json!({"campaign_id": "cmp-7", "n": 15});
+        assert!(JsonMatch::parse("$.campaign_id = cmp-7")
+            .unwrap()
+            .matches(&e));
+        assert!(JsonMatch::parse(" $.n =15 ").unwrap().matches(&e));
+        assert!(!JsonMatch::parse("$.campaign_id = cmp-8")
+            .unwrap()
+            .matches(&e));
     }
 
     #[test]
