@@ -169,7 +169,8 @@ struct FilterArgs {
     newer_than: Option<Duration>,
 
     /// Only messages with an event whose JSONPATH has VALUE, e.g. '$.campaign_id=cmp-1',
-    /// '$.attributes.placement=top' (repeatable: all must hold).
+    /// '$.attributes.placement=top' (repeatable: all must hold; spaces around '=' are
+    /// ignored).
     #[arg(long = "match", value_name = "JSONPATH=VALUE")]
     matches: Vec<String>,
 }
@@ -329,7 +330,12 @@ struct PurgeArgs {
 fn parse_rate(raw: &str) -> Result<f64, String> {
     let n = raw.trim().trim_end_matches("/s");
     match n.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        Ok(r) if r.is_finite() && r >= replay::MIN_RATE_PER_SEC => Ok(r),
+        Ok(r) if r.is_finite() && r > 0.0 => Err(format!(
+            "{raw:?} is too slow: the slowest rate is {} messages per second (one every \
+             1,000 s)",
+            replay::MIN_RATE_PER_SEC
+        )),
         _ => Err(format!("{raw:?} is not a rate such as 200 or 200/s")),
     }
 }
@@ -708,6 +714,16 @@ async fn export(a: ExportArgs) -> anyhow::Result<()> {
                 report.not_deleted
             );
         }
+        if report.left_by_broker_limit > 0 {
+            println!(
+                "{} matching messages were left in the DLQ and out of the file: {}",
+                report.left_by_broker_limit,
+                report
+                    .left_reason
+                    .as_deref()
+                    .unwrap_or("the broker cannot record more")
+            );
+        }
     }
     Ok(())
 }
@@ -817,6 +833,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             ("refused: no source queue", c.refused_no_source),
             ("refused: FIFO dedup window", c.refused_dedup_window),
             ("left: --max reached", c.left_by_max),
+            ("left: commit metadata full", c.left_by_broker_limit),
             ("refused by the destination", c.send_failed),
             ("sent, delete failed (in both)", c.sent_not_deleted),
         ] {
@@ -836,6 +853,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             + c.refused_invalid
             + c.refused_no_source
             + c.refused_dedup_window
+            + c.left_by_broker_limit
             + c.send_failed;
         if refused > listed {
             println!(
@@ -938,4 +956,23 @@ async fn purge(a: PurgeArgs) -> anyhow::Result<()> {
         println!("(SQS purges asynchronously, within 60 s; messages sent meanwhile may go too)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_below_one_message_per_1000_s_is_refused_at_parse_time() {
+        assert_eq!(parse_rate("200"), Ok(200.0));
+        assert_eq!(parse_rate("200/s"), Ok(200.0));
+        assert_eq!(parse_rate("0.001"), Ok(0.001));
+        let err = parse_rate("1e-20").unwrap_err();
+        assert!(err.contains("too slow") && err.contains("0.001"), "{err}");
+        assert!(parse_rate("0.0009").is_err());
+        for bad in ["0", "-5", "inf", "NaN", "fast"] {
+            let err = parse_rate(bad).unwrap_err();
+            assert!(err.contains("not a rate"), "{bad}: {err}");
+        }
+    }
 }

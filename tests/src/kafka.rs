@@ -147,6 +147,36 @@ pub fn committed_offsets(
         .collect())
 }
 
+/// The group's committed offset and commit metadata per partition of `topic` (blocking).
+///
+/// # Errors
+/// When the coordinator cannot be asked.
+pub fn committed_metadata(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<BTreeMap<i32, (i64, String)>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(got
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), (o, e.metadata().to_owned()))),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Produces `payloads` to `partition` of `topic`, in order, and waits for every delivery.
 ///
 /// # Errors

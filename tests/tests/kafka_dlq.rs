@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
+use shared::dlq::inspect::Filter;
+use shared::dlq::replay::{export, replay, ReplayOptions, Target};
 use shared::dlq::{DlqBroker, ATTR_REPLAY_COUNT};
 use shared::event::AdEvent;
 use shared::kafka::dlq::KafkaDlq;
@@ -23,7 +25,8 @@ use shared::Source;
 use tests::checker::check;
 use tests::dlq::{dead_letters, event_id, json_of, run_dlq, EVEN_ADVERTISER};
 use tests::kafka::{
-    consumer_config, mock_cluster, produce_to, read_topic, ReadMessage, DLQ_TOPIC, TOPIC,
+    committed_metadata, consumer_config, mock_cluster, produce_to, read_topic, ReadMessage,
+    DLQ_TOPIC, TOPIC,
 };
 use tests::sqlite_view::SqliteStoreView;
 use tokio_util::sync::CancellationToken;
@@ -145,6 +148,117 @@ async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_n
     let everything = read(&bootstrap, TOPIC, 200).await;
     let ids: BTreeSet<String> = everything.iter().map(|m| event_id(&m.payload)).collect();
     assert_eq!(ids.len(), 200, "each letter on the main topic once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_leaves_every_other_letter_keeps_the_commit_metadata_under_kafkas_limit() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let port = KafkaDlq::new(
+        KafkaClientConfig::new(&bootstrap),
+        "replay",
+        Some(TOPIC.to_owned()),
+    )
+    .unwrap();
+    // 3,000 letters, the filter takes every other one: moving the 1,500 even ones past the
+    // first odd one would need about 7,000 bytes of metadata; Kafka keeps 4,096.
+    let letters = dead_letters(3_000, 11, None);
+    for chunk in letters.chunks(500) {
+        assert!(port
+            .publish(DLQ_TOPIC, chunk)
+            .await
+            .unwrap()
+            .failed
+            .is_empty());
+    }
+    let target = Target::Queue(TOPIC.to_owned());
+    let even = ReplayOptions {
+        filter: Filter {
+            advertisers: vec![EVEN_ADVERTISER.to_owned()],
+            ..Filter::default()
+        },
+        concurrency: 4,
+        ..ReplayOptions::default()
+    };
+    let run = |opts: ReplayOptions| {
+        let port = KafkaDlq::new(
+            KafkaClientConfig::new(&bootstrap),
+            "replay",
+            Some(TOPIC.to_owned()),
+        )
+        .unwrap();
+        let target = target.clone();
+        async move {
+            replay(&port, DLQ_TOPIC, &target, &opts, None)
+                .await
+                .unwrap()
+        }
+    };
+    let metadata = || {
+        let b = bootstrap.clone();
+        tokio::task::spawn_blocking(move || committed_metadata(&b, "replay", DLQ_TOPIC, 1))
+    };
+
+    let first = run(even.clone()).await;
+    println!("first run: {:?}", first.counts);
+    assert_eq!(first.error, None);
+    let committed = metadata().await.unwrap().unwrap();
+    let (position, text) = &committed[&0];
+    assert_eq!(*position, 1, "the first odd letter holds the position");
+    assert!(text.len() <= 4_000, "{} bytes of metadata", text.len());
+    let c = &first.counts;
+    assert!(
+        c.moved > 100,
+        "it moved letters past the first odd one: {c:?}"
+    );
+    assert_eq!(c.moved + c.left_by_broker_limit, 1_500, "{c:?}");
+    assert!(first.refusals[0].reason.contains("offset 1"), "{first:?}");
+
+    // A rerun with the same filter resends nothing (and cannot move more past offset 1).
+    let again = run(even.clone()).await;
+    assert_eq!(again.error, None);
+    assert_eq!(again.counts.moved, 0, "{:?}", again.counts);
+    // Nor does `export --delete`: what it could not record stays out of the file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("even.ndjson");
+    let export_port = KafkaDlq::new(
+        KafkaClientConfig::new(&bootstrap),
+        "replay",
+        Some(TOPIC.to_owned()),
+    )
+    .unwrap();
+    let exported = export(&export_port, DLQ_TOPIC, &file, true, &even, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (exported.exported, exported.deleted),
+        (0, 0),
+        "{exported:?}"
+    );
+    assert!(exported.left_by_broker_limit > 0, "{exported:?}");
+    let (_, text) = &metadata().await.unwrap().unwrap()[&0];
+    assert!(text.len() <= 4_000, "{} bytes of metadata", text.len());
+    // Without the filter the position moves on, and the rest follows; then nothing is left.
+    let mut moved = first.counts.moved;
+    for _ in 0..10 {
+        let r = run(ReplayOptions {
+            concurrency: 4,
+            ..ReplayOptions::default()
+        })
+        .await;
+        assert_eq!(r.error, None);
+        let (_, text) = &metadata().await.unwrap().unwrap()[&0];
+        assert!(text.len() <= 4_000, "{} bytes of metadata", text.len());
+        moved += r.counts.moved;
+        if r.counts.moved == 0 {
+            break;
+        }
+    }
+    assert_eq!(moved, 3_000);
+    assert_eq!(port.stats(DLQ_TOPIC).await.unwrap().visible, 0);
+    let everything = read(&bootstrap, TOPIC, 3_000).await;
+    let ids: BTreeSet<String> = everything.iter().map(|m| event_id(&m.payload)).collect();
+    assert_eq!(ids.len(), 3_000, "each letter on the main topic once");
 }
 
 /// A store with a bug: it refuses, permanently, every event of one advertiser.

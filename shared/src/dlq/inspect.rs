@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{DlqError, DlqMessage, Outgoing};
+use super::{DlqError, DlqMessage, Outgoing, ATTR_REPLAY_COUNT};
 use crate::clock::Clock;
 use crate::embedded::ATTR_SOURCE_QUEUE;
 use crate::envelope::{decode_message, ATTR_CONTENT_ENCODING, ATTR_TYPES};
@@ -49,6 +49,19 @@ impl Inspection {
             .unwrap_or_default()
             .into_iter()
             .collect()
+    }
+
+    /// How many times `message` was replayed: the larger of its own counter attribute and,
+    /// for an SNS notification body, the counter the notification carries (the DLQ of an SNS
+    /// subscription without raw delivery holds the attributes only there).
+    pub fn replay_count(&self, message: &DlqMessage) -> u32 {
+        let inner = self
+            .notification
+            .as_ref()
+            .and_then(|(_, attrs)| attrs.get(ATTR_REPLAY_COUNT))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        message.replay_count().max(inner)
     }
 
     /// The advertisers of the events inside.
@@ -127,6 +140,7 @@ enum Step {
 /// `--match JSONPATH=VALUE`: a JSONPath into each event (`$.campaign_id`,
 /// `$.attributes.placement`, `$.items[0].sku`, `$.items[*].sku`) and the value it must have
 /// (a string compares to a string value, anything else to the JSON text of the value).
+/// Spaces around the path and the value are ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonMatch {
     path: Vec<Step>,
@@ -204,7 +218,8 @@ impl JsonMatch {
         }
         Ok(Self {
             path: steps,
-            value: value.to_owned(),
+            // Spaces around `=` are layout, as around the path: `$.k = v` means `$.k=v`.
+            value: value.trim().to_owned(),
             raw: raw.to_owned(),
         })
     }
@@ -406,6 +421,18 @@ mod tests {
     }
 
     #[test]
+    fn spaces_around_the_equals_sign_are_ignored_on_both_sides() {
+        let e = json!({"campaign_id": "cmp-7", "n": 15});
+        assert!(JsonMatch::parse("$.campaign_id = cmp-7")
+            .unwrap()
+            .matches(&e));
+        assert!(JsonMatch::parse(" $.n =15 ").unwrap().matches(&e));
+        assert!(!JsonMatch::parse("$.campaign_id = cmp-8")
+            .unwrap()
+            .matches(&e));
+    }
+
+    #[test]
     fn a_filter_needs_every_criterion_and_any_event() {
         let body = json!({"v":1,"events":[
             {"type":"click","advertiser_id":"adv-1","campaign_id":"c1"},
@@ -465,6 +492,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("fails ingest validation"), "{err}");
+    }
+
+    #[test]
+    fn the_replay_count_is_the_larger_of_the_outer_and_the_wrapped_one() {
+        let wrapped = |inner: &str| {
+            json!({"Type":"Notification","Message": "{}",
+                "MessageAttributes": {ATTR_REPLAY_COUNT: {"Type":"String","Value": inner}}})
+            .to_string()
+        };
+        let mut m = message(&wrapped("3"));
+        assert_eq!(inspect(&m).replay_count(&m), 3, "no outer counter");
+        m.attributes.insert(ATTR_REPLAY_COUNT.into(), "5".into());
+        assert_eq!(inspect(&m).replay_count(&m), 5);
+        let mut m = message(&wrapped("x"));
+        assert_eq!(inspect(&m).replay_count(&m), 0, "unreadable counts as none");
+        m.attributes.insert(ATTR_REPLAY_COUNT.into(), "1".into());
+        assert_eq!(inspect(&m).replay_count(&m), 1);
     }
 
     #[test]

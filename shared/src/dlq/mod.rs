@@ -317,6 +317,24 @@ pub trait DlqBroker: Send + Sync + Debug {
     /// [`DlqError`].
     async fn delete(&self, queue: &str, receipts: &[DeliveryId]) -> Result<usize, DlqError>;
 
+    /// Asks, before `receipts` (leased messages about to be moved) are sent, whether their
+    /// deletes can be recorded; returns those that cannot, by index into `receipts`, with the
+    /// reason. Those must not be sent in this run: they stay in the DLQ (released at the end).
+    /// Only a broker whose record of deletes is bounded refuses any (Kafka: the offsets moved
+    /// past a letter the run leaves go in the commit metadata, which the broker caps); by
+    /// default every one is admitted.
+    ///
+    /// # Errors
+    /// [`DlqError`].
+    async fn admit(
+        &self,
+        queue: &str,
+        receipts: &[DeliveryId],
+    ) -> Result<Vec<(usize, String)>, DlqError> {
+        let _ = (queue, receipts);
+        Ok(Vec::new())
+    }
+
     /// Sends messages to `queue`, keeping bodies, attributes and FIFO ids.
     ///
     /// # Errors

@@ -139,6 +139,9 @@ pub struct Counts {
     pub refused_dedup_window: u64,
     /// Matching messages left alone because `max_messages` was reached.
     pub left_by_max: u64,
+    /// Matching messages left for a later run because the broker could not record their
+    /// move (Kafka: the replay group's commit metadata is full).
+    pub left_by_broker_limit: u64,
     /// Messages the destination refused (still in the DLQ).
     pub send_failed: u64,
     /// Messages sent whose delete from the DLQ did not happen (now in both places).
@@ -191,6 +194,26 @@ struct Pacer {
 
 /// Most schedule time a late sender may make up at once.
 const CATCH_UP: Duration = Duration::from_secs(1);
+/// Slowest `--rate` accepted, in messages per second (one message every 1,000 s): anything
+/// slower is a typo, and would overflow the schedule.
+pub const MIN_RATE_PER_SEC: f64 = 0.001;
+/// Longest a batch waits for the next (a full batch at [`MIN_RATE_PER_SEC`] is shorter).
+const MAX_PACER_STEP: Duration = Duration::from_secs(1_000_000);
+
+/// Refuses a rate that is not at least [`MIN_RATE_PER_SEC`] messages per second.
+///
+/// # Errors
+/// [`DlqError::Invalid`] saying what is accepted.
+pub fn check_rate(rate: f64) -> Result<(), DlqError> {
+    if rate.is_finite() && rate >= MIN_RATE_PER_SEC {
+        Ok(())
+    } else {
+        Err(DlqError::Invalid(format!(
+            "--rate must be at least {MIN_RATE_PER_SEC} messages per second (one every \
+             1,000 s), not {rate}"
+        )))
+    }
+}
 
 impl Pacer {
     fn new(rate: Option<f64>) -> Self {
@@ -203,7 +226,11 @@ impl Pacer {
         let now = Instant::now();
         let floor = now.checked_sub(CATCH_UP).unwrap_or(now);
         let at = self.next.map_or(now, |next| next.max(floor));
-        self.next = Some(at + Duration::from_secs_f64(n as f64 / rate));
+        // Callers check the rate (`check_rate`); a rate that slips through is paced at the
+        // longest step rather than overflowing the conversion or the clock.
+        let step = Duration::try_from_secs_f64(n as f64 / rate)
+            .map_or(MAX_PACER_STEP, |d| d.min(MAX_PACER_STEP));
+        self.next = Some(at.checked_add(step).unwrap_or(at));
         Some(at)
     }
 }
@@ -322,7 +349,7 @@ impl Run<'_> {
                         continue;
                     }
                     st.counts.matched += 1;
-                    let replays = m.replay_count();
+                    let replays = inspection.replay_count(m);
                     if replays >= self.opts.max_replays {
                         st.counts.refused_max_replays += 1;
                         refuse(
@@ -442,6 +469,36 @@ impl Run<'_> {
     /// Sends a batch (one call per destination), then deletes from the DLQ exactly the
     /// messages their destination took.
     async fn move_batch(&self, batch: Vec<Pending>) -> Result<(), DlqError> {
+        let receipts: Vec<DeliveryId> = batch.iter().map(|(r, _, _, _)| r.clone()).collect();
+        let left = match self.port.admit(self.dlq, &receipts).await {
+            Ok(left) => left,
+            Err(e) => {
+                self.hold(batch);
+                return Err(e);
+            }
+        };
+        let batch = if left.is_empty() {
+            batch
+        } else {
+            let mut left: HashMap<usize, String> = left.into_iter().collect();
+            let mut st = lock(&self.state);
+            let mut admitted = Vec::with_capacity(batch.len());
+            for (i, p) in batch.into_iter().enumerate() {
+                match left.remove(&i) {
+                    Some(reason) => {
+                        st.counts.left_by_broker_limit += 1;
+                        st.reserved = st.reserved.saturating_sub(1);
+                        refuse(&mut st, &p.1, reason);
+                        st.held.insert(p.1, p.0);
+                    }
+                    None => admitted.push(p),
+                }
+            }
+            admitted
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
         let at = lock(&self.pacer).reserve(batch.len());
         if let Some(at) = at {
             tokio::time::sleep_until(at.into()).await;
@@ -537,11 +594,7 @@ pub async fn replay(
         )));
     }
     if let Some(r) = opts.rate_per_sec {
-        if !(r > 0.0 && r.is_finite()) {
-            return Err(DlqError::Invalid(format!(
-                "--rate must be positive, not {r}"
-            )));
-        }
+        check_rate(r)?;
     }
     // Fail fast, before leasing anything, on a DLQ that does not exist.
     port.stats(dlq).await?;
@@ -653,6 +706,11 @@ pub struct ExportReport {
     pub deleted: u64,
     /// Exported messages whose delete did not happen (lease lapsed): still in the DLQ.
     pub not_deleted: u64,
+    /// Matching messages left out of the file and in the DLQ because the broker could not
+    /// record their delete (`--delete` on Kafka: the replay group's commit metadata is full).
+    pub left_by_broker_limit: u64,
+    /// Why, for the first of them.
+    pub left_reason: Option<String>,
     /// Wall time in seconds.
     pub elapsed_secs: f64,
     /// Broker API calls the run made.
@@ -680,6 +738,8 @@ pub async fn export(
     // message id → (latest receipt, exported?)
     let mut seen: HashMap<String, (DeliveryId, bool)> = HashMap::new();
     let mut counts = Counts::default();
+    let mut left_by_broker_limit = 0;
+    let mut first_left: Option<String> = None;
     let written = async {
         let mut writer = ExportWriter::create(path)?;
         let mut stale_rounds = 0;
@@ -693,6 +753,7 @@ pub async fn export(
             }
             let now = now_ms();
             let mut fresh = 0;
+            let mut takes = Vec::new();
             for l in leased {
                 if let Some(entry) = seen.get_mut(&l.message.message_id) {
                     entry.0 = l.receipt;
@@ -701,12 +762,34 @@ pub async fn export(
                 fresh += 1;
                 counts.scanned += 1;
                 let take = opts.filter.matches(&l.message, &inspect(&l.message), now)
-                    && opts.max_messages.is_none_or(|m| writer.written() < m);
+                    && opts
+                        .max_messages
+                        .is_none_or(|m| writer.written() + (takes.len() as u64) < m);
+                if take {
+                    takes.push(l);
+                } else {
+                    counts.skipped_by_filter += 1;
+                    seen.insert(l.message.message_id, (l.receipt, false));
+                }
+            }
+            // What is deleted afterwards must be recordable as deleted (Kafka's commit
+            // metadata is bounded): what is not stays out of the file and in the DLQ.
+            let left: HashMap<usize, String> = if delete && !takes.is_empty() {
+                let receipts: Vec<DeliveryId> = takes.iter().map(|l| l.receipt.clone()).collect();
+                port.admit(dlq, &receipts).await?.into_iter().collect()
+            } else {
+                HashMap::new()
+            };
+            for (i, l) in takes.into_iter().enumerate() {
+                let take = !left.contains_key(&i);
                 if take {
                     writer.write(&l.message)?;
                     counts.matched += 1;
                 } else {
-                    counts.skipped_by_filter += 1;
+                    left_by_broker_limit += 1;
+                    if first_left.is_none() {
+                        first_left = left.get(&i).cloned();
+                    }
                 }
                 seen.insert(l.message.message_id, (l.receipt, take));
             }
@@ -763,6 +846,8 @@ pub async fn export(
         exported,
         deleted,
         not_deleted,
+        left_by_broker_limit,
+        left_reason: first_left,
         elapsed_secs: started.elapsed().as_secs_f64(),
         api_calls_total,
     })
@@ -796,6 +881,9 @@ pub async fn import(
     rate_per_sec: Option<f64>,
     progress: Option<Progress>,
 ) -> Result<ImportReport, DlqError> {
+    if let Some(r) = rate_per_sec {
+        check_rate(r)?;
+    }
     let mut reader = ExportReader::open(path)?;
     let calls_before = port.calls();
     let started = Instant::now();
@@ -971,6 +1059,39 @@ mod tests {
         assert_eq!(port.stats(DEV_QUEUE).await.unwrap().total(), 35);
     }
 
+    #[tokio::test]
+    async fn the_loop_guard_counts_the_replays_inside_an_sns_notification() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(dir.path().join("b.db")).unwrap();
+        broker.dev_topology().await.unwrap();
+        let port = EmbeddedDlq::new(broker);
+        // The DLQ of an SNS subscription without raw delivery: the counter is only inside.
+        let wrapped = |n: u32| Outgoing {
+            body: serde_json::json!({
+                "Type": "Notification", "MessageId": format!("m{n}"), "Message": "{}",
+                "MessageAttributes": {
+                    ATTR_REPLAY_COUNT: {"Type": "String", "Value": n.to_string()}
+                }
+            })
+            .to_string(),
+            ..Outgoing::default()
+        };
+        port.send(DEV_DLQ, &[wrapped(3), wrapped(1)]).await.unwrap();
+        let target = Target::Queue(DEV_QUEUE.into());
+        let report = replay(&port, DEV_DLQ, &target, &ReplayOptions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(report.counts.refused_max_replays, 1, "{:?}", report.counts);
+        assert_eq!(report.counts.moved, 1);
+        let moved = port
+            .lease(DEV_QUEUE, 10, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].message.body.contains("m1"));
+        assert_eq!(moved[0].message.attributes[ATTR_REPLAY_COUNT], "2");
+    }
+
     #[test]
     fn the_pacer_spaces_batches_and_makes_up_at_most_a_second() {
         let mut p = Pacer::new(Some(100.0));
@@ -983,5 +1104,43 @@ mod tests {
         let behind = Instant::now() - late;
         assert!(behind <= CATCH_UP + Duration::from_millis(50), "{behind:?}");
         assert!(Pacer::new(None).reserve(10).is_none());
+    }
+
+    #[test]
+    fn a_rate_too_small_to_schedule_neither_panics_nor_passes_the_check() {
+        for tiny in [1e-20, 5e-324] {
+            let mut p = Pacer::new(Some(tiny));
+            let t0 = p.reserve(1).unwrap();
+            let t1 = p.reserve(1).unwrap();
+            assert_eq!(t1 - t0, MAX_PACER_STEP, "{tiny}");
+        }
+        for tiny in [1e-20, 5e-324, 0.0009] {
+            let err = check_rate(tiny).unwrap_err().to_string();
+            assert!(err.contains("at least 0.001"), "{err}");
+        }
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(check_rate(bad).is_err(), "{bad}");
+        }
+        check_rate(MIN_RATE_PER_SEC).unwrap();
+        check_rate(200.0).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replay_at_a_tiny_rate_is_refused_before_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(dir.path().join("b.db")).unwrap();
+        broker.dev_topology().await.unwrap();
+        let port = EmbeddedDlq::new(broker);
+        port.send(DEV_DLQ, &[Outgoing::default()]).await.unwrap();
+        let opts = ReplayOptions {
+            rate_per_sec: Some(1e-20),
+            ..ReplayOptions::default()
+        };
+        let target = Target::Queue(DEV_QUEUE.into());
+        let err = replay(&port, DEV_DLQ, &target, &opts, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DlqError::Invalid(_)), "{err}");
+        assert_eq!(port.stats(DEV_DLQ).await.unwrap().visible, 1, "untouched");
     }
 }

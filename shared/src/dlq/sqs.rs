@@ -203,6 +203,39 @@ fn plan(messages: &[Outgoing]) -> Vec<std::ops::Range<usize>> {
     crate::aws::batch::plan(messages.iter().map(payload_bytes))
 }
 
+/// Sends `messages` with one `call` per batch of [`plan`] (which returns the entries the
+/// broker refused, by index into `messages`), and merges what they say. A call that fails as
+/// a whole fails its own entries only: the batches acknowledged before or after it stay sent,
+/// so the caller deletes them from the DLQ instead of sending them again on the next run.
+///
+/// # Errors
+/// The first call's error when nothing was sent at all.
+async fn send_planned<F, Fut>(messages: &[Outgoing], mut call: F) -> Result<SendOutcome, DlqError>
+where
+    F: FnMut(std::ops::Range<usize>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<(usize, String)>, DlqError>>,
+{
+    let mut outcome = SendOutcome::default();
+    let mut first_error = None;
+    for range in plan(messages) {
+        match call(range.clone()).await {
+            Ok(refused) => outcome.failed.extend(refused),
+            Err(e) => {
+                let reason = e.to_string();
+                outcome.failed.extend(range.map(|i| (i, reason.clone())));
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if outcome.failed.len() >= messages.len() => Err(e),
+        _ => {
+            outcome.failed.sort_by_key(|f| f.0);
+            Ok(outcome)
+        }
+    }
+}
+
 fn dedup_id(m: &Outgoing) -> String {
     m.dedup_id
         .clone()
@@ -411,10 +444,9 @@ impl DlqBroker for SqsDlq {
     async fn send(&self, queue: &str, messages: &[Outgoing]) -> Result<SendOutcome, DlqError> {
         check_queue_url(queue)?;
         let fifo = queue.ends_with(".fifo");
-        let mut outcome = SendOutcome::default();
-        for range in plan(messages) {
+        send_planned(messages, |range| async move {
             let mut entries = Vec::with_capacity(range.len());
-            for i in range.clone() {
+            for i in range {
                 let m = &messages[i];
                 let mut b = SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
@@ -438,24 +470,26 @@ impl DlqBroker for SqsDlq {
                 .send()
                 .await
                 .map_err(|e| map_err("sqs:SendMessage", queue, "queue", &e))?;
-            for f in out.failed() {
-                if let Ok(i) = f.id().parse::<usize>() {
-                    outcome.failed.push((
+            Ok(out
+                .failed()
+                .iter()
+                .filter_map(|f| {
+                    let i = f.id().parse::<usize>().ok()?;
+                    Some((
                         i,
                         format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                    ));
-                }
-            }
-        }
-        Ok(outcome)
+                    ))
+                })
+                .collect())
+        })
+        .await
     }
 
     async fn publish(&self, topic: &str, messages: &[Outgoing]) -> Result<SendOutcome, DlqError> {
         let fifo = topic.ends_with(".fifo");
-        let mut outcome = SendOutcome::default();
-        for range in plan(messages) {
+        send_planned(messages, |range| async move {
             let mut entries = Vec::with_capacity(range.len());
-            for i in range.clone() {
+            for i in range {
                 let m = &messages[i];
                 let mut b = aws_sdk_sns::types::PublishBatchRequestEntry::builder()
                     .id(i.to_string())
@@ -479,16 +513,19 @@ impl DlqBroker for SqsDlq {
                 .send()
                 .await
                 .map_err(|e| map_err("sns:Publish", topic, "topic", &e))?;
-            for f in out.failed() {
-                if let Ok(i) = f.id().parse::<usize>() {
-                    outcome.failed.push((
+            Ok(out
+                .failed()
+                .iter()
+                .filter_map(|f| {
+                    let i = f.id().parse::<usize>().ok()?;
+                    Some((
                         i,
                         format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                    ));
-                }
-            }
-        }
-        Ok(outcome)
+                    ))
+                })
+                .collect())
+        })
+        .await
     }
 
     async fn purge(&self, queue: &str) -> Result<Option<u64>, DlqError> {
@@ -640,6 +677,67 @@ mod tests {
         let big: Vec<Outgoing> = (0..5).map(|_| out(100_000)).collect();
         assert_eq!(plan(&big), vec![0..2, 2..4, 4..5]);
         assert!(plan(&[]).is_empty());
+    }
+
+    /// Runs [`send_planned`] over `messages` with calls that fail as a whole when `fails`
+    /// says so for their first index, and otherwise refuse `refused` entries.
+    fn run_planned(
+        messages: &[Outgoing],
+        fails: impl Fn(usize) -> bool,
+        refused: &[usize],
+    ) -> (Result<SendOutcome, DlqError>, Vec<std::ops::Range<usize>>) {
+        let mut calls = Vec::new();
+        let result = futures::executor::block_on(send_planned(messages, |range| {
+            calls.push(range.clone());
+            let fail = fails(range.start);
+            let refused: Vec<(usize, String)> = range
+                .filter(|i| refused.contains(i))
+                .map(|i| (i, "InvalidParameterValue: no".to_owned()))
+                .collect();
+            async move {
+                if fail {
+                    Err(DlqError::Unreachable {
+                        operation: "sqs:SendMessage".into(),
+                        resource: "q".into(),
+                        detail: "injected".into(),
+                    })
+                } else {
+                    Ok(refused)
+                }
+            }
+        }));
+        (result, calls)
+    }
+
+    #[test]
+    fn a_failed_call_fails_its_own_entries_and_the_other_calls_stay_sent() {
+        // Ten messages of 100 KB: five calls of two (256 KiB each at most).
+        let big: Vec<Outgoing> = (0..10).map(|_| out(100_000)).collect();
+        let (result, calls) = run_planned(&big, |start| start == 4, &[7]);
+        assert_eq!(calls.len(), 5, "every call is made: {calls:?}");
+        let outcome = result.unwrap();
+        let failed: Vec<usize> = outcome.failed.iter().map(|f| f.0).collect();
+        assert_eq!(failed, vec![4, 5, 7], "{outcome:?}");
+        assert!(outcome.failed[0].1.contains("injected"));
+        assert!(outcome.failed[2].1.contains("InvalidParameterValue"));
+        // The first call fails: the second is still sent, and says so.
+        let (result, _) = run_planned(&big, |start| start == 0, &[]);
+        let failed: Vec<usize> = result.unwrap().failed.iter().map(|f| f.0).collect();
+        assert_eq!(failed, vec![0, 1]);
+    }
+
+    #[test]
+    fn when_every_call_fails_the_send_fails() {
+        let big: Vec<Outgoing> = (0..4).map(|_| out(100_000)).collect();
+        let (result, _) = run_planned(&big, |_| true, &[]);
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        let (result, _) = run_planned(&[out(10)], |_| false, &[0]);
+        assert_eq!(
+            result.unwrap().failed.len(),
+            1,
+            "refused entries are no error"
+        );
     }
 
     fn service_error(code: &str) -> DlqError {

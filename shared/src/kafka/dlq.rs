@@ -9,6 +9,10 @@
 //!   moved, **with the offsets moved beyond it in the commit's metadata** (ranges such as
 //!   `12-40,43`), so a rerun neither resends what was moved past a skipped message nor loses
 //!   the skipped one;
+//! - that metadata is bounded (Kafka refuses a commit whose metadata exceeds the broker's
+//!   `offset.metadata.max.bytes`, 4,096 bytes by default): before a batch is sent, `admit`
+//!   refuses the letters whose move past a letter the run leaves would not fit, and the
+//!   partition is read no further in this run;
 //! - `release` hands an offset back (the next lease of this process returns it again; a later
 //!   run reads it again because the position never passed it);
 //! - `stats` is the group's lag minus what the metadata says was moved; `peek` reads the same
@@ -49,6 +53,14 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a lease waits for the next message before it returns what it has, when the end
 /// of the topic is not reached yet.
 const LEASE_WAIT: Duration = Duration::from_secs(5);
+/// Most bytes of moved-offset ranges a commit's metadata carries: the broker refuses a commit
+/// whose metadata exceeds its `offset.metadata.max.bytes` (4,096 by default) with
+/// `OFFSET_METADATA_TOO_LARGE`, so a commit that would need more is never sent.
+const MAX_METADATA_BYTES: usize = 4_000;
+/// Most bytes of metadata the letters admitted for moving may need once the run is over:
+/// below [`MAX_METADATA_BYTES`] so that an intermediate commit, which also has holes where
+/// batches of other loops are still in flight, fits too.
+const ADMIT_METADATA_BYTES: usize = 3_000;
 
 /// The port on Kafka.
 pub struct KafkaDlq {
@@ -88,9 +100,14 @@ struct PartLease {
     /// Offsets at or after `committed` already moved (from the commit metadata, then ours).
     moved: BTreeSet<i64>,
     /// Leased and not settled.
-    leased: HashMap<i64, DlqMessage>,
+    leased: BTreeMap<i64, DlqMessage>,
+    /// Leased offsets admitted for moving (about to be sent), not settled yet.
+    admitted: BTreeSet<i64>,
     /// Whether the reader reached `ends` on this partition.
     at_end: bool,
+    /// Whether a letter was refused because the commit metadata is full: the partition is
+    /// read no further in this run.
+    full: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,6 +145,164 @@ fn decode_ranges(raw: &str) -> BTreeSet<i64> {
         }
     }
     out
+}
+
+/// Characters of `o` in decimal.
+fn digits(o: i64) -> usize {
+    let magnitude = o
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(1, |d| d as usize + 1);
+    magnitude + usize::from(o < 0)
+}
+
+/// Length of [`encode_ranges`] of the ascending, distinct offsets `offsets`, without building
+/// the text.
+fn encoded_len(offsets: impl Iterator<Item = i64>) -> usize {
+    let range_len = |(a, b): (i64, i64)| {
+        if a == b {
+            digits(a)
+        } else {
+            digits(a) + 1 + digits(b)
+        }
+    };
+    let mut len = 0;
+    let mut run: Option<(i64, i64)> = None;
+    for o in offsets {
+        run = match run {
+            Some((a, b)) if b.checked_add(1) == Some(o) => Some((a, o)),
+            Some(r) => {
+                len += range_len(r) + 1;
+                Some((o, o))
+            }
+            None => Some((o, o)),
+        };
+    }
+    len + run.map_or(0, range_len)
+}
+
+/// The offsets at or after `from` in `a` or `b`, ascending and distinct.
+fn union_from<'a>(
+    a: &'a BTreeSet<i64>,
+    b: &'a BTreeSet<i64>,
+    from: i64,
+) -> impl Iterator<Item = i64> + 'a {
+    let mut a = a.range(from..).copied().peekable();
+    let mut b = b.range(from..).copied().peekable();
+    std::iter::from_fn(move || match (a.peek().copied(), b.peek().copied()) {
+        (Some(x), Some(y)) if x == y => {
+            b.next();
+            a.next()
+        }
+        (Some(x), Some(y)) if y < x => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
+/// How much [`encode_ranges`] of a set grows when `o`, absent from it, is inserted; `has`
+/// says which offsets the set holds, `empty` whether it holds none.
+fn insert_cost(has: impl Fn(i64) -> bool, empty: bool, o: i64) -> isize {
+    let d = |x: i64| digits(x) as isize;
+    let (left, right) = (has(o - 1), has(o + 1));
+    match (left, right) {
+        (false, false) if empty => d(o),
+        // A new entry and its comma.
+        (false, false) => d(o) + 1,
+        // `a-(o-1)` becomes `a-o`; a lone `o-1` becomes `(o-1)-o`.
+        (true, false) if has(o - 2) => d(o) - d(o - 1),
+        (true, false) => 1 + d(o),
+        (false, true) if has(o + 2) => d(o) - d(o + 1),
+        (false, true) => 1 + d(o),
+        // Two entries merge into one: `…(o-1),(o+1)…` becomes `…-…`.
+        (true, true) => match (has(o - 2), has(o + 2)) {
+            (false, false) => 0,
+            (true, false) => -(d(o - 1) + 1),
+            (false, true) => -(d(o + 1) + 1),
+            (true, true) => -(d(o - 1) + d(o + 1) + 2),
+        },
+    }
+}
+
+/// Admits `offsets` (leased on one partition, about to be sent) for moving, and returns those
+/// it refuses (ascending) with the offset the position stays at.
+///
+/// The group's position cannot pass the lowest leased letter that is not admitted (`hold`: a
+/// letter the run may leave, such as one the filter skips), so every letter moved past it
+/// ends up in the commit metadata. A letter below `hold` costs nothing; one above it is
+/// admitted only while the metadata of everything moved or admitted past `hold` stays within
+/// [`ADMIT_METADATA_BYTES`]. After a refusal the partition is `full`.
+fn admit_part(part: &mut PartLease, offsets: &[i64]) -> (Vec<i64>, Option<i64>) {
+    let mut fresh: Vec<i64> = offsets
+        .iter()
+        .copied()
+        .filter(|o| part.leased.contains_key(o) && !part.admitted.contains(o))
+        .collect();
+    fresh.sort_unstable();
+    fresh.dedup();
+    let hold = part
+        .leased
+        .keys()
+        .copied()
+        .find(|o| !part.admitted.contains(o) && fresh.binary_search(o).is_err());
+    let Some(hold) = hold else {
+        part.admitted.extend(fresh);
+        return (Vec::new(), None);
+    };
+    let mut len = encoded_len(union_from(&part.moved, &part.admitted, hold));
+    let mut refused = Vec::new();
+    for o in fresh {
+        if o < hold {
+            part.admitted.insert(o);
+            continue;
+        }
+        let cost = {
+            let has = |x: i64| x > hold && (part.moved.contains(&x) || part.admitted.contains(&x));
+            insert_cost(has, len == 0, o)
+        };
+        let after = len.saturating_add_signed(cost);
+        if after <= ADMIT_METADATA_BYTES {
+            part.admitted.insert(o);
+            len = after;
+        } else {
+            refused.push(o);
+        }
+    }
+    if !refused.is_empty() {
+        part.full = true;
+    }
+    (refused, Some(hold))
+}
+
+/// The commit metadata of `part` once `done` (leased offsets now moved) are settled: the
+/// position it would commit and the length of the ranges moved past it.
+fn metadata_if_done(part: &PartLease, done: &BTreeSet<i64>) -> (i64, usize) {
+    let stored = part.tracker.stored().unwrap_or(part.committed);
+    let position = part
+        .tracker
+        .position_if_done(done)
+        .map_or(stored, |p| p.max(stored));
+    (
+        position,
+        encoded_len(union_from(&part.moved, done, position)),
+    )
+}
+
+/// Marks `done` (leased offsets of `part`, now at their destination) moved.
+fn settle(part: &mut PartLease, done: &BTreeSet<i64>) {
+    for &o in done {
+        part.leased.remove(&o);
+        part.admitted.remove(&o);
+        part.moved.insert(o);
+        part.tracker.done(o);
+    }
+}
+
+/// The position of `part` to commit, and its metadata: the offsets moved past it.
+fn metadata(part: &PartLease) -> (i64, String) {
+    let position = part.tracker.stored().unwrap_or(part.committed);
+    let above: BTreeSet<i64> = part.moved.range(position..).copied().collect();
+    (position, encode_ranges(&above))
 }
 
 fn receipt(partition: i32, offset: i64) -> DeliveryId {
@@ -304,6 +479,20 @@ impl KafkaDlq {
         })
     }
 
+    /// The error of a commit whose metadata would exceed [`MAX_METADATA_BYTES`].
+    fn metadata_full(topic: &str, partition: i32, position: i64) -> DlqError {
+        DlqError::Rejected {
+            operation: "commit".into(),
+            resource: topic.to_owned(),
+            detail: format!(
+                "the offsets moved past offset {position} of partition {partition} (a letter \
+                 not moved yet) would exceed {MAX_METADATA_BYTES} bytes of commit metadata, \
+                 more than Kafka keeps (offset.metadata.max.bytes); the letters of this \
+                 delete are not recorded as moved, so the next run reads them again"
+            ),
+        }
+    }
+
     /// Commits the group's position of the partitions in `touched` (blocking).
     fn commit(state: &LeaseState, touched: &BTreeSet<i32>) -> Result<(), DlqError> {
         let mut tpl = TopicPartitionList::new();
@@ -311,12 +500,15 @@ impl KafkaDlq {
             let Some(part) = state.parts.get(p) else {
                 continue;
             };
-            let position = part.tracker.stored().unwrap_or(part.committed);
+            let (position, metadata) = metadata(part);
             tpl.add_partition_offset(&state.topic, *p, Offset::Offset(position))
                 .map_err(|e| Self::error("commit", &state.topic, &e))?;
-            let above: BTreeSet<i64> = part.moved.range(position..).copied().collect();
+            if metadata.len() > MAX_METADATA_BYTES {
+                // `delete` checks first; the broker would refuse it anyway.
+                return Err(Self::metadata_full(&state.topic, *p, position));
+            }
             if let Some(e) = tpl.find_partition(&state.topic, *p).as_mut() {
-                e.set_metadata(encode_ranges(&above));
+                e.set_metadata(metadata);
             }
         }
         if tpl.count() == 0 {
@@ -359,7 +551,7 @@ impl KafkaDlq {
             }
         }
         let mut waited_since = Instant::now();
-        while out.len() < max && state.parts.values().any(|l| !l.at_end) {
+        while out.len() < max && state.parts.values().any(|l| !l.at_end && !l.full) {
             if waited_since.elapsed() > LEASE_WAIT {
                 break;
             }
@@ -373,6 +565,11 @@ impl KafkaDlq {
             let Some(part) = state.parts.get_mut(&p) else {
                 continue;
             };
+            if part.full {
+                // Nothing past the letter this run leaves can be recorded as moved any more:
+                // the next run reads it.
+                continue;
+            }
             if o >= end {
                 part.at_end = true;
                 continue;
@@ -581,28 +778,105 @@ impl DlqBroker for KafkaDlq {
         Self::blocking(move || {
             let mut st = lock(&state);
             let mut stale = 0;
-            let mut touched = BTreeSet::new();
+            let mut done: BTreeMap<i32, BTreeSet<i64>> = BTreeMap::new();
             for r in &receipts {
                 let Some((p, o)) = parse_receipt(r) else {
                     stale += 1;
                     continue;
                 };
-                let Some(part) = st.parts.get_mut(&p) else {
-                    stale += 1;
-                    continue;
-                };
-                if part.leased.remove(&o).is_none() {
+                if !st.parts.get(&p).is_some_and(|l| l.leased.contains_key(&o)) {
                     stale += 1;
                     continue;
                 }
-                part.moved.insert(o);
-                part.tracker.done(o);
-                touched.insert(p);
+                done.entry(p).or_default().insert(o);
             }
             st.released
                 .retain(|(p, o)| !receipts.contains(&receipt(*p, *o)));
+            // All or nothing: a batch whose moves the metadata cannot hold is not recorded
+            // (`admit` keeps this from happening unless sends failed in between).
+            for (p, offsets) in &done {
+                if let Some(part) = st.parts.get(p) {
+                    let (position, len) = metadata_if_done(part, offsets);
+                    if len > MAX_METADATA_BYTES {
+                        for (p, offsets) in &done {
+                            if let Some(part) = st.parts.get_mut(p) {
+                                // Sent, so never leased again by this run; still outstanding,
+                                // so the position stays before them and the next run resends
+                                // them.
+                                for o in offsets {
+                                    part.leased.remove(o);
+                                    part.admitted.remove(o);
+                                }
+                            }
+                        }
+                        return Err(Self::metadata_full(&st.topic, *p, position));
+                    }
+                }
+            }
+            for (p, offsets) in &done {
+                if let Some(part) = st.parts.get_mut(p) {
+                    settle(part, offsets);
+                }
+            }
+            let touched: BTreeSet<i32> = done.keys().copied().collect();
             Self::commit(&st, &touched)?;
             Ok(stale)
+        })
+        .await
+    }
+
+    async fn admit(
+        &self,
+        queue: &str,
+        receipts: &[DeliveryId],
+    ) -> Result<Vec<(usize, String)>, DlqError> {
+        let Some(state) = lock(&self.leases).get(queue).cloned() else {
+            return Ok(Vec::new());
+        };
+        let receipts = receipts.to_vec();
+        Self::blocking(move || {
+            let mut st = lock(&state);
+            let mut by_part: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+            for r in &receipts {
+                if let Some((p, o)) = parse_receipt(r) {
+                    by_part.entry(p).or_default().push(o);
+                }
+            }
+            let mut refused: HashMap<(i32, i64), String> = HashMap::new();
+            for (p, offsets) in by_part {
+                let Some(part) = st.parts.get_mut(&p) else {
+                    continue;
+                };
+                let was_full = part.full;
+                let (no, hold) = admit_part(part, &offsets);
+                let (Some(hold), false) = (hold, no.is_empty()) else {
+                    continue;
+                };
+                if !was_full {
+                    // Stop fetching it; a failure only costs reading what is then skipped.
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&st.topic, p);
+                    let _ = st.consumer.pause(&tpl);
+                }
+                let reason = format!(
+                    "left for a later run: the replay group's position on partition {p} stays \
+                     at offset {hold} (a letter this run does not move), and the offsets moved \
+                     past it fill the commit metadata Kafka keeps \
+                     (offset.metadata.max.bytes); a later run can move this letter once the \
+                     letters before it are moved (replay them too, with a wider filter)"
+                );
+                for o in no {
+                    refused.insert((p, o), reason.clone());
+                }
+            }
+            Ok(receipts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let key = parse_receipt(r)?;
+                    refused.get(&key).map(|why| (i, why.clone()))
+                })
+                .collect())
         })
         .await
     }
@@ -681,6 +955,174 @@ mod tests {
         assert_eq!(decode_ranges("3-5,9,11-12"), set);
         assert!(decode_ranges("").is_empty());
         assert!(decode_ranges("garbage,5-1").is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_cost_of_an_insert_is_what_the_encoding_grows_by(
+            set in proptest::collection::btree_set(990_i64..1_040, 0..40),
+            o in 990_i64..1_040,
+        ) {
+            proptest::prop_assume!(!set.contains(&o));
+            let before = encode_ranges(&set).len();
+            let mut with = set.clone();
+            with.insert(o);
+            let after = encode_ranges(&with).len();
+            let cost = insert_cost(|x| set.contains(&x), set.is_empty(), o);
+            proptest::prop_assert_eq!(after as isize - before as isize, cost);
+            proptest::prop_assert_eq!(encoded_len(with.iter().copied()), after);
+        }
+
+        #[test]
+        fn a_union_from_an_offset_is_the_set_union_past_it(
+            a in proptest::collection::btree_set(0_i64..200, 0..60),
+            b in proptest::collection::btree_set(0_i64..200, 0..60),
+            from in 0_i64..200,
+        ) {
+            let want: Vec<i64> = a.union(&b).copied().filter(|o| *o >= from).collect();
+            proptest::prop_assert_eq!(union_from(&a, &b, from).collect::<Vec<_>>(), want);
+        }
+    }
+
+    #[test]
+    fn digits_count_the_sign_too() {
+        for o in [0, 9, 10, 99, 100, 1_000_000, -1, -10, i64::MAX, i64::MIN] {
+            assert_eq!(digits(o), o.to_string().len(), "{o}");
+        }
+    }
+
+    /// A partition whose offsets `offsets` were leased by this run.
+    fn leased(offsets: std::ops::Range<i64>) -> PartLease {
+        let mut part = PartLease {
+            committed: offsets.start,
+            ..PartLease::default()
+        };
+        for o in offsets {
+            part.tracker.received(o);
+            part.leased.insert(
+                o,
+                DlqMessage {
+                    message_id: o.to_string(),
+                    body: String::new(),
+                    attributes: BTreeMap::new(),
+                    receive_count: 1,
+                    sent_at_ms: None,
+                    group_id: None,
+                    dedup_id: None,
+                },
+            );
+        }
+        part
+    }
+
+    /// Admits `offsets`, sends and deletes what was admitted; returns what was refused.
+    fn admit_and_move(part: &mut PartLease, offsets: &[i64]) -> Vec<i64> {
+        let (refused, _) = admit_part(part, offsets);
+        let done: BTreeSet<i64> = offsets
+            .iter()
+            .copied()
+            .filter(|o| !refused.contains(o))
+            .collect();
+        let (_, len) = metadata_if_done(part, &done);
+        settle(part, &done);
+        let (_, committed) = metadata(part);
+        assert_eq!(committed.len(), len, "metadata_if_done foresaw the commit");
+        assert!(committed.len() <= MAX_METADATA_BYTES, "{}", committed.len());
+        refused
+    }
+
+    #[test]
+    fn a_filter_that_skips_every_other_letter_stops_before_the_metadata_overflows() {
+        // Seven-digit offsets; the filter takes the even ones, the odd ones stay.
+        let start = 1_000_000;
+        let mut part = leased(start..start + 10_000);
+        let evens: Vec<i64> = (start..start + 10_000).step_by(2).collect();
+        let mut moved = 0;
+        let mut refused = Vec::new();
+        for batch in evens.chunks(500) {
+            let no = admit_and_move(&mut part, batch);
+            moved += batch.len() - no.len();
+            refused.extend(no);
+        }
+        let (position, text) = metadata(&part);
+        assert_eq!(
+            position,
+            start + 1,
+            "the first odd letter holds the position"
+        );
+        assert!(text.len() <= ADMIT_METADATA_BYTES, "{}", text.len());
+        assert!(text.len() > ADMIT_METADATA_BYTES - 20, "it filled up");
+        assert!(part.full);
+        assert_eq!(moved + refused.len(), evens.len());
+        assert!(
+            (300..500).contains(&moved),
+            "about 3,000 / 8 bytes: {moved}"
+        );
+        // Everything moved is recorded, nothing refused is.
+        let recorded = decode_ranges(&text);
+        assert_eq!(recorded.len() + 1, moved, "all but the first even letter");
+        assert!(refused.iter().all(|o| !recorded.contains(o)));
+    }
+
+    #[test]
+    fn without_a_letter_left_behind_nothing_is_refused_whatever_the_order() {
+        // Two loops: the second batch is admitted and moved before the first, whose letters
+        // are still leased; the commit between holds one range.
+        let start = 5_000_000;
+        let mut part = leased(start..start + 4_000);
+        let first: Vec<i64> = (start..start + 2_000).collect();
+        let second: Vec<i64> = (start + 2_000..start + 4_000).collect();
+        assert!(admit_and_move(&mut part, &second).is_empty());
+        assert_eq!(
+            metadata(&part).1,
+            format!("{}-{}", start + 2_000, start + 3_999)
+        );
+        assert!(admit_and_move(&mut part, &first).is_empty());
+        assert_eq!(metadata(&part), (start + 4_000, String::new()));
+        assert!(!part.full);
+    }
+
+    #[tokio::test]
+    async fn a_delete_whose_metadata_would_not_fit_is_refused_and_records_nothing() {
+        // Letters admitted as a contiguous block, then half their sends fail: moving only the
+        // even ones past the held first letter would need more metadata than Kafka keeps.
+        let mut part = leased(0..3_000);
+        let all: Vec<i64> = (1..3_000).collect();
+        let (refused, hold) = admit_part(&mut part, &all);
+        assert!(refused.is_empty());
+        assert_eq!(hold, Some(0));
+        let evens: BTreeSet<i64> = (2..3_000).step_by(2).collect();
+        let (position, len) = metadata_if_done(&part, &evens);
+        assert_eq!(position, 0);
+        assert!(len > MAX_METADATA_BYTES, "{len}");
+        // What `delete` then does: nothing committed, the letters stay before the position.
+        let state = LeaseState {
+            topic: "dlq".into(),
+            consumer: KafkaDlq::consumer_for(&KafkaClientConfig::new("127.0.0.1:9"), "g", "dlq")
+                .unwrap(),
+            ends: BTreeMap::from([(0, 3_000)]),
+            parts: BTreeMap::from([(0, part)]),
+            released: VecDeque::new(),
+        };
+        let port = KafkaDlq::new(KafkaClientConfig::new("127.0.0.1:9"), "g", None).unwrap();
+        lock(&port.leases).insert("dlq".into(), Arc::new(Mutex::new(state)));
+        let receipts: Vec<DeliveryId> = evens.iter().map(|o| receipt(0, *o)).collect();
+        let err = port.delete("dlq", &receipts).await.unwrap_err();
+        assert!(matches!(err, DlqError::Rejected { .. }), "{err}");
+        assert!(
+            err.to_string().contains("next run reads them again"),
+            "{err}"
+        );
+        let state = lock(&port.leases)["dlq"].clone();
+        let st = lock(&state);
+        let part = &st.parts[&0];
+        assert!(part.moved.is_empty());
+        assert_eq!(part.tracker.position(), Some(0));
+        assert!(part.tracker.is_outstanding(2), "not recorded as moved");
+        assert!(
+            !part.leased.contains_key(&2),
+            "and not leased again by this run"
+        );
     }
 
     #[test]

@@ -66,6 +66,16 @@ impl PartitionTracker {
         self.outstanding.first().copied().or(self.high)
     }
 
+    /// The position [`PartitionTracker::position`] would give once `offsets` are finished too,
+    /// without finishing them.
+    pub fn position_if_done(&self, offsets: &BTreeSet<i64>) -> Option<i64> {
+        self.outstanding
+            .iter()
+            .copied()
+            .find(|o| !offsets.contains(o))
+            .or(self.high)
+    }
+
     /// The position last returned by [`PartitionTracker::done`].
     pub fn stored(&self) -> Option<i64> {
         self.stored
@@ -117,6 +127,23 @@ mod tests {
         assert_eq!(t.done(5), Some(6));
         assert_eq!(t.done(5), None, "finished twice");
         assert_eq!(t.stored(), Some(6));
+    }
+
+    #[test]
+    fn the_position_if_done_changes_nothing_and_matches_finishing() {
+        let mut t = PartitionTracker::new();
+        for o in 10..15 {
+            t.received(o);
+        }
+        let some: BTreeSet<i64> = [10, 11, 13].into_iter().collect();
+        assert_eq!(t.position_if_done(&some), Some(12));
+        assert_eq!(t.position(), Some(10), "nothing finished");
+        let all: BTreeSet<i64> = (10..15).collect();
+        assert_eq!(t.position_if_done(&all), Some(15));
+        for o in some {
+            t.done(o);
+        }
+        assert_eq!(t.position(), Some(12));
     }
 
     #[test]
