@@ -294,10 +294,10 @@ async fn an_sns_notification_wrapping_a_zstd_envelope_is_decoded_and_written() {
     assert!(evs.iter().all(|e| sink.events()[&e.event_id] == *e));
 }
 
-#[tokio::test]
-async fn a_redelivered_batch_on_a_store_that_is_down_stops_writing_alone_after_a_few_failures() {
-    let evs: Vec<_> = (0..10).map(|i| events(300 + i, 2)).collect();
-    let batch: Vec<_> = evs
+/// Ten envelopes of two events each (seeds from `seed`), on their second receive.
+fn redelivered_batch(seed: u64) -> (Vec<Vec<shared::AdEvent>>, Vec<shared::Delivery>) {
+    let evs: Vec<_> = (0..10).map(|i| events(seed + i, 2)).collect();
+    let batch = evs
         .iter()
         .enumerate()
         .map(|(i, e)| {
@@ -305,6 +305,12 @@ async fn a_redelivered_batch_on_a_store_that_is_down_stops_writing_alone_after_a
             delivery(i, &env.body, env.attributes, 2)
         })
         .collect();
+    (evs, batch)
+}
+
+#[tokio::test]
+async fn a_redelivered_batch_on_a_store_that_is_down_stops_writing_alone_after_a_few_failures() {
+    let (evs, batch) = redelivered_batch(300);
     let sink = TestSink::new();
     sink.transient_for
         .lock()
@@ -326,15 +332,7 @@ async fn a_redelivered_batch_on_a_store_that_is_down_stops_writing_alone_after_a
 
 #[tokio::test]
 async fn a_redelivered_batch_whose_first_delivery_chokes_the_store_still_writes_the_rest() {
-    let evs: Vec<_> = (0..10).map(|i| events(400 + i, 2)).collect();
-    let batch: Vec<_> = evs
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let env = envelope(e);
-            delivery(i, &env.body, env.attributes, 2)
-        })
-        .collect();
+    let (evs, batch) = redelivered_batch(400);
     let sink = TestSink::new();
     sink.transient_for
         .lock()
