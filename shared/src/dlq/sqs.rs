@@ -203,6 +203,19 @@ fn plan(messages: &[Outgoing]) -> Vec<std::ops::Range<usize>> {
     crate::aws::batch::plan(messages.iter().map(payload_bytes))
 }
 
+/// The entries a batch call failed, as (index into the call, `code: message`); the ids of a
+/// call's entries are their indexes.
+fn failed_entries<'a>(
+    failed: impl Iterator<Item = (&'a str, &'a str, Option<&'a str>)>,
+) -> Vec<(usize, String)> {
+    failed
+        .filter_map(|(id, code, message)| {
+            let i = id.parse::<usize>().ok()?;
+            Some((i, format!("{code}: {}", message.unwrap_or_default())))
+        })
+        .collect()
+}
+
 /// Sends `messages` with one `call` per batch of [`plan`] (which returns the entries the
 /// broker refused, by index into `messages`), and merges what they say. A call that fails as
 /// a whole fails its own entries only: the batches acknowledged before or after it stay sent,
@@ -470,17 +483,9 @@ impl DlqBroker for SqsDlq {
                 .send()
                 .await
                 .map_err(|e| map_err("sqs:SendMessage", queue, "queue", &e))?;
-            Ok(out
-                .failed()
-                .iter()
-                .filter_map(|f| {
-                    let i = f.id().parse::<usize>().ok()?;
-                    Some((
-                        i,
-                        format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                    ))
-                })
-                .collect())
+            Ok(failed_entries(
+                out.failed().iter().map(|f| (f.id(), f.code(), f.message())),
+            ))
         })
         .await
     }
@@ -513,17 +518,9 @@ impl DlqBroker for SqsDlq {
                 .send()
                 .await
                 .map_err(|e| map_err("sns:Publish", topic, "topic", &e))?;
-            Ok(out
-                .failed()
-                .iter()
-                .filter_map(|f| {
-                    let i = f.id().parse::<usize>().ok()?;
-                    Some((
-                        i,
-                        format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                    ))
-                })
-                .collect())
+            Ok(failed_entries(
+                out.failed().iter().map(|f| (f.id(), f.code(), f.message())),
+            ))
         })
         .await
     }
