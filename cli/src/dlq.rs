@@ -197,9 +197,14 @@ struct ExportArgs {
     #[command(flatten)]
     common: Common,
 
-    /// The NDJSON file to write (truncated).
+    /// The NDJSON file to write. An existing file is refused (it may hold an earlier
+    /// export, the only copy of what that export deleted) unless --force.
     #[arg(long)]
     out: PathBuf,
+
+    /// Overwrite --out when it exists.
+    #[arg(long)]
+    force: bool,
 
     /// Delete the exported messages from the DLQ once the file is fsynced.
     #[arg(long)]
@@ -683,6 +688,7 @@ async fn export(a: ExportArgs) -> anyhow::Result<()> {
         filter: a.filter.filter()?,
         max_messages: a.max,
         lease: Duration::from_secs(a.lease_secs),
+        replace_file: a.force,
         ..ReplayOptions::default()
     };
     let report = replay::export(
@@ -705,6 +711,16 @@ async fn export(a: ExportArgs) -> anyhow::Result<()> {
         "exported {} of {} messages from {} to {} (fsynced)",
         report.exported, report.scanned, report.dlq, report.path
     );
+    if report.left_unreadable > 0 {
+        println!(
+            "{} matching messages were left in the DLQ and out of the file: {}",
+            report.left_unreadable,
+            report
+                .unreadable_reason
+                .as_deref()
+                .unwrap_or("their body is not text")
+        );
+    }
     if a.delete {
         println!("deleted {} from the DLQ after the fsync", report.deleted);
         if report.not_deleted > 0 {
@@ -784,6 +800,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             ValidationPolicy::default()
         },
         fifo_dedup_guard: Duration::from_secs(a.fifo_dedup_guard_secs),
+        replace_file: false,
     };
     let bar = progress_bar(
         a.common.json,
@@ -832,6 +849,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             ("refused: invalid events", c.refused_invalid),
             ("refused: no source queue", c.refused_no_source),
             ("refused: FIFO dedup window", c.refused_dedup_window),
+            ("refused: body is not text", c.refused_unreadable),
             ("left: --max reached", c.left_by_max),
             ("left: commit metadata full", c.left_by_broker_limit),
             ("refused by the destination", c.send_failed),
@@ -853,6 +871,7 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             + c.refused_invalid
             + c.refused_no_source
             + c.refused_dedup_window
+            + c.refused_unreadable
             + c.left_by_broker_limit
             + c.send_failed;
         if refused > listed {

@@ -272,6 +272,7 @@ impl MemorySource {
                 body: m.body.clone(),
                 attributes: m.attributes.clone(),
                 receive_count: m.receive_count,
+                body_error: None,
             });
             s.receipts.insert(receipt, seq);
         }

@@ -36,6 +36,11 @@ pub struct Delivery {
     pub attributes: BTreeMap<String, String>,
     /// How many times it has been received, this time included.
     pub receive_count: u32,
+    /// Why the body as received is not text, when it is not (a Kafka payload that is not
+    /// UTF-8). `body` then holds it with each invalid sequence replaced by U+FFFD, for
+    /// logs only: the worker dead-letters the message unread (`undecodable`), and the
+    /// source sends its original bytes to the DLQ.
+    pub body_error: Option<String>,
 }
 
 /// Why a message is dead-lettered: a stable code and a human message.

@@ -55,8 +55,10 @@ pub struct ReadMessage {
     pub offset: i64,
     /// Key, as text.
     pub key: Option<String>,
-    /// Payload, as text.
+    /// Payload, as text (lossily, when it is not UTF-8).
     pub payload: String,
+    /// Payload, as it came.
+    pub payload_bytes: Vec<u8>,
     /// Headers, as text.
     pub headers: BTreeMap<String, String>,
 }
@@ -111,6 +113,7 @@ pub fn read_topic(
             offset: msg.offset(),
             key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             payload: String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned(),
+            payload_bytes: msg.payload().unwrap_or_default().to_vec(),
             headers,
         });
     }
@@ -171,7 +174,7 @@ pub async fn produce_to(
     bootstrap: &str,
     topic: &str,
     partition: i32,
-    payloads: &[String],
+    payloads: &[impl AsRef<[u8]>],
 ) -> anyhow::Result<()> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = ClientConfig::new()
@@ -181,9 +184,9 @@ pub async fn produce_to(
     for p in payloads {
         producer
             .send(
-                FutureRecord::<(), str>::to(topic)
+                FutureRecord::<(), [u8]>::to(topic)
                     .partition(partition)
-                    .payload(p.as_str()),
+                    .payload(p.as_ref()),
                 Duration::from_secs(5),
             )
             .await

@@ -377,6 +377,48 @@ async fn export_with_delete_removes_only_what_the_fsynced_file_holds() {
     assert_eq!(in_file.len() + left.len(), 400);
 }
 
+/// A second `export --delete` to the file of the first would destroy the only copy of the
+/// letters the first one deleted: an existing file is refused, and nothing is exported.
+#[tokio::test(flavor = "multi_thread")]
+async fn export_refuses_to_overwrite_an_existing_file_without_force() {
+    let (dir, port) = setup().await;
+    let letters = dead_letters(10, 5, Some(DEV_QUEUE));
+    seed(&port, DEV_DLQ, &letters).await.unwrap();
+    let d = data_dir_args(dir.path());
+    let file = dir.path().join("dlq.ndjson");
+    let file_s = file.display().to_string();
+    std::fs::write(&file, "an earlier export\n").unwrap();
+
+    let refused = run_dlq(&args(&d, &["export", "--out", &file_s, "--delete"]), &[]).unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("already exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "an earlier export\n"
+    );
+    let stats = port.stats(DEV_DLQ).await.unwrap();
+    assert_eq!(
+        (stats.visible, stats.total()),
+        (10, 10),
+        "nothing leased or deleted"
+    );
+
+    let forced = json_of(
+        &run_dlq(
+            &args(&d, &["export", "--out", &file_s, "--force", "--json"]),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(forced["exported"], 10);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 10);
+}
+
 async fn fail_again(broker: &Broker) {
     // What a worker does with a message that fails again: dead-letter it with its attributes.
     let source = QueueSource::new(broker.clone(), DEV_QUEUE);

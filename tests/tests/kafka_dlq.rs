@@ -150,6 +150,83 @@ async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_n
     assert_eq!(ids.len(), 200, "each letter on the main topic once");
 }
 
+/// A letter whose payload is not UTF-8 (a producer's Latin-1, say) can only be read lossily;
+/// replaying or exporting that copy would launder the bad bytes into U+FFFD and delete the
+/// original. Both leave it in the DLQ, bytes intact, and say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_that_is_not_utf8_is_neither_replayed_nor_exported_and_keeps_its_bytes() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let port = KafkaDlq::new(
+        KafkaClientConfig::new(&bootstrap),
+        "replay",
+        Some(TOPIC.to_owned()),
+    )
+    .unwrap();
+    let latin1 = b"{\"v\":1,\"events\":[{\"city\":\"Montr\xe9al\"}]}".to_vec();
+    produce_to(&bootstrap, DLQ_TOPIC, 0, std::slice::from_ref(&latin1))
+        .await
+        .unwrap();
+    let letters = dead_letters(4, 3, None);
+    assert!(port
+        .publish(DLQ_TOPIC, &letters)
+        .await
+        .unwrap()
+        .failed
+        .is_empty());
+    let peeked = port.peek(DLQ_TOPIC, 1).await.unwrap();
+    let why = peeked[0].body_error.clone().unwrap();
+    assert!(why.contains("not UTF-8"), "{why}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dlq.ndjson");
+    let export = dlq(
+        &bootstrap,
+        &[
+            "export",
+            "--out",
+            file.to_str().unwrap(),
+            "--delete",
+            "--json",
+            "--kafka-replay-group",
+            "replay",
+        ],
+    );
+    println!("export: {export}");
+    assert_eq!(
+        (&export["exported"], &export["left_unreadable"]),
+        (&json!(4), &json!(1)),
+        "{export}"
+    );
+    assert!(
+        export["unreadable_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not UTF-8"),
+        "{export}"
+    );
+    let replay = dlq(
+        &bootstrap,
+        &[
+            "replay",
+            "--to",
+            "source",
+            "--json",
+            "--kafka-replay-group",
+            "replay",
+        ],
+    );
+    println!("replay: {replay}");
+    assert_eq!(
+        (&replay["moved"], &replay["refused_unreadable"]),
+        (&json!(0), &json!(1)),
+        "{replay}"
+    );
+    assert_eq!(port.stats(DLQ_TOPIC).await.unwrap().visible, 1);
+    let still = read(&bootstrap, DLQ_TOPIC, 5).await;
+    assert_eq!(still[0].payload_bytes, latin1, "its bytes are untouched");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_that_leaves_every_other_letter_keeps_the_commit_metadata_under_kafkas_limit() {
     let mock = mock_cluster(1).unwrap();

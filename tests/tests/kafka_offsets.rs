@@ -374,3 +374,24 @@ async fn the_consumer_lag_of_each_owned_partition_is_rendered_for_metrics() {
         "{page}"
     );
 }
+
+/// A worker whose first batch cannot be written (the store is down at deploy) never commits;
+/// librdkafka then reports no lag, and the gauge must still show the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_groups_first_commit_the_whole_partition_counts_as_lag() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let (bodies, _) = envelopes(20, 1, 8);
+    produce_to(&bootstrap, TOPIC, 0, &bodies).await.unwrap();
+    let mut config = consumer_config(&bootstrap, "lag-before-commit");
+    config
+        .client
+        .extra
+        .insert("statistics.interval.ms".into(), "100".into());
+    let source = Arc::new(KafkaSource::new(&config).unwrap());
+    let got = receive_n(&source, 20, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 20);
+    // Nothing acked, nothing committed.
+    let series = r#"spillway_kafka_consumer_lag{partition="0"}"#;
+    lag_page(&source, series, 20.0).await;
+}

@@ -208,12 +208,21 @@ async fn a_poison_message_goes_to_the_dlq_topic_with_its_reason_and_origin_and_t
     let good: Vec<Value> = (0..4).map(|_| g.event()).collect();
     let mut bad = g.event();
     bad["event_id"] = json!("nope");
-    let bodies = vec![
+    let bodies = [
         "this is not an envelope".to_owned(),
         json!({"v": 1, "events": [good[0], bad]}).to_string(),
         json!({"v": 1, "events": [good[1], good[2], good[3]]}).to_string(),
     ];
-    produce_to(&bootstrap, TOPIC, 0, &bodies).await.unwrap();
+    // A valid envelope but for one Latin-1 byte in an attribute value: read lossily, it
+    // would be stored with U+FFFD in place of the byte.
+    let mut latin1 = g.event();
+    latin1["attributes"] = json!({"city": "Montr@al"});
+    let text = json!({"v": 1, "events": [latin1]}).to_string();
+    let (head, tail) = text.split_once("Montr@al").unwrap();
+    let latin1 = [head.as_bytes(), b"Montr\xe9al", tail.as_bytes()].concat();
+    let mut payloads: Vec<Vec<u8>> = bodies.iter().map(|b| b.clone().into_bytes()).collect();
+    payloads.push(latin1.clone());
+    produce_to(&bootstrap, TOPIC, 0, &payloads).await.unwrap();
 
     let w = Worker::start(&bootstrap, "poison", &store_path);
     wait_stored(&store, 4, Duration::from_secs(60)).await;
@@ -227,19 +236,19 @@ async fn a_poison_message_goes_to_the_dlq_topic_with_its_reason_and_origin_and_t
                 .await
                 .unwrap()
                 .unwrap();
-        if committed.get(&0) == Some(&3) {
+        if committed.get(&0) == Some(&4) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "committed {committed:?}, want partition 0 at 3"
+            "committed {committed:?}, want partition 0 at 4"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     let letters = tokio::task::spawn_blocking({
         let b = bootstrap.clone();
-        move || read_topic(&b, DLQ_TOPIC, 1, 2, Duration::from_secs(20))
+        move || read_topic(&b, DLQ_TOPIC, 1, 3, Duration::from_secs(20))
     })
     .await
     .unwrap()
@@ -264,6 +273,17 @@ async fn a_poison_message_goes_to_the_dlq_topic_with_its_reason_and_origin_and_t
     assert!(!split
         .payload
         .contains(good[0]["event_id"].as_str().unwrap()));
+    let unreadable = by_offset["3"];
+    assert_eq!(
+        unreadable.payload_bytes, latin1,
+        "the bytes travel unchanged"
+    );
+    assert_eq!(unreadable.headers[ATTR_ERROR_CODE], "undecodable");
+    assert!(
+        unreadable.headers[ATTR_ERROR_MESSAGE].contains("not UTF-8"),
+        "{:?}",
+        unreadable.headers
+    );
 
     let ids = ids_of(&good);
     let report = check(&SqliteStoreView::new(&store_path), &ids, Some(&ids))

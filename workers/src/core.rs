@@ -214,13 +214,17 @@ pub fn prepare(delivery: &Delivery, cfg: &CoreConfig) -> PreparedDelivery {
         .attributes
         .get(ATTR_CONTENT_ENCODING)
         .map(String::as_str);
-    let content = match decode_message(&delivery.body, encoding) {
-        Err(e) => Content::Undecodable(DeadLetter {
+    let decoded = match &delivery.body_error {
+        Some(why) => Err(why.clone()),
+        None => decode_message(&delivery.body, encoding).map_err(|e| e.to_string()),
+    };
+    let content = match decoded {
+        Err(why) => Content::Undecodable(DeadLetter {
             body: delivery.body.clone(),
             attributes: delivery.attributes.clone(),
             reason: DeadLetterReason {
                 code: REASON_UNDECODABLE.into(),
-                message: e.to_string(),
+                message: why,
             },
         }),
         Ok(decoded) => {

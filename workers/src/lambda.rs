@@ -543,6 +543,7 @@ fn delivery(m: SqsMessage) -> Delivery {
         body: m.body.unwrap_or_default(),
         attributes,
         receive_count,
+        body_error: None,
     }
 }
 

@@ -115,6 +115,30 @@ async fn an_undecodable_body_is_dead_lettered_on_first_sight_with_its_reason() {
     assert_eq!(sink.events().len(), 3);
 }
 
+/// A Kafka payload that is not UTF-8 reaches the core lossily converted; even when the
+/// replacement characters leave a valid envelope, nothing of it may be stored altered.
+#[tokio::test]
+async fn a_body_the_source_could_not_read_as_text_is_dead_lettered_unread() {
+    let sink = MemorySink::new();
+    let env = envelope(&events(2, 3));
+    let mut unreadable = delivery(1, &env.body, env.attributes, 1);
+    unreadable.body_error = Some("the message body is not UTF-8 text".into());
+    let out = process_batch(&[unreadable], &sink, &CoreConfig::default()).await;
+    assert_eq!(sink.writes(), 0);
+    let Decision::DeadLetter(letters) = &out.settlements[0].decision else {
+        panic!(
+            "expected a dead letter, got {:?}",
+            out.settlements[0].decision
+        );
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason.code, REASON_UNDECODABLE);
+    assert_eq!(
+        letters[0].reason.message,
+        "the message body is not UTF-8 text"
+    );
+}
+
 #[tokio::test]
 async fn a_transient_sink_failure_retries_every_delivery_with_a_delay_that_grows_to_the_cap() {
     let sink = MemorySink::new();

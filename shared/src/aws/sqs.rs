@@ -368,6 +368,7 @@ impl Source for SqsSource {
                 body: m.body().unwrap_or_default().to_owned(),
                 attributes,
                 receive_count,
+                body_error: None,
             });
         }
         Ok(deliveries)

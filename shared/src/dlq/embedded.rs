@@ -108,6 +108,7 @@ impl DlqBroker for EmbeddedDlq {
                 ),
                 group_id: None,
                 dedup_id: None,
+                body_error: None,
             })
             .collect())
     }
@@ -136,6 +137,7 @@ impl DlqBroker for EmbeddedDlq {
                     sent_at_ms: Some(m.sent_at_ms),
                     group_id: None,
                     dedup_id: None,
+                    body_error: None,
                 },
             })
             .collect())

@@ -402,6 +402,7 @@ mod tests {
             sent_at_ms: Some(1_000_000),
             group_id: None,
             dedup_id: None,
+            body_error: None,
         }
     }
 

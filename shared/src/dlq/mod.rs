@@ -69,6 +69,11 @@ pub struct DlqMessage {
     /// FIFO deduplication id, when the queue is FIFO.
     #[serde(default)]
     pub dedup_id: Option<String>,
+    /// Why the body as stored is not text, when it is not (a Kafka letter that is not
+    /// UTF-8); `body` is then a lossy copy, for reading only. Replay and export leave such a
+    /// letter in the DLQ: moving its lossy copy would lose its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_error: Option<String>,
 }
 
 impl DlqMessage {
@@ -221,6 +226,16 @@ pub enum DlqError {
     /// A request that makes no sense (bad address, bad filter, bad file line, …).
     #[error("{0}")]
     Invalid(String),
+    /// The export file exists already: it may be an earlier export's, the only copy of
+    /// letters that export deleted from the DLQ.
+    #[error(
+        "{path} already exists and may hold an earlier export (the only copy of what it deleted from the DLQ); \
+         write to another file, or overwrite it with --force"
+    )]
+    FileExists {
+        /// The file.
+        path: String,
+    },
     /// A local file could not be read or written.
     #[error("{path}: {source}")]
     Io {

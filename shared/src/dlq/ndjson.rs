@@ -2,7 +2,7 @@
 //! `attributes`, `receive_count`, `sent_at_ms`, `group_id`, `dedup_id`). Bodies and attribute
 //! values are JSON strings, so they round-trip byte for byte whatever they hold.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -24,12 +24,28 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> DlqError + '_ {
 }
 
 impl ExportWriter {
-    /// Creates (truncating) `path`.
+    /// Creates `path`; an existing file is refused ([`DlqError::FileExists`]) unless
+    /// `replace`, when it is truncated.
     ///
     /// # Errors
-    /// [`DlqError::Io`].
-    pub fn create(path: &Path) -> Result<Self, DlqError> {
-        let file = File::create(path).map_err(io(path))?;
+    /// [`DlqError::FileExists`], [`DlqError::Io`].
+    pub fn create(path: &Path, replace: bool) -> Result<Self, DlqError> {
+        let mut open = OpenOptions::new();
+        open.write(true);
+        if replace {
+            open.create(true).truncate(true);
+        } else {
+            open.create_new(true);
+        }
+        let file = open.open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                DlqError::FileExists {
+                    path: path.display().to_string(),
+                }
+            } else {
+                io(path)(e)
+            }
+        })?;
         Ok(Self {
             out: BufWriter::new(file),
             path: path.to_path_buf(),
@@ -156,9 +172,10 @@ mod tests {
             sent_at_ms: Some(5),
             group_id: Some("g".into()),
             dedup_id: None,
+            body_error: None,
         })
         .collect();
-        let mut w = ExportWriter::create(&path).unwrap();
+        let mut w = ExportWriter::create(&path, false).unwrap();
         for m in &messages {
             w.write(m).unwrap();
         }
@@ -168,6 +185,23 @@ mod tests {
         back.extend(r.next_chunk(3).unwrap());
         assert!(r.next_chunk(3).unwrap().is_empty());
         assert_eq!(back, messages);
+    }
+
+    #[test]
+    fn an_existing_file_is_kept_unless_replacing_it_was_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.ndjson");
+        std::fs::write(&path, "an earlier export\n").unwrap();
+        let err = ExportWriter::create(&path, false).unwrap_err();
+        assert!(matches!(err, DlqError::FileExists { .. }), "{err:?}");
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "an earlier export\n"
+        );
+        let w = ExportWriter::create(&path, true).unwrap();
+        assert_eq!(w.finish().unwrap(), 0);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     }
 
     #[test]

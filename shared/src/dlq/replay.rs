@@ -85,6 +85,10 @@ pub struct ReplayOptions {
     /// original send within its 5-minute deduplication window, and deleting it from the DLQ
     /// would then lose it.
     pub fifo_dedup_guard: Duration,
+    /// Export only: overwrite the file when it exists. By default an existing file is
+    /// refused: it may be an earlier export's, holding the only copy of letters that export
+    /// deleted from the DLQ.
+    pub replace_file: bool,
 }
 
 /// Default of [`ReplayOptions::fifo_dedup_guard`]: SQS's 5-minute window plus a margin.
@@ -102,8 +106,17 @@ impl Default for ReplayOptions {
             lease: Duration::from_secs(600),
             validation: ValidationPolicy::default(),
             fifo_dedup_guard: FIFO_DEDUP_GUARD,
+            replace_file: false,
         }
     }
+}
+
+/// Why a letter whose body is not text stays in the DLQ.
+fn unreadable_refusal(why: &str) -> String {
+    format!(
+        "refused: {why}; a text copy would lose its bytes, so it stays in the DLQ (read it \
+         with a Kafka consumer)"
+    )
 }
 
 /// A message the run did not move, and why.
@@ -137,6 +150,9 @@ pub struct Counts {
     pub refused_no_source: u64,
     /// FIFO messages refused while still inside the destination's deduplication window.
     pub refused_dedup_window: u64,
+    /// Messages refused (replay) or left out of the file (export) because their body is not
+    /// text ([`DlqMessage::body_error`]): a text copy would lose their bytes.
+    pub refused_unreadable: u64,
     /// Matching messages left alone because `max_messages` was reached.
     pub left_by_max: u64,
     /// Matching messages left for a later run because the broker could not record their
@@ -349,6 +365,12 @@ impl Run<'_> {
                         continue;
                     }
                     st.counts.matched += 1;
+                    if let Some(why) = &m.body_error {
+                        st.counts.refused_unreadable += 1;
+                        refuse(&mut st, &id, unreadable_refusal(why));
+                        st.held.insert(id, l.receipt);
+                        continue;
+                    }
                     let replays = inspection.replay_count(m);
                     if replays >= self.opts.max_replays {
                         st.counts.refused_max_replays += 1;
@@ -711,6 +733,11 @@ pub struct ExportReport {
     pub left_by_broker_limit: u64,
     /// Why, for the first of them.
     pub left_reason: Option<String>,
+    /// Matching messages left out of the file and in the DLQ because their body is not text
+    /// (a Kafka letter that is not UTF-8): the file would hold a lossy copy.
+    pub left_unreadable: u64,
+    /// Why, for the first of them.
+    pub unreadable_reason: Option<String>,
     /// Wall time in seconds.
     pub elapsed_secs: f64,
     /// Broker API calls the run made.
@@ -740,8 +767,9 @@ pub async fn export(
     let mut counts = Counts::default();
     let mut left_by_broker_limit = 0;
     let mut first_left: Option<String> = None;
+    let mut first_unreadable: Option<String> = None;
     let written = async {
-        let mut writer = ExportWriter::create(path)?;
+        let mut writer = ExportWriter::create(path, opts.replace_file)?;
         let mut stale_rounds = 0;
         loop {
             if opts.max_messages.is_some_and(|m| writer.written() >= m) {
@@ -765,7 +793,13 @@ pub async fn export(
                     && opts
                         .max_messages
                         .is_none_or(|m| writer.written() + (takes.len() as u64) < m);
-                if take {
+                if take && l.message.body_error.is_some() {
+                    counts.refused_unreadable += 1;
+                    if first_unreadable.is_none() {
+                        first_unreadable = l.message.body_error.as_deref().map(unreadable_refusal);
+                    }
+                    seen.insert(l.message.message_id, (l.receipt, false));
+                } else if take {
                     takes.push(l);
                 } else {
                     counts.skipped_by_filter += 1;
@@ -848,6 +882,8 @@ pub async fn export(
         not_deleted,
         left_by_broker_limit,
         left_reason: first_left,
+        left_unreadable: counts.refused_unreadable,
+        unreadable_reason: first_unreadable,
         elapsed_secs: started.elapsed().as_secs_f64(),
         api_calls_total,
     })

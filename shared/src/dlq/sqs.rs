@@ -380,6 +380,7 @@ impl DlqBroker for SqsDlq {
                         .and_then(|v| v.parse().ok()),
                     group_id: system(MessageSystemAttributeName::MessageGroupId),
                     dedup_id: system(MessageSystemAttributeName::MessageDeduplicationId),
+                    body_error: None,
                 },
             });
         }

@@ -1257,6 +1257,7 @@ fn receive_tx(
                 body: c.body,
                 attributes: from_json(&c.attributes),
                 receive_count,
+                body_error: None,
             });
         }
     }

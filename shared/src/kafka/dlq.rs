@@ -37,7 +37,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::publisher::{ProducerConfig, TracingContext};
 use super::tracker::PartitionTracker;
-use super::{attributes_of, headers_of, KafkaClientConfig};
+use super::{attributes_of, headers_of, not_text, KafkaClientConfig};
 use crate::dlq::{
     Calls, DlqBroker, DlqError, DlqMessage, DlqStats, LeasedMessage, Outgoing, SendOutcome,
 };
@@ -521,17 +521,16 @@ impl KafkaDlq {
     }
 
     fn message(msg: &rdkafka::message::BorrowedMessage<'_>) -> DlqMessage {
+        let payload = msg.payload().unwrap_or_default();
         DlqMessage {
             message_id: format!("{}:{}:{}", msg.topic(), msg.partition(), msg.offset()),
-            body: msg
-                .payload()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default(),
+            body: String::from_utf8_lossy(payload).into_owned(),
             attributes: attributes_of(msg.headers()),
             receive_count: 0,
             sent_at_ms: msg.timestamp().to_millis(),
             group_id: None,
             dedup_id: None,
+            body_error: not_text(payload),
         }
     }
 
@@ -1009,6 +1008,7 @@ mod tests {
                     sent_at_ms: None,
                     group_id: None,
                     dedup_id: None,
+                    body_error: None,
                 },
             );
         }

@@ -169,6 +169,17 @@ pub(crate) fn attributes_of<H: Headers>(headers: Option<&H>) -> BTreeMap<String,
     out
 }
 
+/// Why `payload` is not text, when it is not UTF-8.
+pub(crate) fn not_text(payload: &[u8]) -> Option<String> {
+    std::str::from_utf8(payload).err().map(|e| {
+        format!(
+            "the message body is not UTF-8 text (invalid byte at offset {} of {})",
+            e.valid_up_to(),
+            payload.len()
+        )
+    })
+}
+
 /// Milliseconds of a duration as librdkafka wants them (a decimal string).
 pub(crate) fn millis(d: Duration) -> String {
     d.as_millis().to_string()

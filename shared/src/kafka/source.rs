@@ -44,8 +44,8 @@ use tracing::{debug, info, warn};
 use super::publisher::{ProducerConfig, TracingContext};
 use super::tracker::PartitionTracker;
 use super::{
-    attributes_of, headers_of, log_line, millis, KafkaClientConfig, HEADER_ORIGINAL_OFFSET,
-    HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
+    attributes_of, headers_of, log_line, millis, not_text, KafkaClientConfig,
+    HEADER_ORIGINAL_OFFSET, HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
 };
 use crate::metrics::Exposition;
 use crate::source::{
@@ -131,6 +131,30 @@ struct Entry {
     attributes: BTreeMap<String, String>,
     key: Option<Vec<u8>>,
     receive_count: u32,
+    /// The payload, when it is not UTF-8 (`body` is then a lossy copy).
+    unreadable: Option<Unreadable>,
+}
+
+/// A payload that is not UTF-8: its bytes, to dead-letter unchanged, and why.
+#[derive(Debug, Clone)]
+struct Unreadable {
+    payload: Vec<u8>,
+    why: String,
+}
+
+/// The payload as text; one that is not UTF-8 comes back lossily converted (U+FFFD for each
+/// invalid sequence), with its bytes kept to dead-letter them as they came.
+fn read_payload(payload: &[u8]) -> (String, Option<Unreadable>) {
+    match not_text(payload) {
+        None => (String::from_utf8_lossy(payload).into_owned(), None),
+        Some(why) => (
+            String::from_utf8_lossy(payload).into_owned(),
+            Some(Unreadable {
+                payload: payload.to_vec(),
+                why,
+            }),
+        ),
+    }
 }
 
 /// What this member knows of one assigned partition.
@@ -213,6 +237,38 @@ struct LagPartition {
     partition: i32,
     desired: bool,
     consumer_lag: i64,
+    #[serde(default = "unknown_offset")]
+    committed_offset: i64,
+    #[serde(default = "unknown_offset")]
+    lo_offset: i64,
+    #[serde(default = "unknown_offset")]
+    hi_offset: i64,
+    #[serde(default = "unknown_offset")]
+    ls_offset: i64,
+}
+
+fn unknown_offset() -> i64 {
+    -1
+}
+
+impl LagPartition {
+    /// Messages past the group's committed offset. librdkafka reports no `consumer_lag`
+    /// (-1) before the group's first commit on the partition; then the group stands at the
+    /// log start (`auto.offset.reset=earliest`), so everything from there to the end of the
+    /// log (the last stable offset, the consumer reading committed messages only) is behind
+    /// it. That is when a worker that cannot write its first batch must show a lag.
+    fn lag(&self) -> Option<i64> {
+        if self.consumer_lag >= 0 {
+            return Some(self.consumer_lag);
+        }
+        let end = if self.ls_offset >= 0 {
+            self.ls_offset
+        } else {
+            self.hi_offset
+        };
+        (self.committed_offset < 0 && self.lo_offset >= 0 && end >= self.lo_offset)
+            .then(|| end - self.lo_offset)
+    }
 }
 
 /// The consumer's callbacks: rebalances and logs.
@@ -231,7 +287,7 @@ impl ClientContext for SourceContext {
     }
 
     /// Keeps the lag of the partitions assigned here (`desired`) from librdkafka's statistics
-    /// JSON; it reports -1 while it does not know a lag yet, and such partitions are left
+    /// JSON ([`LagPartition::lag`]); partitions whose watermarks are not known yet are left
     /// out. Only the few fields used are read (rdkafka's typed `Statistics` does not parse
     /// the vendored librdkafka's JSON).
     fn stats_raw(&self, statistics: &[u8]) {
@@ -243,8 +299,8 @@ impl ClientContext for SourceContext {
                     .map(|t| {
                         t.partitions
                             .into_values()
-                            .filter(|p| p.partition >= 0 && p.desired && p.consumer_lag >= 0)
-                            .map(|p| (p.partition, p.consumer_lag))
+                            .filter(|p| p.partition >= 0 && p.desired)
+                            .filter_map(|p| Some((p.partition, p.lag()?)))
                             .collect()
                     })
                     .unwrap_or_default();
@@ -459,11 +515,9 @@ impl KafkaSource {
         if !part.tracker.received(offset) {
             return None;
         }
-        let body = msg
-            .payload()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_default();
+        let (body, unreadable) = read_payload(msg.payload().unwrap_or_default());
         let attributes = attributes_of(msg.headers());
+        let body_error = unreadable.as_ref().map(|u| u.why.clone());
         part.entries.insert(
             offset,
             Entry {
@@ -471,6 +525,7 @@ impl KafkaSource {
                 attributes: attributes.clone(),
                 key: msg.key().map(<[u8]>::to_vec),
                 receive_count: 1,
+                unreadable,
             },
         );
         Some(Delivery {
@@ -479,6 +534,7 @@ impl KafkaSource {
             body,
             attributes,
             receive_count: 1,
+            body_error,
         })
     }
 
@@ -510,6 +566,7 @@ impl KafkaSource {
                 body: entry.body.clone(),
                 attributes: entry.attributes.clone(),
                 receive_count: entry.receive_count,
+                body_error: entry.unreadable.as_ref().map(|u| u.why.clone()),
             });
         }
         out
@@ -671,13 +728,13 @@ impl Source for KafkaSource {
                 queue: self.shared.topic.clone(),
                 message: format!("{:?} is not a Kafka delivery id", id.0),
             })?;
-        let key = {
+        let (key, unreadable) = {
             let mut state = self.shared.lock();
             let entry = state
                 .current(partition, generation)
                 .and_then(|p| p.entries.get(&offset));
             match entry {
-                Some(e) => e.key.clone(),
+                Some(e) => (e.key.clone(), e.unreadable.clone()),
                 None => {
                     return Err(SourceError::Rejected {
                         queue: self.shared.topic.clone(),
@@ -718,8 +775,12 @@ impl Source for KafkaSource {
                 (HEADER_ORIGINAL_PARTITION, partition_s.as_str()),
                 (HEADER_ORIGINAL_OFFSET, offset_s.as_str()),
             ]);
+            // An unreadable payload can only be dead-lettered whole: its bytes as they came.
+            let payload = unreadable
+                .as_ref()
+                .map_or(letter.body.as_bytes(), |u| u.payload.as_slice());
             let mut record = FutureRecord::to(&self.dlq_topic)
-                .payload(letter.body.as_str())
+                .payload(payload)
                 .headers(headers_of(attrs));
             if let Some(k) = &key {
                 record = record.key(k.as_slice());
@@ -768,7 +829,7 @@ impl Source for KafkaSource {
         let samples: Vec<(&str, f64)> = samples.iter().map(|(p, l)| (p.as_str(), *l)).collect();
         page.gauges(
             "spillway_kafka_consumer_lag",
-            "Messages of each partition this worker owns past the group's committed offset (librdkafka statistics, refreshed every statistics.interval.ms).",
+            "Messages of each partition this worker owns past the group's committed offset, or past the log start before the group's first commit there (librdkafka statistics, refreshed every statistics.interval.ms).",
             "partition",
             &samples,
         );
@@ -788,9 +849,63 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_that_is_not_utf8_is_kept_as_it_came() {
+        let (body, unreadable) = read_payload(b"{\"v\":1}");
+        assert_eq!((body.as_str(), unreadable.is_none()), ("{\"v\":1}", true));
+        let bytes = b"{\"country\":\"caf\xe9\"}";
+        let (body, unreadable) = read_payload(bytes);
+        let unreadable = unreadable.unwrap();
+        assert_eq!(body, "{\"country\":\"caf\u{FFFD}\"}");
+        assert_eq!(unreadable.payload, bytes);
+        assert!(
+            unreadable.why.contains("offset 15 of 18"),
+            "{}",
+            unreadable.why
+        );
+    }
+
+    #[test]
     fn a_long_reason_is_cut_on_a_character_boundary() {
         let s = "é".repeat(10);
         assert_eq!(truncate(&s, 5), "éé");
         assert_eq!(truncate("short", 100), "short");
+    }
+
+    fn partition(json: &str) -> LagPartition {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn the_lag_is_librdkafkas_once_the_group_has_committed() {
+        let p = partition(
+            r#"{"partition":0,"desired":true,"consumer_lag":15,"committed_offset":5,"lo_offset":0,"hi_offset":20,"ls_offset":20}"#,
+        );
+        assert_eq!(p.lag(), Some(15));
+    }
+
+    #[test]
+    fn before_the_first_commit_everything_from_the_log_start_is_behind() {
+        let p = partition(
+            r#"{"partition":0,"desired":true,"consumer_lag":-1,"committed_offset":-1001,"lo_offset":4,"hi_offset":20,"ls_offset":18}"#,
+        );
+        assert_eq!(p.lag(), Some(14), "last stable offset minus the log start");
+        let p = partition(
+            r#"{"partition":0,"desired":true,"consumer_lag":-1,"committed_offset":-1001,"lo_offset":4,"hi_offset":20,"ls_offset":-1}"#,
+        );
+        assert_eq!(
+            p.lag(),
+            Some(16),
+            "high watermark when no stable offset is known"
+        );
+    }
+
+    #[test]
+    fn no_lag_is_made_up_while_the_watermarks_are_unknown() {
+        let p = partition(
+            r#"{"partition":0,"desired":true,"consumer_lag":-1,"committed_offset":-1001,"lo_offset":-1,"hi_offset":-1,"ls_offset":-1}"#,
+        );
+        assert_eq!(p.lag(), None);
+        let p = partition(r#"{"partition":0,"desired":true,"consumer_lag":-1}"#);
+        assert_eq!(p.lag(), None);
     }
 }

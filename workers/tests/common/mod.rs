@@ -51,6 +51,7 @@ pub fn delivery(
         body: body.to_owned(),
         attributes,
         receive_count,
+        body_error: None,
     }
 }
 
