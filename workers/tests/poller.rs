@@ -4,12 +4,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use common::{envelope, events, until, TestSink};
 use shared::memory_source::{MemorySource, MemorySourceConfig, REASON_MAX_RECEIVES};
+use shared::source::{DeadLetter, Delivery, DeliveryId, SourceError};
 use shared::{Sink, Source};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -111,6 +113,75 @@ async fn a_write_that_panics_is_retried_and_its_neighbours_are_written_alone_on_
     let m = metrics.snapshot();
     assert!(m.write_panics >= 2, "{m:?}");
     assert_eq!(m.written, 40);
+}
+
+/// A source whose first ack panics (a bug outside the write: settling), around a real one.
+#[derive(Debug)]
+struct AckPanicsOnce {
+    inner: Arc<MemorySource>,
+    panicked: AtomicBool,
+}
+
+#[async_trait]
+impl Source for AckPanicsOnce {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError> {
+        self.inner.receive(max, wait).await
+    }
+    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), SourceError> {
+        assert!(
+            self.panicked.swap(true, Ordering::SeqCst),
+            "the first ack panics"
+        );
+        self.inner.ack(ids).await
+    }
+    async fn retry_later(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
+        self.inner.retry_later(items).await
+    }
+    async fn extend(&self, ids: &[DeliveryId], by: Duration) -> Result<(), SourceError> {
+        self.inner.extend(ids, by).await
+    }
+    async fn dead_letter(
+        &self,
+        id: &DeliveryId,
+        letters: &[DeadLetter],
+    ) -> Result<(), SourceError> {
+        self.inner.dead_letter(id, letters).await
+    }
+}
+
+/// The only receive loop dies of a panic while settling its first batch: the poller starts it
+/// again, the unacked batch comes back after its visibility timeout, and everything is
+/// stored once (the rewrite finds the events already stored).
+#[tokio::test(start_paused = true)]
+async fn a_receive_loop_that_dies_outside_a_write_is_started_again() {
+    let src = source(Some(5));
+    fill(&src, 700, 6, 5);
+    let flaky = Arc::new(AckPanicsOnce {
+        inner: Arc::clone(&src),
+        panicked: AtomicBool::new(false),
+    });
+    let sink = TestSink::new();
+    let config = PollerConfig {
+        loops: 1,
+        ..config()
+    };
+    let poller = Poller::new(flaky.clone() as Arc<dyn Source>, sink.clone(), config).unwrap();
+    let metrics = poller.metrics();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(poller.run(token.clone()));
+    until("queue drained", Duration::from_secs(600), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+
+    assert!(flaky.panicked.load(Ordering::SeqCst));
+    assert_eq!(sink.stored(), 30);
+    let m = metrics.snapshot();
+    assert!(
+        m.duplicates > 0,
+        "the unacked batch was written again: {m:?}"
+    );
+    assert_eq!(m.written, 30);
+    assert!(src.dead_letters().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
