@@ -71,7 +71,7 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
 
     let (publisher, source) = args
         .broker
-        .publisher_and_source()
+        .publisher_and_source(args.worker.poller_config().visibility_timeout)
         .await
         .context("opening the broker and its queue")?;
     let store = args

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
@@ -222,7 +223,8 @@ impl BrokerSettings {
         Ok(broker)
     }
 
-    /// The publisher and the source of a process that runs both ends (`spillway dev`). On
+    /// The publisher and the source of a process that runs both ends (`spillway dev`); the
+    /// source receives with `visibility_timeout` as [`BrokerSettings::source`] does. On
     /// the embedded broker they share one open broker: one SQLite connection instead of two
     /// contending for the file's write lock, and a publish wakes the worker's long poll at
     /// once instead of at its next look.
@@ -231,6 +233,7 @@ impl BrokerSettings {
     /// As [`BrokerSettings::publisher`] and [`BrokerSettings::source`].
     pub async fn publisher_and_source(
         &self,
+        visibility_timeout: Duration,
     ) -> Result<(Arc<dyn Publisher>, Arc<dyn Source>), SettingsError> {
         if self.broker == BrokerKind::Embedded {
             let broker = self.embedded().await?;
@@ -238,7 +241,10 @@ impl BrokerSettings {
             let source = QueueSource::new(broker, self.queue.clone());
             return Ok((Arc::new(publisher), Arc::new(source)));
         }
-        Ok((self.publisher().await?, self.source().await?))
+        Ok((
+            self.publisher().await?,
+            self.source(visibility_timeout).await?,
+        ))
     }
 
     /// The publisher ingest uses.
@@ -261,17 +267,23 @@ impl BrokerSettings {
         self.broker == BrokerKind::Kafka
     }
 
-    /// The source workers drain.
+    /// The source workers drain. On SQS each receive hides its messages for
+    /// `visibility_timeout` (the worker's `--visibility-timeout-secs`, which its heartbeat
+    /// schedule assumes) whatever the queue's own setting; the embedded broker's queues and
+    /// Kafka keep theirs.
     ///
     /// # Errors
     /// A missing setting or an unopenable broker.
-    pub async fn source(&self) -> Result<Arc<dyn Source>, SettingsError> {
+    pub async fn source(
+        &self,
+        visibility_timeout: Duration,
+    ) -> Result<Arc<dyn Source>, SettingsError> {
         match self.broker {
             BrokerKind::Embedded => Ok(Arc::new(QueueSource::new(
                 self.embedded().await?,
                 self.queue.clone(),
             ))),
-            BrokerKind::Aws => self.aws_source().await,
+            BrokerKind::Aws => self.aws_source(visibility_timeout).await,
             BrokerKind::Kafka => self.kafka_source(),
         }
     }
@@ -319,9 +331,9 @@ impl BrokerSettings {
                 KafkaCompressionArg::Lz4 => Compression::Lz4,
                 KafkaCompressionArg::Zstd => Compression::Zstd,
             },
-            linger: std::time::Duration::from_millis(k.kafka_linger_ms),
+            linger: Duration::from_millis(k.kafka_linger_ms),
             batch_bytes: k.kafka_batch_bytes,
-            delivery_timeout: std::time::Duration::from_millis(k.kafka_delivery_timeout_ms),
+            delivery_timeout: Duration::from_millis(k.kafka_delivery_timeout_ms),
             ..crate::kafka::publisher::ProducerConfig::new(self.kafka_client_config()?, topic)
         })
     }
@@ -342,8 +354,8 @@ impl BrokerSettings {
             k.kafka_dlq_topic.clone(),
         );
         config.dlq_producer = self.kafka_producer_config(&k.kafka_dlq_topic)?;
-        config.session_timeout = std::time::Duration::from_millis(k.kafka_session_timeout_ms);
-        config.max_poll_interval = std::time::Duration::from_millis(k.kafka_max_poll_interval_ms);
+        config.session_timeout = Duration::from_millis(k.kafka_session_timeout_ms);
+        config.max_poll_interval = Duration::from_millis(k.kafka_max_poll_interval_ms);
         Ok(config)
     }
 
@@ -393,20 +405,26 @@ impl BrokerSettings {
     }
 
     #[cfg(feature = "aws")]
-    async fn aws_source(&self) -> Result<Arc<dyn Source>, SettingsError> {
+    async fn aws_source(
+        &self,
+        visibility_timeout: Duration,
+    ) -> Result<Arc<dyn Source>, SettingsError> {
         let queue_url = self.queue_url.clone().ok_or(SettingsError::Missing {
             flag: "queue-url",
             env: "SPILLWAY_QUEUE_URL",
             broker: "aws",
         })?;
         let config = crate::aws::load_config().await;
-        Ok(Arc::new(crate::aws::sqs::SqsSource::new(
-            crate::aws::sqs_client(&config),
-            crate::aws::sqs::SqsConfig {
-                queue_url,
-                dlq_url: self.dlq_url.clone(),
-            },
-        )))
+        Ok(Arc::new(
+            crate::aws::sqs::SqsSource::new(
+                crate::aws::sqs_client(&config),
+                crate::aws::sqs::SqsConfig {
+                    queue_url,
+                    dlq_url: self.dlq_url.clone(),
+                },
+            )
+            .with_visibility_timeout(visibility_timeout),
+        ))
     }
 
     #[cfg(not(feature = "aws"))]
@@ -415,7 +433,7 @@ impl BrokerSettings {
     }
 
     #[cfg(not(feature = "aws"))]
-    async fn aws_source(&self) -> Result<Arc<dyn Source>, SettingsError> {
+    async fn aws_source(&self, _: Duration) -> Result<Arc<dyn Source>, SettingsError> {
         Err(SettingsError::NoAws)
     }
 }
@@ -508,7 +526,7 @@ impl SinkSettings {
     pub fn postgres_config(&self) -> PostgresConfig {
         PostgresConfig {
             max_connections: self.pg_max_connections.max(1),
-            statement_timeout: std::time::Duration::from_secs(self.pg_statement_timeout_secs),
+            statement_timeout: Duration::from_secs(self.pg_statement_timeout_secs),
             ..PostgresConfig::new(self.database_url.clone())
         }
     }
@@ -650,7 +668,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().to_str().unwrap();
         let cli = Cli::try_parse_from(["dev", "--broker", "embedded", "--data-dir", data_dir]);
-        let (publisher, source) = cli.unwrap().broker.publisher_and_source().await.unwrap();
+        let (publisher, source) = cli
+            .unwrap()
+            .broker
+            .publisher_and_source(Duration::from_secs(30))
+            .await
+            .unwrap();
         let envelope = crate::Envelope {
             body: r#"{"v":1,"events":[]}"#.into(),
             attributes: BTreeMap::new(),

@@ -85,6 +85,63 @@ async fn events_posted_over_http_arrive_once_in_the_subscribed_queue() {
     app.shutdown().await.unwrap();
 }
 
+/// A worker's heartbeat first extends a batch `--heartbeat-secs` after its receive, on the
+/// assumption that the receive hid it for `--visibility-timeout-secs`. A queue created with a
+/// shorter timeout must not hand the batch to another worker before that: the source asks
+/// for the worker's timeout on every receive.
+#[tokio::test]
+async fn a_receive_hides_messages_for_the_workers_visibility_timeout_not_the_queues() {
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-vis-{}", localstack::suffix());
+    let (url, _, _) = create_queue(&sqs, &name, 1, 5).await.unwrap();
+    let plain = SqsSource::new(
+        sqs.clone(),
+        SqsConfig {
+            queue_url: url.clone(),
+            dlq_url: None,
+        },
+    );
+    let worker = plain
+        .clone()
+        .with_visibility_timeout(Duration::from_secs(30));
+    let send = |body: &'static str| {
+        let (sqs, url) = (sqs.clone(), url.clone());
+        async move {
+            sqs.send_message()
+                .queue_url(url)
+                .message_body(body)
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    let receive_again_after = |source: &SqsSource, pause: Duration| {
+        let source = source.clone();
+        async move {
+            let first = source.receive(1, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(first.len(), 1);
+            tokio::time::sleep(pause).await;
+            source.receive(1, Duration::from_secs(1)).await.unwrap()
+        }
+    };
+
+    // The queue's own 1 s timeout: the message is back 3 s later.
+    send("queue default").await;
+    let back = receive_again_after(&plain, Duration::from_secs(3)).await;
+    assert_eq!(back.len(), 1, "LocalStack applies the queue's timeout");
+    plain.ack(&[back[0].id.clone()]).await.unwrap();
+
+    // The worker's 30 s: still hidden 3 s later.
+    send("worker timeout").await;
+    let back = receive_again_after(&worker, Duration::from_secs(3)).await;
+    assert!(back.is_empty(), "redelivered under the queue's 1 s timeout");
+    assert_eq!(queue_total(&sqs, &url).await.unwrap(), 1);
+}
+
 #[tokio::test]
 async fn a_filtered_subscription_receives_only_its_types_and_wrapped_bodies_decode_the_same() {
     if !localstack::available().await {

@@ -75,9 +75,11 @@ async fn poller_main() -> anyhow::Result<()> {
 
 /// The source, the store and the poller over them.
 async fn start_poller(cli: &Cli) -> anyhow::Result<Poller> {
-    let source = cli.broker.source().await.context("opening the source")?;
+    let config = cli.worker.poller_config();
+    let source = cli.broker.source(config.visibility_timeout).await;
+    let source = source.context("opening the source")?;
     let sink = open_store(cli).await?;
-    Poller::new(source, sink, cli.worker.poller_config()).context("worker settings")
+    Poller::new(source, sink, config).context("worker settings")
 }
 
 /// The store the settings name (migrated first when `--migrate`).

@@ -60,6 +60,9 @@ pub struct SqsSource {
     client: Client,
     config: SqsConfig,
     calls: Arc<CallCounter>,
+    /// What receives ask the messages be hidden for, in seconds (`None`: the queue's own
+    /// visibility timeout).
+    visibility_secs: Option<i32>,
 }
 
 impl SqsSource {
@@ -69,7 +72,22 @@ impl SqsSource {
             client,
             config,
             calls: Arc::default(),
+            visibility_secs: None,
         }
+    }
+
+    /// Receives hide each message for `timeout` (whole seconds, rounded up, 1 s to 12 h)
+    /// instead of the queue's own visibility timeout. A worker's heartbeat extends a running
+    /// batch on a schedule computed from its `--visibility-timeout-secs`; were the queue
+    /// created with a shorter timeout, the batch would be redelivered (and its receive count
+    /// raised) before the first heartbeat.
+    #[must_use]
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
+        let secs = u64::try_from(timeout.as_millis().div_ceil(1_000))
+            .unwrap_or(MAX_VISIBILITY_SECS)
+            .clamp(1, MAX_VISIBILITY_SECS);
+        self.visibility_secs = i32::try_from(secs).ok();
+        self
     }
 
     /// The SQS API calls made so far (by this source and its clones), by operation.
@@ -341,6 +359,7 @@ impl Source for SqsSource {
             .queue_url(&self.config.queue_url)
             .max_number_of_messages(max)
             .wait_time_seconds(wait)
+            .set_visibility_timeout(self.visibility_secs)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_attribute_names("All")
             .send()
