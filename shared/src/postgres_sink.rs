@@ -70,7 +70,8 @@ pub struct PostgresConfig {
     /// further writes wait for a free connection. Default 8.
     pub max_connections: usize,
     /// Server-side limit on one statement (PostgreSQL's `statement_timeout`); a write that
-    /// runs longer is cancelled, rolled back, and reported as transient. Default 30 s.
+    /// runs longer is cancelled, rolled back, and reported as transient. Zero means none, as
+    /// in PostgreSQL. Default 30 s.
     pub statement_timeout: Duration,
     /// Limit on opening a connection, and on waiting for a free one when all
     /// `max_connections` are busy; past it a write fails as transient. Default 5 s.
@@ -642,7 +643,11 @@ impl PostgresSink {
                     url: redact_password(&config.url),
                     source,
                 })?;
-        let timeout_ms = config.statement_timeout.as_millis().max(1);
+        // Zero is PostgreSQL's "no limit"; anything else is at least PostgreSQL's 1 ms.
+        let timeout_ms = match config.statement_timeout.as_millis() {
+            0 if config.statement_timeout.is_zero() => 0,
+            ms => ms.max(1),
+        };
         if timeout_ms > u128::from(i32::MAX.unsigned_abs()) {
             return Err(PostgresError::StatementTimeoutTooLong { ms: timeout_ms });
         }
@@ -773,7 +778,15 @@ impl Sink for PostgresSink {
                     Paths::count(&paths.copied);
                     Some(copied)
                 }
-                Err(CopyError::Sink(e)) => return Err(e),
+                Err(CopyError::Sink(e)) => {
+                    // A COPY the server refused before entering COPY mode (a lock or
+                    // statement timeout, a missing table) leaves a second ReadyForQuery on
+                    // the wire, tokio-postgres having sent a Sync with the COPY's Execute
+                    // (rust-postgres#789); the connection's next query would fail. It
+                    // leaves the pool instead of going back to it.
+                    drop(Object::take(client));
+                    return Err(e);
+                }
                 Err(CopyError::AlreadyStored) => {
                     Paths::count(&paths.refused_copies);
                     paths.run_left.store(REDELIVERY_RUN, Ordering::Relaxed);

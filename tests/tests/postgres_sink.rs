@@ -564,6 +564,68 @@ async fn a_statement_timeout_is_a_transient_error_and_stores_nothing() {
     assert_eq!(sink.write(&batch).await.unwrap().inserted, 50);
 }
 
+/// A COPY the server refuses before it enters COPY mode (here a lock wait past the statement
+/// timeout) leaves a stray `ReadyForQuery` on its connection: tokio-postgres sends a Sync
+/// with the COPY's Execute (rust-postgres#789). Were that connection returned to the pool,
+/// the next write on it could fail with "unexpected message from server". Each round: a
+/// refused COPY, then at once a write on the pool's only connection.
+#[tokio::test]
+async fn after_a_copy_refused_before_copy_mode_the_next_write_succeeds() {
+    let db = test_db!();
+    db.sink().await; // migrate
+    let sink = PostgresSink::new(&PostgresConfig {
+        statement_timeout: Duration::from_millis(100),
+        max_connections: 1,
+        ..db.config()
+    })
+    .unwrap();
+    let mut locker = db.client().await;
+    for round in 0..20_u64 {
+        let tx = locker.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE ad_events IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let err = sink.write(&events(900 + round, 5)).await.unwrap_err();
+        assert!(err.to_string().contains("57014"), "{err}");
+        tx.rollback().await.unwrap();
+        let written = sink.write(&events(900 + round, 5)).await;
+        assert_eq!(
+            written.map(|r| r.inserted).map_err(|e| e.to_string()),
+            Ok(5),
+            "round {round}"
+        );
+    }
+}
+
+/// `--pg-statement-timeout-secs 0` means what it means to PostgreSQL: no limit (it used to
+/// become 1 ms, failing every write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_statement_timeout_means_no_limit() {
+    let db = test_db!();
+    db.sink().await; // migrate
+    let sink = Arc::new(
+        PostgresSink::new(&PostgresConfig {
+            statement_timeout: Duration::ZERO,
+            ..db.config()
+        })
+        .unwrap(),
+    );
+    let mut locker = db.client().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE ad_events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let batch = events(8, 50);
+    let write = tokio::spawn({
+        let (sink, batch) = (Arc::clone(&sink), batch.clone());
+        async move { sink.write(&batch).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!write.is_finished(), "the write gave up on the lock");
+    tx.rollback().await.unwrap();
+    assert_eq!(write.await.unwrap().unwrap().inserted, 50);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_connection_is_a_transient_error_and_the_sink_recovers() {
     let db = test_db!();
