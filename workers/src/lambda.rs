@@ -123,7 +123,7 @@ enum Written {
 struct Probe {
     /// Some write reached the store (stored, or refused data permanently).
     answered: bool,
-    /// Records whose write failed transiently.
+    /// Records whose write failed transiently or got no answer before the cutoff.
     failed: usize,
 }
 
@@ -213,11 +213,16 @@ impl SqsHandler {
                 Written::TimedOut => {
                     warn!(
                         records = prepared.len(),
-                        "Store did not answer before the invocation deadline; reporting every record for retry"
+                        "Store did not answer before the invocation deadline; holding every record back"
                     );
                     for (i, _) in &prepared {
                         fates[*i] = Fate::Held;
                     }
+                    // A store that hangs (a black-holed connection, a lock held for good)
+                    // is as down as one that refuses: left to report, every invocation
+                    // would use up a receive of each record until the redrive moves valid
+                    // messages to the DLQ.
+                    store_down = prepared.len() >= 2 || !self.store_answers(deadline).await;
                 }
                 whole => {
                     if matches!(whole, Written::Panicked) {
@@ -230,7 +235,7 @@ impl SqsHandler {
                         .await;
                     store_down = probe.failed > 0
                         && !probe.answered
-                        && (probe.failed >= 2 || self.sink.ping().await.is_err());
+                        && (probe.failed >= 2 || !self.store_answers(deadline).await);
                 }
             }
         } else if !prepared.is_empty() {
@@ -287,6 +292,19 @@ impl SqsHandler {
             return Err(HandlerError::UnnamedFailures(unnamed));
         }
         Ok(response)
+    }
+
+    /// Whether the store answers a ping within half the time left before `deadline` (the
+    /// rest is for requeuing and answering): one that does not is down.
+    async fn store_answers(&self, deadline: SystemTime) -> bool {
+        let left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            / 2;
+        matches!(
+            tokio::time::timeout(left, self.sink.ping()).await,
+            Ok(Ok(()))
+        )
     }
 
     fn count_written(&self, outcome: &BatchOutcome) {
@@ -361,8 +379,9 @@ impl SqsHandler {
                     error!(message_id = %d.message_id, "Panic while writing record; reporting it for retry");
                 }
                 Written::TimedOut => {
-                    warn!(message_id = %d.message_id, "Store did not answer before the invocation deadline; reporting the record for retry");
+                    warn!(message_id = %d.message_id, "Store did not answer before the invocation deadline; holding the record back");
                     fates[i] = Fate::Held;
+                    probe.failed += 1;
                 }
             }
         }

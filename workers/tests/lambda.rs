@@ -277,6 +277,55 @@ async fn a_store_that_hangs_is_given_up_at_the_cutoff_and_every_record_reported(
     assert_eq!(sink.stored(), 0);
 }
 
+/// A store that hangs is down: with a queue to requeue to, the records are put back as new
+/// messages instead of being reported, which would use up a receive per invocation until
+/// the redrive moved them to the DLQ. One record alone is requeued when the store does not
+/// answer a ping either, and reported when it does.
+#[tokio::test]
+async fn a_store_that_hangs_past_the_cutoff_is_down_and_its_records_are_requeued() {
+    let (event, _) = batch();
+    let sink = TestSink::with_delay(Duration::from_secs(60));
+    let queue = Arc::new(TestQueue::default());
+    let h = handler(sink.clone(), Some(Arc::new(TestDlq::default()))).with_requeue(queue.clone());
+    let resp = h
+        .handle(event, SystemTime::now() + Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(failures(&resp), Vec::<String>::new());
+    // The poison record (3) has nothing to write; it is requeued with the rest and
+    // dead-lettered on its next receive.
+    assert_eq!(queue.sent.lock().unwrap().len(), 10);
+    assert_eq!(h.metrics().snapshot().requeued, 10);
+
+    for (ping_hangs, requeued) in [(true, 1), (false, 0)] {
+        let (mut event, _) = batch();
+        event.records.truncate(1);
+        let sink = TestSink::with_delay(Duration::from_secs(60));
+        sink.ping_hangs.store(ping_hangs, Ordering::SeqCst);
+        let queue = Arc::new(TestQueue::default());
+        let started = std::time::Instant::now();
+        let resp = handler(sink, Some(Arc::new(TestDlq::default())))
+            .with_requeue(queue.clone())
+            .handle(event, SystemTime::now() + Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "ran past the deadline"
+        );
+        assert_eq!(
+            queue.sent.lock().unwrap().len(),
+            requeued,
+            "ping hangs: {ping_hangs}"
+        );
+        assert_eq!(
+            failures(&resp).len(),
+            1 - requeued,
+            "ping hangs: {ping_hangs}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_permanent_failure_whose_dlq_send_fails_is_retried_instead_of_lost() {
     let (event, _) = batch();

@@ -74,6 +74,8 @@ pub struct TestSink {
     /// Writes holding one of these panic (a bug in a sink, for the runtimes' isolation).
     pub panic_for: Mutex<HashSet<EventId>>,
     pub delay: Mutex<Duration>,
+    /// Pings never answer (a black-holed store).
+    pub ping_hangs: std::sync::atomic::AtomicBool,
     /// (start of the write, events) for every write that succeeded.
     pub log: Mutex<Vec<(Instant, usize)>>,
     pub attempts: AtomicUsize,
@@ -133,6 +135,9 @@ impl Sink for TestSink {
     }
 
     async fn ping(&self) -> Result<(), SinkError> {
+        if self.ping_hangs.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.inner.ping().await
     }
 }
