@@ -46,11 +46,11 @@ pub struct IngestSettings {
 
     /// How far in the future `occurred_at` may be, in seconds (clock skew allowance).
     #[arg(long, env = "SPILLWAY_MAX_FUTURE_SECS", default_value_t = 300)]
-    pub max_future_secs: i64,
+    pub max_future_secs: u64,
 
-    /// How old `occurred_at` may be, in seconds (default 7 days).
+    /// How old `occurred_at` may be, in seconds (default 7 days; a huge value, no limit).
     #[arg(long, env = "SPILLWAY_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
-    pub max_age_secs: i64,
+    pub max_age_secs: u64,
 
     /// Sustained events per second allowed per API key; 0 disables rate limiting.
     #[arg(long, env = "SPILLWAY_RATE_LIMIT_EPS", default_value_t = 200_000)]
@@ -129,8 +129,8 @@ impl IngestSettings {
             },
             policy: ValidationPolicy {
                 window: Some(TimeWindow {
-                    max_future: time::Duration::seconds(self.max_future_secs),
-                    max_age: time::Duration::seconds(self.max_age_secs),
+                    max_future: seconds(self.max_future_secs),
+                    max_age: seconds(self.max_age_secs),
                 }),
             },
             envelope: EnvelopeConfig {
@@ -147,6 +147,11 @@ impl IngestSettings {
             retry_after: Duration::from_secs(self.retry_after_secs),
         }
     }
+}
+
+/// A time-window setting as a duration (saturating: a huge value means no limit).
+fn seconds(secs: u64) -> time::Duration {
+    time::Duration::seconds(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -171,5 +176,14 @@ mod tests {
         assert_eq!(cli.settings.config_for(false).envelope.key_buckets, 0);
         let cli = Cli::parse_from(["spillway-ingest", "--envelope-key-buckets", "0"]);
         assert_eq!(cli.settings.config_for(true).envelope.key_buckets, 0);
+    }
+
+    #[test]
+    fn a_negative_time_window_is_refused_and_a_huge_one_means_no_limit() {
+        assert!(Cli::try_parse_from(["spillway-ingest", "--max-future-secs", "-1"]).is_err());
+        let cli = Cli::parse_from(["spillway-ingest", "--max-age-secs", "400000000000"]);
+        let window = cli.settings.config_for(false).policy.window.unwrap();
+        assert_eq!(window.max_age, time::Duration::seconds(400_000_000_000));
+        assert_eq!(seconds(u64::MAX), time::Duration::seconds(i64::MAX));
     }
 }

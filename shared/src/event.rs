@@ -1179,7 +1179,12 @@ fn parse_occurred_at(
         )
     })?;
     if let Some(window) = policy.window {
-        if at > now + window.max_future {
+        // A window reaching past the calendar (a huge setting meant as "no limit") bounds
+        // nothing on that side.
+        if now
+            .checked_add(window.max_future)
+            .is_some_and(|latest| at > latest)
+        {
             return Err(FieldError::new(
                 "occurred_at",
                 ErrorCode::OutOfRange,
@@ -1189,7 +1194,10 @@ fn parse_occurred_at(
                 ),
             ));
         }
-        if at < now - window.max_age {
+        if now
+            .checked_sub(window.max_age)
+            .is_some_and(|earliest| at < earliest)
+        {
             return Err(FieldError::new(
                 "occurred_at",
                 ErrorCode::OutOfRange,
@@ -1574,6 +1582,23 @@ mod tests {
             }),
         };
         assert!(AdEvent::from_json(old, &wide, &clock()).is_ok());
+    }
+
+    #[test]
+    fn a_window_past_the_calendars_end_bounds_nothing_instead_of_panicking() {
+        let unbounded = ValidationPolicy {
+            window: Some(TimeWindow {
+                max_future: Duration::seconds(i64::MAX),
+                max_age: Duration::seconds(i64::MAX),
+            }),
+        };
+        for at in ["1970-01-01T00:00:00Z", "9999-12-31T23:59:59Z"] {
+            let event = with("occurred_at", json!(at));
+            assert!(
+                AdEvent::from_json(event, &unbounded, &clock()).is_ok(),
+                "{at}"
+            );
+        }
     }
 
     #[test]

@@ -92,6 +92,15 @@ pub enum PollerConfigError {
         /// The setting.
         field: &'static str,
     },
+    /// A wait that must be longer than zero is zero: a receive loop or the breaker would
+    /// spin without pause.
+    #[error("{field} must be longer than zero ({why})")]
+    NoWait {
+        /// The setting.
+        field: &'static str,
+        /// What a zero would do.
+        why: &'static str,
+    },
     /// The heartbeat or the batch wait would let the visibility lapse.
     #[error(
         "{field} ({value_ms} ms) must be shorter than visibility_timeout ({visibility_ms} ms)"
@@ -121,6 +130,27 @@ impl PollerConfig {
         ] {
             if v == 0 {
                 return Err(PollerConfigError::Zero { field });
+            }
+        }
+        for (field, v, why) in [
+            (
+                "receive_wait",
+                self.receive_wait,
+                "an idle worker would ask the broker for messages in a tight loop",
+            ),
+            (
+                "breaker.cooldown",
+                self.breaker.cooldown,
+                "an open breaker would probe a down store without pause",
+            ),
+            (
+                "breaker.max_cooldown",
+                self.breaker.max_cooldown,
+                "an open breaker would probe a down store without pause",
+            ),
+        ] {
+            if v.is_zero() {
+                return Err(PollerConfigError::NoWait { field, why });
             }
         }
         for (field, v) in [

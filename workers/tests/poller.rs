@@ -549,6 +549,39 @@ fn a_heartbeat_not_under_the_visibility_timeout_is_refused() {
     assert!(PollerConfig::default().validate().is_ok());
 }
 
+#[test]
+fn a_zero_receive_wait_or_breaker_cooldown_is_refused_rather_than_spinning() {
+    let zero_wait = PollerConfig {
+        receive_wait: Duration::ZERO,
+        ..PollerConfig::default()
+    };
+    let err = zero_wait.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("receive_wait") && err.contains("tight loop"),
+        "{err}"
+    );
+    for breaker in [
+        BreakerConfig {
+            cooldown: Duration::ZERO,
+            ..BreakerConfig::default()
+        },
+        BreakerConfig {
+            max_cooldown: Duration::ZERO,
+            ..BreakerConfig::default()
+        },
+    ] {
+        let cfg = PollerConfig {
+            breaker,
+            ..PollerConfig::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("cooldown") && err.contains("without pause"),
+            "{err}"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_metrics_page_shows_the_breaker_open_during_an_outage_and_the_drain_after_it() {
     use shared::metrics::{render_all, value_of};
