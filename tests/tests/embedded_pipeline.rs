@@ -299,17 +299,19 @@ async fn a_dev_process_killed_with_sigkill_during_load_loses_no_acknowledged_eve
 #[derive(Debug)]
 struct RecordingSink {
     inner: SqliteSink,
-    writes: Mutex<Vec<(Instant, usize)>>,
+    /// Each write: when it was sent to the store, when the store committed it, its events.
+    writes: Mutex<Vec<(Instant, Instant, usize)>>,
 }
 
 #[async_trait]
 impl Sink for RecordingSink {
     async fn write(&self, events: &[AdEvent]) -> Result<WriteReport, SinkError> {
+        let sent = Instant::now();
         let report = self.inner.write(events).await?;
         self.writes
             .lock()
             .unwrap()
-            .push((Instant::now(), events.len()));
+            .push((sent, Instant::now(), events.len()));
         Ok(report)
     }
 
@@ -382,22 +384,32 @@ async fn a_burst_at_20x_the_write_cap_is_absorbed_by_the_queue_and_the_store_see
     workers.await.unwrap();
     app.shutdown().await.unwrap();
 
+    // The cap governs what is sent to the store: the most events sent in any 1 s window.
+    // Commits are also shown; they bunch up by the store's own fsync jitter (a commit
+    // delayed by 10 ms puts 1.01 s of sends in the window after it).
     let writes = sink.writes.lock().unwrap().clone();
-    let mut max_window = 0;
-    for (i, (t0, _)) in writes.iter().enumerate() {
-        let in_window: usize = writes[i..]
-            .iter()
-            .take_while(|(t, _)| t.duration_since(*t0) < Duration::from_secs(1))
-            .map(|(_, n)| n)
-            .sum();
-        max_window = max_window.max(in_window);
-    }
+    let max_window = |at: fn(&(Instant, Instant, usize)) -> Instant| {
+        let mut times: Vec<(Instant, usize)> = writes.iter().map(|w| (at(w), w.2)).collect();
+        times.sort_by_key(|(t, _)| *t);
+        let mut max = 0;
+        for (i, (t0, _)) in times.iter().enumerate() {
+            let in_window: usize = times[i..]
+                .iter()
+                .take_while(|(t, _)| t.duration_since(*t0) < Duration::from_secs(1))
+                .map(|(_, n)| n)
+                .sum();
+            max = max.max(in_window);
+        }
+        max
+    };
+    let (max_sent, max_committed) = (max_window(|w| w.0), max_window(|w| w.1));
     #[allow(clippy::cast_precision_loss)]
     let ingest_rate = BURST_EVENTS as f64 / burst_secs;
     println!(
         "spike: {BURST_EVENTS} events accepted in {burst_secs:.2} s ({ingest_rate:.0} events/s, \
          {:.1}x the cap); queue depth after the burst {} visible + {} in flight; \
-         store max {max_window} events in any 1 s window (cap {CAP}); drained in {drain_secs:.1} s",
+         store max {max_sent} events sent in any 1 s window (cap {CAP}), {max_committed} committed; \
+         drained in {drain_secs:.1} s",
         ingest_rate / f64::from(CAP),
         peak_depth.visible,
         peak_depth.in_flight,
@@ -407,8 +419,8 @@ async fn a_burst_at_20x_the_write_cap_is_absorbed_by_the_queue_and_the_store_see
         "the burst must reach 20x the cap"
     );
     assert!(
-        max_window <= usize::try_from(CAP + CAP / 20).unwrap(),
-        "store saw {max_window} in 1 s"
+        max_sent <= usize::try_from(CAP + CAP / 20).unwrap(),
+        "store was sent {max_sent} in 1 s"
     );
     assert_eq!(
         sink.inner.events_stored().await.unwrap(),
