@@ -238,13 +238,20 @@ impl BrokerSettings {
         if self.broker == BrokerKind::Embedded {
             let broker = self.embedded().await?;
             let publisher = TopicPublisher::new(broker.clone(), self.topic.clone());
-            let source = QueueSource::new(broker, self.queue.clone());
+            let source = self.embedded_source(broker).await?;
             return Ok((Arc::new(publisher), Arc::new(source)));
         }
         Ok((
             self.publisher().await?,
             self.source(visibility_timeout).await?,
         ))
+    }
+
+    /// The `--queue` of the embedded broker, which must exist: a typo would otherwise start
+    /// a worker that retries a missing queue forever while ingest fills the real one.
+    async fn embedded_source(&self, broker: Broker) -> Result<QueueSource, SettingsError> {
+        broker.queue_stats(&self.queue).await?;
+        Ok(QueueSource::new(broker, self.queue.clone()))
     }
 
     /// The publisher ingest uses.
@@ -279,10 +286,9 @@ impl BrokerSettings {
         visibility_timeout: Duration,
     ) -> Result<Arc<dyn Source>, SettingsError> {
         match self.broker {
-            BrokerKind::Embedded => Ok(Arc::new(QueueSource::new(
-                self.embedded().await?,
-                self.queue.clone(),
-            ))),
+            BrokerKind::Embedded => Ok(Arc::new(
+                self.embedded_source(self.embedded().await?).await?,
+            )),
             BrokerKind::Aws => self.aws_source(visibility_timeout).await,
             BrokerKind::Kafka => self.kafka_source(),
         }
@@ -661,6 +667,24 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         broker: BrokerSettings,
+    }
+
+    #[tokio::test]
+    async fn an_embedded_queue_that_does_not_exist_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let cli = Cli::try_parse_from(["w", "--data-dir", data_dir, "--queue", "evnets-worker"]);
+        let broker = cli.unwrap().broker;
+        let err = broker.source(Duration::from_secs(30)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("\"evnets-worker\" does not exist"),
+            "{err}"
+        );
+        let err = broker
+            .publisher_and_source(Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
