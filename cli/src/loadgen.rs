@@ -42,8 +42,8 @@ pub(crate) struct LoadgenArgs {
 /// The flags themselves.
 #[derive(Debug, Args)]
 struct Options {
-    /// Ingest endpoint to post batches to.
-    #[arg(long, default_value = "http://127.0.0.1:8080/v1/events")]
+    /// Ingest endpoint to post batches to (an http:// or https:// URL).
+    #[arg(long, default_value = "http://127.0.0.1:8080/v1/events", value_parser = parse_url)]
     url: String,
 
     /// API key, sent as `Authorization: Bearer <key>`.
@@ -64,7 +64,7 @@ struct Options {
     rate: u64,
 
     /// How long to send, e.g. `10s`, `500ms`, `2m` (requests in flight then finish).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_run_length)]
     duration: Duration,
 
     /// Events per request (1 to 1000, the ingest default limit).
@@ -122,6 +122,28 @@ struct Options {
 pub(crate) struct Burst {
     factor: f64,
     length: Duration,
+}
+
+/// An endpoint checked before anything is sent: without it a typo (no scheme, say) fails
+/// every request at once and the run ends saying no request got an answer.
+fn parse_url(raw: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a URL ({e}); e.g. http://127.0.0.1:8080/v1/events"))?;
+    match url.scheme() {
+        "http" | "https" => Ok(url.to_string()),
+        other => Err(format!(
+            "{raw:?} has scheme {other:?}; use http:// or https://, e.g. http://127.0.0.1:8080/v1/events"
+        )),
+    }
+}
+
+/// A run's length: a duration longer than zero (a zero run sends nothing).
+fn parse_run_length(raw: &str) -> Result<Duration, String> {
+    let d = parse_duration(raw)?;
+    if d.is_zero() {
+        return Err(format!("{raw:?}: a run must last longer than zero"));
+    }
+    Ok(d)
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -647,6 +669,21 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_run_length("0s")
+            .unwrap_err()
+            .contains("longer than zero"));
+        assert_eq!(parse_run_length("1s").unwrap(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_endpoint_without_a_scheme_is_refused_before_sending() {
+        let err = parse_url("localhost:8080/v1/events").unwrap_err();
+        assert!(err.contains("http://"), "{err}");
+        assert!(parse_url("127.0.0.1:8080/v1/events").is_err());
+        assert_eq!(
+            parse_url("http://127.0.0.1:8080/v1/events").unwrap(),
+            "http://127.0.0.1:8080/v1/events"
+        );
         assert!(parse_fraction("1.5").is_err());
         assert_eq!(
             parse_burst("20x:10s").unwrap(),
