@@ -238,7 +238,7 @@ impl BrokerSettings {
         if self.broker == BrokerKind::Embedded {
             let broker = self.embedded().await?;
             let publisher = TopicPublisher::new(broker.clone(), self.topic.clone());
-            let source = self.embedded_source(broker).await?;
+            let source = self.embedded_source(broker, visibility_timeout).await?;
             return Ok((Arc::new(publisher), Arc::new(source)));
         }
         Ok((
@@ -248,10 +248,18 @@ impl BrokerSettings {
     }
 
     /// The `--queue` of the embedded broker, which must exist: a typo would otherwise start
-    /// a worker that retries a missing queue forever while ingest fills the real one.
-    async fn embedded_source(&self, broker: Broker) -> Result<QueueSource, SettingsError> {
+    /// a worker that retries a missing queue forever while ingest fills the real one. Its
+    /// receives hide messages for `visibility_timeout`.
+    async fn embedded_source(
+        &self,
+        broker: Broker,
+        visibility_timeout: Duration,
+    ) -> Result<QueueSource, SettingsError> {
         broker.queue_stats(&self.queue).await?;
-        Ok(QueueSource::new(broker, self.queue.clone()))
+        Ok(
+            QueueSource::new(broker, self.queue.clone())
+                .with_visibility_timeout(visibility_timeout),
+        )
     }
 
     /// The publisher ingest uses.
@@ -274,10 +282,9 @@ impl BrokerSettings {
         self.broker == BrokerKind::Kafka
     }
 
-    /// The source workers drain. On SQS each receive hides its messages for
-    /// `visibility_timeout` (the worker's `--visibility-timeout-secs`, which its heartbeat
-    /// schedule assumes) whatever the queue's own setting; the embedded broker's queues and
-    /// Kafka keep theirs.
+    /// The source workers drain. On SQS and the embedded broker each receive hides its
+    /// messages for `visibility_timeout` (the worker's `--visibility-timeout-secs`, which its
+    /// heartbeat schedule assumes) whatever the queue's own setting; Kafka has no visibility.
     ///
     /// # Errors
     /// A missing setting or an unopenable broker.
@@ -287,7 +294,8 @@ impl BrokerSettings {
     ) -> Result<Arc<dyn Source>, SettingsError> {
         match self.broker {
             BrokerKind::Embedded => Ok(Arc::new(
-                self.embedded_source(self.embedded().await?).await?,
+                self.embedded_source(self.embedded().await?, visibility_timeout)
+                    .await?,
             )),
             BrokerKind::Aws => self.aws_source(visibility_timeout).await,
             BrokerKind::Kafka => self.kafka_source(),

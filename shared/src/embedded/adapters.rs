@@ -68,6 +68,8 @@ impl Publisher for TopicPublisher {
 pub struct QueueSource {
     broker: Broker,
     queue: String,
+    /// How long a receive hides its messages (`None`: the queue's visibility timeout).
+    visibility: Option<Duration>,
 }
 
 impl QueueSource {
@@ -76,7 +78,17 @@ impl QueueSource {
         Self {
             broker,
             queue: queue.into(),
+            visibility: None,
         }
+    }
+
+    /// Receives hide each message for `timeout` instead of the queue's visibility timeout,
+    /// so a worker's heartbeat schedule (computed from its `--visibility-timeout-secs`)
+    /// holds whatever the queue was declared with.
+    #[must_use]
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility = Some(timeout);
+        self
     }
 
     fn error(&self, e: &BrokerError) -> SourceError {
@@ -116,7 +128,7 @@ impl QueueSource {
 impl Source for QueueSource {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError> {
         self.broker
-            .receive(&self.queue, max, wait)
+            .receive_hiding(&self.queue, max, wait, self.visibility)
             .await
             .map_err(|e| self.error(&e))
     }
@@ -317,6 +329,24 @@ mod tests {
         f.advance(Duration::from_secs(60));
         assert!(f.source.receive(10, NO_WAIT).await.unwrap().is_empty());
         assert_eq!(f.stats(QUEUE).await, QueueStats::default());
+    }
+
+    #[tokio::test]
+    async fn a_source_given_a_visibility_timeout_hides_for_it_not_for_the_queues() {
+        let f = Fixture::new(redrive(5)).await;
+        let worker = f
+            .source
+            .clone()
+            .with_visibility_timeout(Duration::from_secs(120));
+        f.publisher.publish(&[plain("one")]).await.unwrap();
+        assert_eq!(worker.receive(1, NO_WAIT).await.unwrap().len(), 1);
+        f.advance(Duration::from_secs(60));
+        assert!(
+            worker.receive(1, NO_WAIT).await.unwrap().is_empty(),
+            "back after the queue's 30 s"
+        );
+        f.advance(Duration::from_secs(61));
+        assert_eq!(worker.receive(1, NO_WAIT).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

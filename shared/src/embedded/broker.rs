@@ -729,9 +729,24 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::NotFound`] for an undeclared queue, or a database failure.
     pub async fn receive_now(&self, queue: &str, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        self.receive_now_hiding(queue, max, None).await
+    }
+
+    /// As [`Broker::receive_now`], hiding what it receives for `visibility` instead of the
+    /// queue's visibility timeout when given (SQS's `VisibilityTimeout` on a receive).
+    ///
+    /// # Errors
+    /// As [`Broker::receive_now`].
+    pub async fn receive_now_hiding(
+        &self,
+        queue: &str,
+        max: usize,
+        visibility: Option<Duration>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         let queue = queue.to_owned();
+        let visibility_ms = visibility.map(|v| i64::try_from(v.as_millis()).unwrap_or(i64::MAX));
         let (deliveries, moved) = self
-            .write(move |tx, now| receive_tx(tx, &queue, max, now))
+            .write(move |tx, now| receive_tx(tx, &queue, max, now, visibility_ms))
             .await?;
         if moved > 0 {
             self.inner.notify.notify_waiters();
@@ -750,13 +765,27 @@ impl Broker {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, BrokerError> {
+        self.receive_hiding(queue, max, wait, None).await
+    }
+
+    /// As [`Broker::receive`], hiding what it receives for `visibility` when given.
+    ///
+    /// # Errors
+    /// As [`Broker::receive_now`].
+    pub async fn receive_hiding(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Option<Duration>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Registered before looking, so a publish between the look and the wait wakes us.
             let notified = self.inner.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = self.receive_now(queue, max).await?;
+            let got = self.receive_now_hiding(queue, max, visibility).await?;
             let now = tokio::time::Instant::now();
             if !got.is_empty() || now >= deadline || max == 0 {
                 return Ok(got);
@@ -1165,8 +1194,10 @@ fn receive_tx(
     queue: &str,
     max: usize,
     now: i64,
+    visibility_ms: Option<i64>,
 ) -> Result<(Vec<Delivery>, usize), BrokerError> {
     let q = load_queue(tx, queue)?;
+    let hide_ms = visibility_ms.unwrap_or(q.visibility_ms);
     tx.prepare_cached("DELETE FROM messages WHERE queue = ?1 AND expires_at_ms <= ?2")
         .and_then(|mut st| st.execute(params![queue, now]))
         .map_err(sql("drop expired messages"))?;
@@ -1247,7 +1278,7 @@ fn receive_tx(
                     c.seq,
                     receive_count,
                     receipt,
-                    now.saturating_add(q.visibility_ms)
+                    now.saturating_add(hide_ms)
                 ])
             })
             .map_err(sql("mark received"))?;
