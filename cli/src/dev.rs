@@ -81,10 +81,13 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         .context("opening the store")?;
     let poller = Poller::new(source, store.sink(), args.worker.poller_config())
         .context("worker settings")?;
+    // Bound before the workers start: a start-up that fails (the port is taken) must not
+    // drop a batch the workers already received, leaving it hidden with a receive used up.
+    let listener = tokio::net::TcpListener::bind(args.ingest.listen)
+        .await
+        .with_context(|| format!("binding {}", args.ingest.listen))?;
+    let addr = listener.local_addr()?;
     let worker_metrics = poller.metrics_page();
-    let stop_workers = CancellationToken::new();
-    let workers = tokio::spawn(poller.run(stop_workers.clone()));
-
     let state = AppState::new(
         publisher,
         keys,
@@ -93,17 +96,15 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     // Dev listens on loopback by default: `/metrics` shares the API's port.
     let metrics = shared::metrics::router(vec![state.metrics(), worker_metrics]);
     let router = ingest_api::router(state).merge(metrics);
-    let listener = tokio::net::TcpListener::bind(args.ingest.listen)
-        .await
-        .with_context(|| format!("binding {}", args.ingest.listen))?;
-    let addr = listener.local_addr()?;
     print_welcome(addr, data_dir, &args.broker)?;
-    serve_router(listener, router, stop)
-        .await
-        .context("serving HTTP")?;
+
+    let stop_workers = CancellationToken::new();
+    let workers = tokio::spawn(poller.run(stop_workers.clone()));
+    let served = serve_router(listener, router, stop).await;
     info!("HTTP stopped; draining the workers");
     stop_workers.cancel();
     workers.await.context("worker task")?;
+    served.context("serving HTTP")?;
     info!("Stopped");
     Ok(())
 }

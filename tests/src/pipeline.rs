@@ -34,7 +34,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = bin_dir()?.join(name);
     if !path.exists() {
         bail!(
-            "{} is missing: run `cargo build --bins` (make test does)",
+            "{} is missing: run `cargo build --workspace --bins` (make test does)",
             path.display()
         );
     }
