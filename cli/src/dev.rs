@@ -11,7 +11,9 @@ use ingest_api::auth::{AdvertiserScope, ApiKey, ApiKeys};
 use ingest_api::settings::IngestSettings;
 use ingest_api::{serve_router, AppState};
 use rand::Rng;
-use shared::settings::{shutdown_signal, BrokerSettings, SinkSettings};
+use shared::settings::{
+    run_with_grace, shutdown_signal, BrokerSettings, ShutdownSettings, SinkSettings,
+};
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -35,6 +37,9 @@ pub(crate) struct DevArgs {
 
     #[command(flatten)]
     pub worker: WorkerSettings,
+
+    #[command(flatten)]
+    pub shutdown: ShutdownSettings,
 }
 
 /// Runs the pipeline until Ctrl-C or SIGTERM: then the HTTP server stops taking requests and
@@ -42,7 +47,15 @@ pub(crate) struct DevArgs {
 pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     shared::telemetry::init();
     // Installed before start-up: a stop meanwhile shuts the pipeline down as soon as it runs.
-    let stop = shutdown_signal();
+    let stop = CancellationToken::new();
+    let signal = shutdown_signal();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            signal.await;
+            stop.cancel();
+        }
+    });
     // `--broker kafka` without bootstrap servers: an in-process mock cluster, for trying the
     // Kafka transport with nothing installed. It lives until this function returns.
     let _mock = if args.broker.is_keyed() && args.broker.kafka.kafka_bootstrap_servers.is_none() {
@@ -100,11 +113,22 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
 
     let stop_workers = CancellationToken::new();
     let workers = tokio::spawn(poller.run(stop_workers.clone()));
-    let served = serve_router(listener, router, stop).await;
-    info!("HTTP stopped; draining the workers");
-    stop_workers.cancel();
-    workers.await.context("worker task")?;
-    served.context("serving HTTP")?;
+    let drained = run_with_grace(
+        async {
+            let served = serve_router(listener, router, stop.clone().cancelled_owned()).await;
+            info!("HTTP stopped; draining the workers");
+            stop_workers.cancel();
+            workers.await.context("worker task")?;
+            served.context("serving HTTP")
+        },
+        stop.cancelled(),
+        args.shutdown.grace(),
+        "requests and batches in flight",
+    )
+    .await;
+    if let Some(drained) = drained {
+        drained?;
+    }
     info!("Stopped");
     Ok(())
 }

@@ -10,8 +10,9 @@ use ingest_api::settings::IngestSettings;
 use ingest_api::{serve, shutdown_signal, AppState};
 use shared::lambda_init::{is_lambda, report_init_error};
 use shared::publisher::MemoryPublisher;
-use shared::settings::{BrokerSettings, MetricsSettings};
+use shared::settings::{run_with_grace, BrokerSettings, MetricsSettings, ShutdownSettings};
 use shared::Publisher;
+use tokio_util::sync::CancellationToken;
 
 // The ingest path allocates many small, short-lived buffers per request (keys, strings,
 // serialised events); mimalloc serves them faster than glibc malloc (see docs/BENCHMARKS.md).
@@ -28,6 +29,8 @@ struct Cli {
     broker: BrokerSettings,
     #[command(flatten)]
     metrics: MetricsSettings,
+    #[command(flatten)]
+    shutdown: ShutdownSettings,
     /// Publish to memory instead of a broker (benchmarks of the HTTP path only; nothing is kept).
     #[arg(long, env = "SPILLWAY_MEMORY_PUBLISHER")]
     memory_publisher: bool,
@@ -99,7 +102,15 @@ async fn lambda_main() -> anyhow::Result<()> {
 async fn server_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Installed before start-up: a stop meanwhile shuts the server down as soon as it runs.
-    let stop = shutdown_signal();
+    let stop = CancellationToken::new();
+    let signal = shutdown_signal();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            signal.await;
+            stop.cancel();
+        }
+    });
     let state = state(&cli).await?;
     if let Some(addr) = cli.metrics.metrics_listen {
         shared::metrics::spawn(addr, vec![state.metrics()]).await?;
@@ -108,6 +119,15 @@ async fn server_main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cli.ingest.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "Ingest API listening");
-    serve(listener, state, stop).await.context("serving HTTP")?;
+    let served = run_with_grace(
+        serve(listener, state, stop.clone().cancelled_owned()),
+        stop.cancelled(),
+        cli.shutdown.grace(),
+        "requests in flight",
+    )
+    .await;
+    if let Some(served) = served {
+        served.context("serving HTTP")?;
+    }
     Ok(())
 }

@@ -579,6 +579,53 @@ pub struct MetricsSettings {
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
+/// How long a stopping process waits for what it has in flight.
+#[derive(Debug, Clone, Args)]
+pub struct ShutdownSettings {
+    /// Seconds a stop (SIGTERM, Ctrl-C) waits for the requests and batches in flight before
+    /// the process exits anyway; what is cut off is retried (a request by its client, a batch
+    /// by its redelivery). A second signal exits at once.
+    #[arg(long, env = "SPILLWAY_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ShutdownSettings {
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// Runs `work` to its end, unless a stop was asked for (`stopping` completed) and then
+/// `grace` passed or a second signal came: `work` is then dropped, and `None` says so.
+/// `work` is expected to wind down by itself once the stop was asked for (stop taking
+/// requests, finish the batches it holds); this bounds how long that may take, so that an
+/// orchestrator's SIGKILL (30 s after SIGTERM on Kubernetes and ECS) does not come first.
+pub async fn run_with_grace<T>(
+    work: impl std::future::Future<Output = T>,
+    stopping: impl std::future::Future<Output = ()>,
+    grace: Duration,
+    what: &str,
+) -> Option<T> {
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => return Some(out),
+        () = stopping => {}
+    }
+    let again = shutdown_signal();
+    tokio::select! {
+        out = &mut work => Some(out),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_secs = grace.as_secs(), "Gave up waiting for {what} after the shutdown grace period; exiting (they are retried)");
+            None
+        }
+        () = again => {
+            tracing::warn!("Second shutdown signal: exiting without waiting for {what} (they are retried)");
+            None
+        }
+    }
+}
+
 /// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
 /// the future is first polled, so a signal that comes while the process is still starting
 /// is caught rather than killing it. Call it inside the runtime.

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use shared::lambda_init::{is_lambda, report_init_error};
-use shared::settings::{shutdown_signal, BrokerSettings, MetricsSettings, SinkSettings};
+use shared::settings::{
+    run_with_grace, shutdown_signal, BrokerSettings, MetricsSettings, ShutdownSettings,
+    SinkSettings,
+};
 use shared::DeadLetterQueue;
 use tokio_util::sync::CancellationToken;
 use workers::lambda::SqsHandler;
@@ -25,6 +28,8 @@ struct Cli {
     worker: WorkerSettings,
     #[command(flatten)]
     metrics: MetricsSettings,
+    #[command(flatten)]
+    shutdown: ShutdownSettings,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,8 +73,16 @@ async fn poller_main() -> anyhow::Result<()> {
         shared::metrics::spawn(addr, vec![poller.metrics_page()]).await?;
     }
     tracing::info!("Worker started");
-    poller.run(shutdown).await;
-    tracing::info!("Worker drained in-flight batches and stopped");
+    let drained = run_with_grace(
+        poller.run(shutdown.clone()),
+        shutdown.cancelled(),
+        cli.shutdown.grace(),
+        "batches in flight",
+    )
+    .await;
+    if drained.is_some() {
+        tracing::info!("Worker drained in-flight batches and stopped");
+    }
     Ok(())
 }
 
