@@ -207,7 +207,7 @@ impl SqsHandler {
                 Written::Outcome(outcome) if outcome.sink_health != SinkHealth::Unavailable => {
                     self.count_written(&outcome);
                     for ((i, _), s) in prepared.iter().zip(outcome.settlements) {
-                        fates[*i] = self.settle(&deliveries[*i], s.decision).await;
+                        fates[*i] = self.settle(&deliveries[*i], s.decision, deadline).await;
                     }
                 }
                 Written::TimedOut => {
@@ -231,7 +231,7 @@ impl SqsHandler {
                         warn!("Store failed transiently on the batch; writing records one by one");
                     }
                     let probe = self
-                        .write_one_by_one(&deliveries, prepared, cutoff, &mut fates)
+                        .write_one_by_one(&deliveries, prepared, (cutoff, deadline), &mut fates)
                         .await;
                     store_down = probe.failed > 0
                         && !probe.answered
@@ -248,7 +248,8 @@ impl SqsHandler {
             }
         }
         let requeued = if store_down {
-            self.requeue_held(&deliveries, &sendable, &mut fates).await
+            self.requeue_held(&deliveries, &sendable, &mut fates, deadline)
+                .await
         } else {
             0
         };
@@ -338,7 +339,7 @@ impl SqsHandler {
         &self,
         deliveries: &[Delivery],
         prepared: Vec<(usize, PreparedDelivery)>,
-        cutoff: SystemTime,
+        (cutoff, deadline): (SystemTime, SystemTime),
         fates: &mut [Fate],
     ) -> Probe {
         let mut probe = Probe::default();
@@ -372,7 +373,7 @@ impl SqsHandler {
                         SinkHealth::Untouched => consecutive_failures = 0,
                     }
                     if let Some(s) = outcome.settlements.into_iter().next() {
-                        fates[i] = self.settle(d, s.decision).await;
+                        fates[i] = self.settle(d, s.decision, deadline).await;
                     }
                 }
                 Written::Panicked => {
@@ -402,6 +403,7 @@ impl SqsHandler {
         deliveries: &[Delivery],
         sendable: &[bool],
         fates: &mut [Fate],
+        deadline: SystemTime,
     ) -> usize {
         let held: Vec<usize> = (0..fates.len())
             .filter(|&i| fates[i] == Fate::Held)
@@ -425,7 +427,13 @@ impl SqsHandler {
             .iter()
             .map(|&i| requeued(&deliveries[i], &self.config.core))
             .collect();
-        let results = requeue.requeue(&messages).await;
+        let Some(results) = before_deadline(deadline, requeue.requeue(&messages)).await else {
+            warn!(
+                records = picked.len(),
+                "Requeue did not finish before the invocation deadline; reporting the records (some may also be on the queue again: duplicates the store ignores)"
+            );
+            return 0;
+        };
         let mut sent = 0_usize;
         for ((&i, result), m) in picked.iter().zip(results).zip(&messages) {
             match result {
@@ -458,7 +466,7 @@ impl SqsHandler {
     }
 
     /// Carries out a decision; whether the record is done or must be retried.
-    async fn settle(&self, d: &Delivery, decision: Decision) -> Fate {
+    async fn settle(&self, d: &Delivery, decision: Decision, deadline: SystemTime) -> Fate {
         match decision {
             Decision::Ack => Fate::Done,
             Decision::RetryLater(_) => Fate::Held,
@@ -467,7 +475,11 @@ impl SqsHandler {
                     warn!(message_id = %d.message_id, "No DLQ configured; leaving the permanent failure to the queue's redrive");
                     return Fate::Retry;
                 };
-                match dlq.send(&letters).await {
+                let Some(sent) = before_deadline(deadline, dlq.send(&letters)).await else {
+                    warn!(message_id = %d.message_id, "DLQ send did not finish before the invocation deadline; reporting the record for retry");
+                    return Fate::Retry;
+                };
+                match sent {
                     Ok(()) => {
                         self.metrics.add_dead_lettered(letters.len() as u64);
                         info!(
@@ -486,6 +498,23 @@ impl SqsHandler {
             }
         }
     }
+}
+
+/// Time kept after any call the handler makes, to answer the runtime before the deadline.
+const ANSWER_RESERVE: Duration = Duration::from_millis(250);
+
+/// `call`'s result, or `None` when it would run into the last [`ANSWER_RESERVE`] before
+/// `deadline`: past the deadline Lambda fails the whole invocation, and every record of the
+/// batch, stored or not, comes back with a receive used up.
+async fn before_deadline<T>(
+    deadline: SystemTime,
+    call: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let left = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .saturating_sub(ANSWER_RESERVE);
+    tokio::time::timeout(left, call).await.ok()
 }
 
 /// What one invocation did: the counters after it less those before.

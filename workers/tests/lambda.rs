@@ -18,16 +18,20 @@ use shared::{AdEvent, DeadLetter, DeadLetterQueue, Requeue, Requeued, SourceErro
 use workers::core::REASON_UNDECODABLE;
 use workers::lambda::{HandlerError, LambdaConfig, SqsHandler};
 
-/// A DLQ that keeps what it is sent (or refuses everything).
+/// A DLQ that keeps what it is sent (or refuses everything, or never answers).
 #[derive(Debug, Default)]
 struct TestDlq {
     letters: Mutex<Vec<DeadLetter>>,
     refuse: bool,
+    hangs: bool,
 }
 
 #[async_trait]
 impl DeadLetterQueue for TestDlq {
     async fn send(&self, letters: &[DeadLetter]) -> Result<(), SourceError> {
+        if self.hangs {
+            std::future::pending::<()>().await;
+        }
         if self.refuse {
             return Err(SourceError::Unavailable {
                 queue: "dlq".into(),
@@ -39,16 +43,21 @@ impl DeadLetterQueue for TestDlq {
     }
 }
 
-/// A queue that keeps what is requeued onto it, refusing the bodies in `refuse`.
+/// A queue that keeps what is requeued onto it, refusing the bodies in `refuse` (or never
+/// answering).
 #[derive(Debug, Default)]
 struct TestQueue {
     sent: Mutex<Vec<Requeued>>,
     refuse: Vec<String>,
+    hangs: bool,
 }
 
 #[async_trait]
 impl Requeue for TestQueue {
     async fn requeue(&self, messages: &[Requeued]) -> Vec<Result<(), SourceError>> {
+        if self.hangs {
+            std::future::pending::<()>().await;
+        }
         messages
             .iter()
             .map(|m| {
@@ -474,4 +483,52 @@ async fn a_held_record_is_reported_when_it_cannot_be_requeued_or_fails_alone_whi
         .await
         .unwrap();
     assert_eq!(failures(&resp).len(), 9);
+}
+
+/// A DLQ or a queue that does not answer must not run the invocation past its deadline:
+/// Lambda would fail the whole batch, stored records included, each with a receive used up.
+/// What they did not take is reported instead, and the answer comes before the deadline.
+#[tokio::test]
+async fn a_dlq_or_requeue_that_hangs_is_given_up_before_the_deadline() {
+    let (event, evs) = batch();
+    let sink = TestSink::new();
+    let dlq = Arc::new(TestDlq {
+        hangs: true,
+        ..TestDlq::default()
+    });
+    let started = std::time::Instant::now();
+    let resp = handler(sink.clone(), Some(dlq))
+        .handle(event, SystemTime::now() + Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        failures(&resp),
+        ["m-3"],
+        "only the poison record, whose letter did not go"
+    );
+    assert_eq!(sink.stored(), 27);
+
+    let sink = TestSink::new();
+    store_down(&sink, &evs);
+    let queue = Arc::new(TestQueue {
+        hangs: true,
+        ..TestQueue::default()
+    });
+    let started = std::time::Instant::now();
+    let resp = handler(sink, Some(Arc::new(TestDlq::default())))
+        .with_requeue(queue)
+        .handle(batch().0, SystemTime::now() + Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(failures(&resp).len(), 9, "every held record reported");
 }

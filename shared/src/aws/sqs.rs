@@ -17,6 +17,7 @@ use aws_sdk_sqs::types::{
     SendMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
+use futures::StreamExt;
 
 use super::batch::{self, MAX_BATCH_BYTES};
 use super::{ApiCalls, CallCounter};
@@ -30,6 +31,9 @@ use crate::source::{
 pub const MAX_BATCH_ENTRIES: usize = batch::MAX_BATCH_ENTRIES;
 /// Longest long-poll wait SQS allows.
 pub const MAX_WAIT_SECS: u64 = 20;
+/// `SendMessageBatch` calls a requeue keeps in flight at once.
+const REQUEUE_CALLS_IN_FLIGHT: usize = 8;
+
 /// Longest delay SQS allows on a message sent (15 minutes).
 pub const MAX_DELAY_SECS: u64 = 900;
 /// Longest visibility timeout SQS allows (12 hours).
@@ -697,14 +701,19 @@ impl Requeue for SqsRequeue {
         // Within a call's 256 KiB as well as its ten entries: ten full envelopes are ten
         // times that. A message over the limit alone goes in a call of its own, which SQS
         // then refuses for that message only.
+        // The calls go out a few at a time: a store outage on Lambda requeues whole batches
+        // of full envelopes (one call each) in the little time left before the deadline.
         let sizes = outgoing.iter().map(Outgoing::payload_bytes);
-        let mut results = Vec::with_capacity(messages.len());
-        for range in batch::plan(sizes) {
-            results.extend(
-                send_batch(&self.client, &self.queue_url, &self.calls, &outgoing[range]).await,
-            );
-        }
-        results
+        let calls = batch::plan(sizes)
+            .into_iter()
+            .map(|range| send_batch(&self.client, &self.queue_url, &self.calls, &outgoing[range]));
+        futures::stream::iter(calls)
+            .buffered(REQUEUE_CALLS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }
 
