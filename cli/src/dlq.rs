@@ -955,6 +955,14 @@ async fn redrive(a: RedriveArgs) -> anyhow::Result<()> {
 #[allow(clippy::print_stdout)]
 async fn purge(a: PurgeArgs) -> anyhow::Result<()> {
     let o = open(&a.common).await?;
+    if let Some(target) = o.port.redrives_to(&o.dlq).await? {
+        bail!(
+            "{} is a work queue, not a DLQ (its redrive policy sends dead letters to {target}): \
+             its messages are events accepted with 202 that no worker has stored yet, and \
+             purge does not delete them. Did you mean --dlq {target}?",
+            o.dlq
+        );
+    }
     if !a.yes {
         let depth = o.port.stats(&o.dlq).await?.total();
         bail!(

@@ -377,6 +377,24 @@ async fn export_with_delete_removes_only_what_the_fsynced_file_holds() {
     assert_eq!(in_file.len() + left.len(), 400);
 }
 
+/// `--dlq` naming the work queue (a wrong env var, a typo) must not wipe events accepted
+/// with 202 that no worker has stored yet: a queue with a redrive policy is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_refuses_a_work_queue() {
+    let (dir, port) = setup().await;
+    let letters = dead_letters(5, 5, Some(DEV_QUEUE));
+    seed(&port, DEV_QUEUE, &letters).await.unwrap();
+    let d = data_dir_args(dir.path());
+    let refused = run_dlq(&args(&d, &["purge", "--dlq", DEV_QUEUE, "--yes"]), &[]).unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("is a work queue") && stderr.contains(DEV_DLQ),
+        "{stderr}"
+    );
+    assert_eq!(port.stats(DEV_QUEUE).await.unwrap().total(), 5);
+}
+
 /// A second `export --delete` to the file of the first would destroy the only copy of the
 /// letters the first one deleted: an existing file is refused, and nothing is exported.
 #[tokio::test(flavor = "multi_thread")]

@@ -321,6 +321,27 @@ fn sorted_pairs<'a>(
     v
 }
 
+/// The worker queue has a redrive policy: `purge` refuses it, naming its DLQ.
+#[tokio::test(flavor = "multi_thread")]
+async fn purge_refuses_a_queue_with_a_redrive_policy() {
+    let Some((port, t)) = setup().await else {
+        return;
+    };
+    let letters = dead_letters(3, 5, None);
+    seed(&port, &t.queue_url, &letters).await.unwrap();
+    let refused = run_dlq(&aws(&t.queue_url, &["purge", "--yes"]), &[]).unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is a work queue"), "{stderr}");
+    assert_eq!(port.stats(&t.queue_url).await.unwrap().total(), 3);
+    let fine = run_dlq(&aws(&t.dlq_url, &["purge", "--yes"]), &[]).unwrap();
+    assert!(
+        fine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fine.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn export_purge_import_round_trips_bodies_and_attributes_byte_for_byte() {
     let Some((port, t)) = setup().await else {

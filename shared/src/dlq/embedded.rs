@@ -218,6 +218,19 @@ impl DlqBroker for EmbeddedDlq {
         Ok(Some(n as u64))
     }
 
+    async fn redrives_to(&self, queue: &str) -> Result<Option<String>, DlqError> {
+        self.calls.count("ListQueues");
+        let queues = self
+            .broker
+            .list_queues()
+            .await
+            .map_err(|e| error("list queues", queue, e))?;
+        Ok(queues
+            .into_iter()
+            .find(|q| q.name == queue)
+            .and_then(|q| q.config.dlq))
+    }
+
     async fn source_queues(&self, dlq: &str) -> Result<Vec<String>, DlqError> {
         self.calls.count("ListQueues");
         let queues = self

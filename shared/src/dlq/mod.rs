@@ -369,6 +369,17 @@ pub trait DlqBroker: Send + Sync + Debug {
     /// [`DlqError`].
     async fn purge(&self, queue: &str) -> Result<Option<u64>, DlqError>;
 
+    /// Where `queue`'s own redrive policy sends its dead letters, when it has one. A queue
+    /// with a redrive policy is a work queue, not a DLQ: `purge` refuses it, since its
+    /// messages are events acknowledged with 202 that no worker has stored yet.
+    ///
+    /// # Errors
+    /// [`DlqError`].
+    async fn redrives_to(&self, queue: &str) -> Result<Option<String>, DlqError> {
+        let _ = queue;
+        Ok(None)
+    }
+
     /// The queues whose redrive policy sends dead letters to `dlq` (for `--to source`).
     ///
     /// # Errors

@@ -538,6 +538,29 @@ impl DlqBroker for SqsDlq {
         Ok(Some(before))
     }
 
+    async fn redrives_to(&self, queue: &str) -> Result<Option<String>, DlqError> {
+        check_queue_url(queue)?;
+        self.calls.count("GetQueueAttributes");
+        let out = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| map_err("sqs:GetQueueAttributes", queue, "queue", &e))?;
+        let policy = out
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+            .filter(|p| !p.trim().is_empty());
+        Ok(policy.map(|p| {
+            serde_json::from_str::<serde_json::Value>(p)
+                .ok()
+                .and_then(|v| v["deadLetterTargetArn"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| p.clone())
+        }))
+    }
+
     async fn source_queues(&self, dlq: &str) -> Result<Vec<String>, DlqError> {
         check_queue_url(dlq)?;
         let mut out = Vec::new();
