@@ -12,7 +12,7 @@ use ingest_api::settings::IngestSettings;
 use ingest_api::{serve_router, AppState};
 use rand::Rng;
 use shared::settings::{
-    run_with_grace, shutdown_signal, BrokerSettings, ShutdownSettings, SinkSettings,
+    run_with_grace, stop_token, BrokerSettings, ShutdownSettings, SinkSettings,
 };
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
@@ -47,15 +47,7 @@ pub(crate) struct DevArgs {
 pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     shared::telemetry::init();
     // Installed before start-up: a stop meanwhile shuts the pipeline down as soon as it runs.
-    let stop = CancellationToken::new();
-    let signal = shutdown_signal();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            signal.await;
-            stop.cancel();
-        }
-    });
+    let stop = stop_token();
     // `--broker kafka` without bootstrap servers: an in-process mock cluster, for trying the
     // Kafka transport with nothing installed. It lives until this function returns.
     let _mock = if args.broker.is_keyed() && args.broker.kafka.kafka_bootstrap_servers.is_none() {

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use ingest_api::settings::IngestSettings;
-use ingest_api::{serve, shutdown_signal, AppState};
+use ingest_api::{serve, AppState};
 use shared::lambda_init::{is_lambda, report_init_error};
 use shared::publisher::MemoryPublisher;
-use shared::settings::{run_with_grace, BrokerSettings, MetricsSettings, ShutdownSettings};
+use shared::settings::{
+    run_with_grace, stop_token, BrokerSettings, MetricsSettings, ShutdownSettings,
+};
 use shared::Publisher;
-use tokio_util::sync::CancellationToken;
 
 // The ingest path allocates many small, short-lived buffers per request (keys, strings,
 // serialised events); mimalloc serves them faster than glibc malloc (see docs/BENCHMARKS.md).
@@ -102,15 +103,7 @@ async fn lambda_main() -> anyhow::Result<()> {
 async fn server_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Installed before start-up: a stop meanwhile shuts the server down as soon as it runs.
-    let stop = CancellationToken::new();
-    let signal = shutdown_signal();
-    tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            signal.await;
-            stop.cancel();
-        }
-    });
+    let stop = stop_token();
     let state = state(&cli).await?;
     if let Some(addr) = cli.metrics.metrics_listen {
         shared::metrics::spawn(addr, vec![state.metrics()]).await?;

@@ -626,6 +626,19 @@ pub async fn run_with_grace<T>(
     }
 }
 
+/// A token cancelled at the first Ctrl-C or SIGTERM. The handlers are installed now (call it
+/// inside the runtime, before start-up), so a stop while the process starts is caught.
+pub fn stop_token() -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown_signal();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        signal.await;
+        trigger.cancel();
+    });
+    stop
+}
+
 /// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
 /// the future is first polled, so a signal that comes while the process is still starting
 /// is caught rather than killing it. Call it inside the runtime.

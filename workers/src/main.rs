@@ -7,11 +7,9 @@ use anyhow::Context;
 use clap::Parser;
 use shared::lambda_init::{is_lambda, report_init_error};
 use shared::settings::{
-    run_with_grace, shutdown_signal, BrokerSettings, MetricsSettings, ShutdownSettings,
-    SinkSettings,
+    run_with_grace, stop_token, BrokerSettings, MetricsSettings, ShutdownSettings, SinkSettings,
 };
 use shared::DeadLetterQueue;
-use tokio_util::sync::CancellationToken;
 use workers::lambda::SqsHandler;
 use workers::settings::WorkerSettings;
 use workers::Poller;
@@ -54,13 +52,7 @@ async fn poller_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Listen first: a stop while the worker starts (opening the queue, migrating the store)
     // ends start-up cleanly; nothing has been received yet.
-    let shutdown = CancellationToken::new();
-    let signal = shutdown_signal();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        signal.await;
-        trigger.cancel();
-    });
+    let shutdown = stop_token();
     let poller = tokio::select! {
         biased;
         () = shutdown.cancelled() => {

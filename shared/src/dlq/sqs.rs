@@ -55,20 +55,28 @@ impl SqsDlq {
         }
     }
 
-    async fn queue_arn(&self, url: &str) -> Result<String, DlqError> {
+    /// One attribute of the queue at `url`, `None` when the queue has none.
+    async fn queue_attribute(
+        &self,
+        url: &str,
+        name: QueueAttributeName,
+    ) -> Result<Option<String>, DlqError> {
         check_queue_url(url)?;
         self.calls.count("GetQueueAttributes");
         let out = self
             .sqs
             .get_queue_attributes()
             .queue_url(url)
-            .attribute_names(QueueAttributeName::QueueArn)
+            .attribute_names(name.clone())
             .send()
             .await
             .map_err(|e| map_err("sqs:GetQueueAttributes", url, "queue", &e))?;
-        out.attributes()
-            .and_then(|a| a.get(&QueueAttributeName::QueueArn))
-            .cloned()
+        Ok(out.attributes().and_then(|a| a.get(&name)).cloned())
+    }
+
+    async fn queue_arn(&self, url: &str) -> Result<String, DlqError> {
+        self.queue_attribute(url, QueueAttributeName::QueueArn)
+            .await?
             .ok_or_else(|| DlqError::Rejected {
                 operation: "sqs:GetQueueAttributes".into(),
                 resource: url.to_owned(),
@@ -539,25 +547,15 @@ impl DlqBroker for SqsDlq {
     }
 
     async fn redrives_to(&self, queue: &str) -> Result<Option<String>, DlqError> {
-        check_queue_url(queue)?;
-        self.calls.count("GetQueueAttributes");
-        let out = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(queue)
-            .attribute_names(QueueAttributeName::RedrivePolicy)
-            .send()
-            .await
-            .map_err(|e| map_err("sqs:GetQueueAttributes", queue, "queue", &e))?;
-        let policy = out
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+        let policy = self
+            .queue_attribute(queue, QueueAttributeName::RedrivePolicy)
+            .await?
             .filter(|p| !p.trim().is_empty());
         Ok(policy.map(|p| {
-            serde_json::from_str::<serde_json::Value>(p)
+            serde_json::from_str::<serde_json::Value>(&p)
                 .ok()
                 .and_then(|v| v["deadLetterTargetArn"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| p.clone())
+                .unwrap_or(p)
         }))
     }
 
