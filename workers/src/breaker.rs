@@ -223,10 +223,14 @@ impl CircuitBreaker {
     }
 
     fn open(&self, inner: &mut Inner) {
+        // An opening is a closed breaker opening: a failed probe keeps it open (one outage
+        // is one opening, however many probes it takes).
+        if inner.state == BreakerState::Closed {
+            self.metrics.add_breaker_opened(1);
+        }
         inner.state = BreakerState::Open;
         inner.open_until = Instant::now() + inner.cooldown;
         self.metrics.set_breaker_state(BreakerState::Open);
-        self.metrics.add_breaker_opened(1);
         warn!(
             failures = inner.failures,
             cooldown_ms = inner.cooldown.as_millis(),

@@ -225,6 +225,12 @@ impl SqsHandler {
                     store_down = prepared.len() >= 2 || !self.store_answers(deadline).await;
                 }
                 whole => {
+                    // A batch refused by the store is written delivery by delivery by the
+                    // core: what it stored before failing is counted now, and found again
+                    // (as duplicates) by the writes below.
+                    if let Written::Outcome(outcome) = &whole {
+                        self.count_written(outcome);
+                    }
                     if matches!(whole, Written::Panicked) {
                         warn!("Panic while writing the batch; writing records one by one");
                     } else {

@@ -380,6 +380,9 @@ async fn process(ctx: &Ctx, batch: Batch) {
         .collect();
     let events = batch.events;
     let _in_flight = ctx.metrics.batch_in_flight();
+    // Once per batch, however many outcomes its deliveries end up with (after a panic each
+    // is written alone).
+    ctx.metrics.add_batches(1);
     ctx.metrics.add_events_valid(events as u64);
     let stop = CancellationToken::new();
     let beat = tokio::spawn(heartbeat(
@@ -401,9 +404,11 @@ async fn process(ctx: &Ctx, batch: Batch) {
     let started = Instant::now();
     let write = core::write_prepared(batch.prepared, ctx.sink.as_ref(), &ctx.config.core);
     let written = AssertUnwindSafe(write).catch_unwind().await;
+    // "Written" when the store took the batch's writes: not when it refused them all, nor
+    // for a batch with nothing to write (undecodable messages only).
     ctx.metrics.observe_batch_write(
         started.elapsed(),
-        matches!(&written, Ok(o) if o.sink_error.is_none()),
+        matches!(&written, Ok(o) if o.sink_health == core::SinkHealth::Healthy),
     );
     let (outcomes, panicked) = match (written, spare) {
         (Ok(outcome), _) => (vec![outcome], Vec::new()),
@@ -469,7 +474,6 @@ async fn write_alone(
 /// alone once its batch is a redelivery.
 async fn retry_after_panic(ctx: &Ctx, panicked: Vec<(DeliveryId, u32)>) {
     let m = &ctx.metrics;
-    m.add_batches(1);
     let retries: Vec<(DeliveryId, Duration)> = panicked
         .into_iter()
         .map(|(id, n)| (id, ctx.config.core.retry_delay(n)))
@@ -512,7 +516,6 @@ async fn heartbeat(
 
 async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
     let m = &ctx.metrics;
-    m.add_batches(1);
     m.add_written(outcome.written.inserted as u64);
     m.add_duplicates(outcome.written.duplicates as u64);
 

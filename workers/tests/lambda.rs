@@ -532,3 +532,23 @@ async fn a_dlq_or_requeue_that_hangs_is_given_up_before_the_deadline() {
     );
     assert_eq!(failures(&resp).len(), 9, "every held record reported");
 }
+
+/// The whole-batch write is refused for one event's data, so the core writes record by
+/// record: it stores 23 events, and record 5 fails transiently. The handler then writes one
+/// by one, finding those 23 stored: they must count as written once, not as duplicates only.
+#[tokio::test]
+async fn events_stored_before_a_transient_failure_count_as_written() {
+    let (event, evs) = batch();
+    let sink = TestSink::new();
+    sink.reject.lock().unwrap().insert(evs[0][0].event_id);
+    sink.transient_for
+        .lock()
+        .unwrap()
+        .insert(evs[5][0].event_id);
+    let h = handler(sink.clone(), Some(Arc::new(TestDlq::default())));
+    let resp = h.handle(event, in_a_minute()).await.unwrap();
+    assert_eq!(failures(&resp), ["m-5"]);
+    assert_eq!(sink.stored(), 23);
+    let m = h.metrics().snapshot();
+    assert_eq!(m.written, 23, "{m:?}");
+}
