@@ -148,6 +148,34 @@ async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_n
     let everything = read(&bootstrap, TOPIC, 200).await;
     let ids: BTreeSet<String> = everything.iter().map(|m| event_id(&m.payload)).collect();
     assert_eq!(ids.len(), 200, "each letter on the main topic once");
+
+    // `spillway stats` counts what is left to replay, as `spillway dlq stats` does; the topic
+    // still keeps the 200 letters.
+    let data_dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tests::dev_process::spillway_bin().unwrap())
+        .args([
+            "stats",
+            "--json",
+            "--broker",
+            "kafka",
+            "--kafka-bootstrap-servers",
+        ])
+        .arg(&bootstrap)
+        .args(["--kafka-replay-group", "replay", "--data-dir"])
+        .arg(data_dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&stats["dlq_depth"], &stats["dlq_letters"]),
+        (&json!(0), &json!(200)),
+        "{stats}"
+    );
 }
 
 /// A letter whose payload is not UTF-8 (a producer's Latin-1, say) can only be read lossily;
