@@ -205,10 +205,10 @@ impl Poller {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
         let sink: Arc<dyn Sink> = match config.max_events_per_sec {
-            Some(rate) => Arc::new(CappedSink::new(
-                sink,
-                Arc::new(WriteCap::new(rate, config.burst_events)),
-            )),
+            Some(rate) => Arc::new(
+                CappedSink::new(sink, Arc::new(WriteCap::new(rate, config.burst_events)))
+                    .counting(Arc::clone(&metrics)),
+            ),
             None => sink,
         };
         Ok(Self {

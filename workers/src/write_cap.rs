@@ -7,6 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use shared::metrics::Exposition;
 use shared::{AdEvent, Sink, SinkError, WriteReport};
+
+use crate::metrics::Metrics;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -84,12 +86,25 @@ impl WriteCap {
 pub struct CappedSink {
     inner: Arc<dyn Sink>,
     cap: Arc<WriteCap>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl CappedSink {
     /// Caps writes to `inner` with `cap`.
     pub fn new(inner: Arc<dyn Sink>, cap: Arc<WriteCap>) -> Self {
-        Self { inner, cap }
+        Self {
+            inner,
+            cap,
+            metrics: None,
+        }
+    }
+
+    /// Counts in `metrics` what the chunks before a failed one stored: the failed write's
+    /// report is lost with its error, and the retry finds those events as duplicates.
+    #[must_use]
+    pub fn counting(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -102,9 +117,19 @@ impl Sink for CappedSink {
         let mut report = WriteReport::default();
         for chunk in events.chunks(self.cap.max_chunk()) {
             self.cap.acquire(chunk.len()).await;
-            let r = self.inner.write(chunk).await?;
-            report.inserted += r.inserted;
-            report.duplicates += r.duplicates;
+            match self.inner.write(chunk).await {
+                Ok(r) => {
+                    report.inserted += r.inserted;
+                    report.duplicates += r.duplicates;
+                }
+                Err(e) => {
+                    if let Some(m) = &self.metrics {
+                        m.add_written(report.inserted as u64);
+                        m.add_duplicates(report.duplicates as u64);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(report)
     }
@@ -182,6 +207,57 @@ mod tests {
                 .sum();
             assert!(in_second <= 105, "{in_second} events in one second");
         }
+    }
+
+    /// Fails every write after the first `ok` ones.
+    #[derive(Debug)]
+    struct FailsAfter(std::sync::atomic::AtomicUsize);
+
+    #[async_trait]
+    impl Sink for FailsAfter {
+        async fn write(&self, events: &[AdEvent]) -> Result<WriteReport, SinkError> {
+            let left = self.0.load(std::sync::atomic::Ordering::SeqCst);
+            if left == 0 {
+                return Err(SinkError::Unavailable {
+                    store: "test".into(),
+                    message: "gone".into(),
+                });
+            }
+            self.0.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            Ok(WriteReport {
+                inserted: events.len(),
+                duplicates: 0,
+            })
+        }
+
+        async fn ping(&self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_the_chunks_before_a_failed_one_stored_is_counted_as_written() {
+        let metrics = Arc::new(Metrics::new());
+        let inner = Arc::new(FailsAfter(std::sync::atomic::AtomicUsize::new(2)));
+        let sink = CappedSink::new(inner, Arc::new(WriteCap::new(1_000, 5)))
+            .counting(Arc::clone(&metrics));
+        let mut g = shared::synthetic::SyntheticEvents::new(2, 1);
+        let events: Vec<AdEvent> = (0..12)
+            .map(|_| {
+                AdEvent::from_json(
+                    g.event(),
+                    &shared::ValidationPolicy::default(),
+                    &shared::SystemClock,
+                )
+                .unwrap()
+            })
+            .collect();
+        assert!(sink.write(&events).await.is_err());
+        assert_eq!(
+            metrics.snapshot().written,
+            10,
+            "two chunks of 5 were stored"
+        );
     }
 
     #[tokio::test(start_paused = true)]
