@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use ingest_api::auth::{AdvertiserScope, ApiKey, ApiKeys};
 use ingest_api::settings::IngestSettings;
-use ingest_api::{serve_router, AppState};
+use ingest_api::{serve_with_limits, AppState};
 use rand::Rng;
 use shared::settings::{
     run_with_grace, stop_token, BrokerSettings, ShutdownSettings, SinkSettings,
@@ -107,7 +107,13 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     let workers = tokio::spawn(poller.run(stop_workers.clone()));
     let drained = run_with_grace(
         async {
-            let served = serve_router(listener, router, stop.clone().cancelled_owned()).await;
+            let served = serve_with_limits(
+                listener,
+                router,
+                stop.clone().cancelled_owned(),
+                args.ingest.connection_limits(),
+            )
+            .await;
             info!("HTTP stopped; draining the workers");
             stop_workers.cancel();
             workers.await.context("worker task")?;

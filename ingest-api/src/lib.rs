@@ -20,6 +20,7 @@ pub mod error;
 pub mod ingest;
 pub mod metrics;
 pub mod rate_limit;
+pub mod server;
 pub mod settings;
 
 use std::future::Future;
@@ -174,10 +175,10 @@ pub async fn serve_router(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with_limits(listener, router, shutdown, ConnectionLimits::default()).await
 }
+
+pub use server::{serve_with_limits, ConnectionLimits};
 
 pub use shared::settings::shutdown_signal;
 

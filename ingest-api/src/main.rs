@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use ingest_api::settings::IngestSettings;
-use ingest_api::{serve, AppState};
+use ingest_api::{serve_with_limits, AppState};
 use shared::lambda_init::{is_lambda, report_init_error};
 use shared::publisher::MemoryPublisher;
 use shared::settings::{
@@ -113,7 +113,12 @@ async fn server_main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cli.ingest.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "Ingest API listening");
     let served = run_with_grace(
-        serve(listener, state, stop.clone().cancelled_owned()),
+        serve_with_limits(
+            listener,
+            ingest_api::router(state),
+            stop.clone().cancelled_owned(),
+            cli.ingest.connection_limits(),
+        ),
         stop.cancelled(),
         cli.shutdown.grace(),
         "requests in flight",

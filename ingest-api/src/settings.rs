@@ -20,6 +20,16 @@ pub struct IngestSettings {
     #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Longest wait, in seconds, for a request's headers (also how long an idle keep-alive
+    /// connection stays open) and for its body: a slower client is disconnected (headers) or
+    /// answered 400 (body), so slow or idle clients cannot hold connections forever.
+    #[arg(long, env = "SPILLWAY_CLIENT_TIMEOUT_SECS", default_value_t = 30)]
+    pub client_timeout_secs: u64,
+
+    /// Most client connections open at once; more wait in the listen backlog.
+    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+
     /// File with API keys: a JSON array of {"sha256": hex, "tenant": name, "advertisers": [ids] | "*"}.
     #[arg(long, env = "SPILLWAY_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
@@ -116,6 +126,16 @@ impl IngestSettings {
             config.envelope.key_buckets = shared::envelope::DEFAULT_KEY_BUCKETS;
         }
         config
+    }
+
+    /// The limits on client connections (at least 1 s and 1 connection).
+    pub fn connection_limits(&self) -> crate::ConnectionLimits {
+        let timeout = Duration::from_secs(self.client_timeout_secs.max(1));
+        crate::ConnectionLimits {
+            header_read_timeout: timeout,
+            body_read_timeout: timeout,
+            max_connections: self.max_connections.max(1),
+        }
     }
 
     /// The runtime configuration these settings describe.
