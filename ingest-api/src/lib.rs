@@ -276,6 +276,9 @@ async fn ingest_request(
         accepted: prepared.accepted,
         rejected: prepared.rejected,
     };
+    // Rejected items cost tokens too: validating them is work, and a key must not be able to
+    // send invalid events without limit.
+    inner.limiter.charge(key_index, report.rejected.len());
     if prepared.accepted == 0 {
         inner.metrics.count_events(0, report.rejected.len());
         let status = if prepared.all_forbidden {

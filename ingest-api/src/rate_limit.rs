@@ -72,6 +72,18 @@ impl RateLimiter {
         })
     }
 
+    /// Charges key `key` for `n` items it sent that were rejected: not refused (they are
+    /// answered already), but the bucket may go into debt, so a key that floods invalid
+    /// events is turned away (`check`) like one that floods valid ones.
+    pub fn charge(&self, key: usize, n: usize) {
+        #[allow(clippy::cast_precision_loss)]
+        let n = n as f64;
+        let _ = self.with_bucket(key, Instant::now(), |b| {
+            b.tokens -= n;
+            Ok(())
+        });
+    }
+
     fn check_at(&self, key: usize, now: Instant) -> Result<(), Duration> {
         self.with_bucket(key, now, |b| {
             if b.tokens >= 1.0 {

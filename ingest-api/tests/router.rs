@@ -413,6 +413,28 @@ async fn an_exhausted_key_is_429_with_retry_after() {
     assert_eq!(h.publisher.event_count(), 2);
 }
 
+/// Invalid events cost tokens too: a key flooding events that are all rejected is turned
+/// away like one flooding valid events (it used to be answered 400 without limit).
+#[tokio::test]
+async fn rejected_events_are_charged_so_a_flood_of_invalid_ones_is_rate_limited() {
+    let h = harness_with(IngestConfig {
+        rate_limit_eps: 2,
+        rate_limit_burst: 2,
+        ..Default::default()
+    });
+    let invalid: Vec<Value> = (0..5).map(|_| json!({"event_id": "nope"})).collect();
+    assert_eq!(
+        send_json(&h, &json!(invalid)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    // The 5 rejected events left the 2-token bucket in debt.
+    assert_eq!(
+        send_json(&h, &event(1)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(h.publisher.event_count(), 0);
+}
+
 #[tokio::test]
 async fn a_request_larger_than_the_burst_passes_once_and_pays_for_every_event() {
     let h = harness_with(IngestConfig {

@@ -1011,6 +1011,23 @@ impl TryFrom<RawEvent<'_>> for AdEvent {
     }
 }
 
+/// Unknown fields reported by name per event; the rest are counted in one more error.
+const MAX_UNKNOWN_REPORTED: usize = 10;
+/// Bytes of an unknown key quoted in its error (cut on a character boundary).
+const MAX_KEY_SHOWN: usize = 64;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn validate_fields(
     fields: &Fields<'_>,
     policy: &ValidationPolicy,
@@ -1026,11 +1043,22 @@ fn validate_fields(
         let mut unknown: Vec<&str> = fields.unknown.iter().map(AsRef::as_ref).collect();
         unknown.sort_unstable();
         unknown.dedup();
-        for key in unknown {
+        // Bounded, so that an event of a thousand long unknown keys does not make an answer
+        // many times the size of its request.
+        let more = unknown.len().saturating_sub(MAX_UNKNOWN_REPORTED);
+        for key in unknown.into_iter().take(MAX_UNKNOWN_REPORTED) {
+            let shown = clip(key, MAX_KEY_SHOWN);
             check.errors.push(FieldError::new(
-                &format!("/{}", escape_pointer(key)),
+                &format!("/{}", escape_pointer(shown)),
                 ErrorCode::UnknownField,
-                format!("{key:?} is not a field of an ad event"),
+                format!("{shown:?} is not a field of an ad event"),
+            ));
+        }
+        if more > 0 {
+            check.errors.push(FieldError::new(
+                "",
+                ErrorCode::UnknownField,
+                format!("and {more} more unknown fields"),
             ));
         }
     }
@@ -1385,6 +1413,20 @@ mod tests {
         assert!(errs.contains(&("/event_id".into(), ErrorCode::InvalidUuid)));
         assert!(errs.contains(&("/country".into(), ErrorCode::InvalidCountry)));
         assert!(errs.contains(&("/extra".into(), ErrorCode::UnknownField)));
+    }
+
+    #[test]
+    fn unknown_fields_are_reported_by_name_ten_at_most_and_their_names_clipped() {
+        let mut v = valid();
+        for i in 0..1_000 {
+            v[format!("{i:04}{}", "k".repeat(1_000))] = json!(0);
+        }
+        let errs = AdEvent::from_json(v, &ValidationPolicy::default(), &clock()).unwrap_err();
+        assert_eq!(errs.len(), 11, "{errs:?}");
+        assert!(errs[..10].iter().all(|e| e.field.len() <= 65));
+        assert_eq!(errs[10].message, "and 990 more unknown fields");
+        let bytes: usize = errs.iter().map(|e| e.field.len() + e.message.len()).sum();
+        assert!(bytes < 2_000, "{bytes} bytes of errors");
     }
 
     #[test]
