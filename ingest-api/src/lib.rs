@@ -102,7 +102,14 @@ struct Inner {
     limiter: RateLimiter,
     clock: Arc<dyn Clock>,
     metrics: Arc<IngestMetrics>,
+    /// The last readiness check: when, and whether the publisher was ready.
+    readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>,
 }
+
+/// How long a readiness answer is reused: `/readyz` is unauthenticated, and each check is a
+/// broker call (SNS `GetTopicAttributes`, Kafka metadata), so a flood of it must not become a
+/// flood of broker calls (SNS would throttle the account, and the check would fail).
+const READINESS_FOR: Duration = Duration::from_secs(2);
 
 impl AppState {
     /// State with the system clock.
@@ -126,6 +133,7 @@ impl AppState {
             config,
             clock,
             metrics: Arc::new(IngestMetrics::new()),
+            readiness: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -187,16 +195,32 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.0.publisher.ready().await {
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
-        Err(e) => {
-            warn!(error = %e, "Publisher not ready");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable"})),
-            )
-                .into_response()
+    // One check at a time, its answer reused for READINESS_FOR by every caller.
+    let ready = {
+        let mut last = state.0.readiness.lock().await;
+        match *last {
+            Some((at, ready)) if at.elapsed() < READINESS_FOR => ready,
+            _ => {
+                let ready = match state.0.publisher.ready().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(error = %e, "Publisher not ready");
+                        false
+                    }
+                };
+                *last = Some((tokio::time::Instant::now(), ready));
+                ready
+            }
         }
+    };
+    if ready {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable"})),
+        )
+            .into_response()
     }
 }
 

@@ -492,6 +492,9 @@ async fn health_and_readiness_follow_the_publisher() {
     assert_eq!(send(&h, get("/healthz")).await.0, StatusCode::OK);
     assert_eq!(send(&h, get("/readyz")).await.0, StatusCode::OK);
     h.publisher.set_fail_always(true);
+    // A readiness answer is reused for 2 s.
+    assert_eq!(send(&h, get("/readyz")).await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     assert_eq!(
         send(&h, get("/readyz")).await.0,
         StatusCode::SERVICE_UNAVAILABLE
@@ -581,5 +584,56 @@ async fn metrics_count_answers_events_and_publish_retries() {
     assert_eq!(
         v(r#"spillway_ingest_publish_seconds_bucket{le="+Inf"}"#),
         3.0
+    );
+}
+
+/// Counts readiness checks; each takes 50 ms, as a broker call would.
+#[derive(Debug, Default)]
+struct CountingPublisher {
+    ready_calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl shared::Publisher for CountingPublisher {
+    async fn publish(
+        &self,
+        envelopes: &[shared::Envelope],
+    ) -> Result<shared::publisher::PublishReport, shared::publisher::PublishError> {
+        Ok(shared::publisher::PublishReport {
+            messages: envelopes.len(),
+            events: envelopes.iter().map(|e| e.event_count).sum(),
+            calls: 1,
+        })
+    }
+
+    async fn ready(&self) -> Result<(), shared::publisher::PublishError> {
+        self.ready_calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
+    }
+}
+
+/// `/readyz` is unauthenticated: a flood of it must not become a flood of broker calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_readiness_checks_makes_one_broker_call() {
+    let publisher = Arc::new(CountingPublisher::default());
+    let app = router(AppState::new(
+        publisher.clone(),
+        ApiKeys::new(Vec::new()),
+        IngestConfig::default(),
+    ));
+    let calls = (0..50).map(|_| {
+        app.clone()
+            .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+    });
+    for resp in futures::future::join_all(calls).await {
+        assert_eq!(resp.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        publisher
+            .ready_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
     );
 }
