@@ -110,34 +110,74 @@ impl fmt::Debug for PostgresConfig {
     }
 }
 
-/// Hides the password of a `scheme://user:password@host` URL, for logs and `Debug`.
+/// Hides the passwords of a connection string, for logs and `Debug`: the userinfo of a
+/// `scheme://user:password@host` URL, and every `password` parameter, as a URL query
+/// (`?password=…`) or a key-value pair (`password=…`, `password = …`, `password='a b'`).
 fn redact_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        // key=value form: drop the password pair's value.
-        return url
-            .split_whitespace()
-            .map(|kv| {
-                if kv.starts_with("password=") {
-                    "password=***"
-                } else {
-                    kv
+    let userinfo_hidden = match url.find("://").map(|i| i + 3) {
+        Some(scheme_end) => {
+            let rest = &url[scheme_end..];
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            match (rest[..authority_end].rfind('@'), rest.find(':')) {
+                (Some(at), Some(colon)) if colon < at => {
+                    format!(
+                        "{}{}:***{}",
+                        &url[..scheme_end],
+                        &rest[..colon],
+                        &rest[at..]
+                    )
                 }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    };
-    let rest = &url[scheme_end..];
-    match (rest.find('@'), rest.find(':')) {
-        (Some(at), Some(colon)) if colon < at => {
-            format!(
-                "{}{}:***{}",
-                &url[..scheme_end],
-                &rest[..colon],
-                &rest[at..]
-            )
+                _ => url.to_owned(),
+            }
         }
-        _ => url.to_owned(),
+        None => url.to_owned(),
+    };
+    redact_password_params(&userinfo_hidden)
+}
+
+/// Replaces the value of every `password` parameter with `***`.
+fn redact_password_params(s: &str) -> String {
+    // ASCII lower-casing keeps byte offsets, so positions found in `lower` index `s`.
+    let lower = s.to_ascii_lowercase();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while let Some(found) = lower[i..].find("password") {
+        let name_end = i + found + "password".len();
+        let after_name = &s[name_end..];
+        let Some(after_eq) = after_name.trim_start().strip_prefix('=') else {
+            out.push_str(&s[i..name_end]);
+            i = name_end;
+            continue;
+        };
+        let value_start = s.len() - after_eq.trim_start().len();
+        let value = &s[value_start..];
+        let value_len = match value.strip_prefix('\'') {
+            // A quoted value: up to the closing quote (`\'` escapes one).
+            Some(quoted) => {
+                let mut end = None;
+                let mut escaped = false;
+                for (k, c) in quoted.char_indices() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '\'' if !escaped => {
+                            end = Some(k + 2);
+                            break;
+                        }
+                        _ => escaped = false,
+                    }
+                }
+                end.unwrap_or(value.len())
+            }
+            None => value
+                .find(|c: char| c.is_whitespace() || c == '&')
+                .unwrap_or(value.len()),
+        };
+        out.push_str(&s[i..value_start]);
+        out.push_str("***");
+        i = value_start + value_len;
     }
+    out.push_str(&s[i..]);
+    out
 }
 
 /// Why the PostgreSQL store could not be set up or migrated.
@@ -1161,6 +1201,30 @@ mod tests {
             redact_password("postgres://app@db/x"),
             "postgres://app@db/x"
         );
+        for (url, shown) in [
+            (
+                "postgres://u@db/x?password=s3cret&sslmode=disable",
+                "postgres://u@db/x?password=***&sslmode=disable",
+            ),
+            (
+                "host=db password = s3cret user=app",
+                "host=db password = *** user=app",
+            ),
+            (
+                "host=db password='s3 cret' user=app",
+                "host=db password=*** user=app",
+            ),
+            (
+                "host=db password='it\\'s s3cret' user=app",
+                "host=db password=*** user=app",
+            ),
+            (
+                "postgres://u:s3cret@db/x?password=s3cret",
+                "postgres://u:***@db/x?password=***",
+            ),
+        ] {
+            assert_eq!(redact_password(url), shown, "{url}");
+        }
     }
 
     #[test]
