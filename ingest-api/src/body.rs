@@ -158,7 +158,7 @@ pub fn split_items<'a>(
     limits: &Limits,
 ) -> Result<Vec<RawItem<'a>>, ApiError> {
     let items = match format {
-        BodyFormat::Json => split_json(body)?,
+        BodyFormat::Json => split_json(body, limits.max_events)?,
         BodyFormat::Ndjson => split_ndjson(body, limits.max_events)?,
     };
     if items.is_empty() {
@@ -190,7 +190,44 @@ pub fn split_items<'a>(
         .collect())
 }
 
-fn split_json(body: &[u8]) -> Result<Vec<RawItem<'_>>, ApiError> {
+/// The error a [`BoundedArray`] stops with, told apart from a syntax error by its text.
+const TOO_MANY_EVENTS: &str = "spillway: more events than allowed";
+
+/// A JSON array of at most `max` items, refused at item `max + 1` instead of collected
+/// whole: `[0,0,0,…]` decompressed to 4 MiB is two million items, 32 MB of slices, before
+/// a count check after the fact could refuse it.
+struct BoundedArray {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedArray {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedArray {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an array of at most {} events", self.max)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
+        while let Some(item) = seq.next_element::<&RawValue>()? {
+            if items.len() == self.max {
+                return Err(serde::de::Error::custom(TOO_MANY_EVENTS));
+            }
+            items.push(item);
+        }
+        Ok(items)
+    }
+}
+
+fn split_json(body: &[u8], max_events: usize) -> Result<Vec<RawItem<'_>>, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::BadBody(format!(
             "the body is not valid UTF-8 (at byte {})",
@@ -201,7 +238,21 @@ fn split_json(body: &[u8]) -> Result<Vec<RawItem<'_>>, ApiError> {
     let bad_json =
         |e: serde_json::Error| ApiError::BadBody(format!("the body is not valid JSON: {e}"));
     if first == Some(b'[') {
-        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(bad_json)?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let items = serde::de::DeserializeSeed::deserialize(
+            BoundedArray { max: max_events },
+            &mut de,
+        )
+        .and_then(|items| de.end().map(|()| items))
+        .map_err(|e| {
+            if e.to_string().contains(TOO_MANY_EVENTS) {
+                ApiError::PayloadTooLarge(format!(
+                    "more than {max_events} events in one request; at most {max_events} allowed"
+                ))
+            } else {
+                bad_json(e)
+            }
+        })?;
         Ok(items.into_iter().map(RawItem::Json).collect())
     } else {
         let item: &RawValue = serde_json::from_str(text).map_err(bad_json)?;
@@ -246,6 +297,26 @@ fn split_ndjson(body: &[u8], max_events: usize) -> Result<Vec<RawItem<'_>>, ApiE
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_array_past_max_events_is_refused_at_the_first_item_too_many() {
+        let limits = Limits {
+            max_events: 1_000,
+            ..Limits::default()
+        };
+        let zeros = |n: usize| format!("[{}]", vec!["0"; n].join(","));
+        let thousand = zeros(1_000);
+        let ok = split_items(thousand.as_bytes(), BodyFormat::Json, &limits).unwrap();
+        assert_eq!(ok.len(), 1_000);
+        for n in [1_001, 2_000_000] {
+            let body = zeros(n);
+            let err = split_items(body.as_bytes(), BodyFormat::Json, &limits).unwrap_err();
+            assert!(matches!(err, ApiError::PayloadTooLarge(_)), "{n}: {err:?}");
+        }
+        // A syntax error after the last allowed item is still a syntax error.
+        let err = split_items(b"[0,0", BodyFormat::Json, &limits).unwrap_err();
+        assert!(matches!(err, ApiError::BadBody(_)), "{err:?}");
+    }
+
     use std::io::Write;
 
     use super::*;
