@@ -239,20 +239,18 @@ fn split_json(body: &[u8], max_events: usize) -> Result<Vec<RawItem<'_>>, ApiErr
         |e: serde_json::Error| ApiError::BadBody(format!("the body is not valid JSON: {e}"));
     if first == Some(b'[') {
         let mut de = serde_json::Deserializer::from_str(text);
-        let items = serde::de::DeserializeSeed::deserialize(
-            BoundedArray { max: max_events },
-            &mut de,
-        )
-        .and_then(|items| de.end().map(|()| items))
-        .map_err(|e| {
-            if e.to_string().contains(TOO_MANY_EVENTS) {
-                ApiError::PayloadTooLarge(format!(
+        let items =
+            serde::de::DeserializeSeed::deserialize(BoundedArray { max: max_events }, &mut de)
+                .and_then(|items| de.end().map(|()| items))
+                .map_err(|e| {
+                    if e.to_string().contains(TOO_MANY_EVENTS) {
+                        ApiError::PayloadTooLarge(format!(
                     "more than {max_events} events in one request; at most {max_events} allowed"
                 ))
-            } else {
-                bad_json(e)
-            }
-        })?;
+                    } else {
+                        bad_json(e)
+                    }
+                })?;
         Ok(items.into_iter().map(RawItem::Json).collect())
     } else {
         let item: &RawValue = serde_json::from_str(text).map_err(bad_json)?;

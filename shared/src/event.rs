@@ -1016,18 +1016,6 @@ const MAX_UNKNOWN_REPORTED: usize = 10;
 /// Bytes of an unknown key quoted in its error (cut on a character boundary).
 const MAX_KEY_SHOWN: usize = 64;
 
-/// `s` cut to at most `max` bytes on a character boundary.
-fn clip(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 fn validate_fields(
     fields: &Fields<'_>,
     policy: &ValidationPolicy,
@@ -1047,7 +1035,7 @@ fn validate_fields(
         // many times the size of its request.
         let more = unknown.len().saturating_sub(MAX_UNKNOWN_REPORTED);
         for key in unknown.into_iter().take(MAX_UNKNOWN_REPORTED) {
-            let shown = clip(key, MAX_KEY_SHOWN);
+            let shown = crate::clip(key, MAX_KEY_SHOWN);
             check.errors.push(FieldError::new(
                 &format!("/{}", escape_pointer(shown)),
                 ErrorCode::UnknownField,

@@ -64,3 +64,15 @@ pub use source::{
     SourceError,
 };
 pub use sqlite_sink::SqliteSink;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub(crate) fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

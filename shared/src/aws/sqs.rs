@@ -336,17 +336,6 @@ fn string_attr(value: &str) -> Result<MessageAttributeValue, SourceError> {
         })
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 #[async_trait]
 impl Source for SqsSource {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError> {
@@ -567,7 +556,7 @@ fn letter_attributes(letter: &DeadLetter) -> Vec<(&str, &str)> {
         (ATTR_ERROR_CODE, letter.reason.code.as_str()),
         (
             ATTR_ERROR_MESSAGE,
-            truncate(&letter.reason.message, MAX_REASON_BYTES),
+            crate::clip(&letter.reason.message, MAX_REASON_BYTES),
         ),
     ];
     let mut own: Vec<(&str, &str)> = letter

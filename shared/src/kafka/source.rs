@@ -401,17 +401,6 @@ fn parse_id(id: &DeliveryId) -> Option<(i32, i64, u64)> {
     Some((p, o, g))
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 impl KafkaSource {
     /// Joins the consumer group and subscribes to the topic. Must run inside a tokio runtime.
     ///
@@ -769,7 +758,7 @@ impl Source for KafkaSource {
                 (ATTR_ERROR_CODE, letter.reason.code.as_str()),
                 (
                     ATTR_ERROR_MESSAGE,
-                    truncate(&letter.reason.message, MAX_REASON_BYTES),
+                    crate::clip(&letter.reason.message, MAX_REASON_BYTES),
                 ),
                 (HEADER_ORIGINAL_TOPIC, self.shared.topic.as_str()),
                 (HEADER_ORIGINAL_PARTITION, partition_s.as_str()),
@@ -867,8 +856,8 @@ mod tests {
     #[test]
     fn a_long_reason_is_cut_on_a_character_boundary() {
         let s = "é".repeat(10);
-        assert_eq!(truncate(&s, 5), "éé");
-        assert_eq!(truncate("short", 100), "short");
+        assert_eq!(crate::clip(&s, 5), "éé");
+        assert_eq!(crate::clip("short", 100), "short");
     }
 
     fn partition(json: &str) -> LagPartition {
