@@ -104,7 +104,9 @@ pub async fn serve_with_limits(
             tokio::pin!(conn);
             // hyper's header timer starts with a request's first byte: a connection that
             // sends nothing (at first, or between keep-alive requests) is closed here.
-            let mut check = tokio::time::interval(limits.header_read_timeout / 4);
+            let mut check = tokio::time::interval(
+                (limits.header_read_timeout / 4).max(Duration::from_millis(10)),
+            );
             let mut closing = false;
             loop {
                 tokio::select! {

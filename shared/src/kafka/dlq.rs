@@ -328,7 +328,12 @@ impl KafkaDlq {
         let producer = ProducerConfig::new(client.clone(), "-")
             .client_config()
             .create_with_context(TracingContext)
-            .map_err(|e| DlqError::Invalid(format!("Kafka producer configuration: {e}")))?;
+            .map_err(|e| {
+                DlqError::Invalid(format!(
+                    "Kafka producer configuration: {}",
+                    super::config_error(&e)
+                ))
+            })?;
         Ok(Self {
             client,
             group: group.into(),
@@ -368,7 +373,7 @@ impl KafkaDlq {
             _ => DlqError::Unreachable {
                 operation: operation.to_owned(),
                 resource: resource.to_owned(),
-                detail: e.to_string(),
+                detail: super::config_error(e),
             },
         }
     }

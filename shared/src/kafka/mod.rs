@@ -180,6 +180,23 @@ pub(crate) fn not_text(payload: &[u8]) -> Option<String> {
     })
 }
 
+/// A librdkafka error, with the value of a refused configuration property hidden: it may
+/// be a key or a password (`ssl.key.pem`, `sasl.password`), and librdkafka's own message
+/// quotes it.
+pub(crate) fn config_error(e: &rdkafka::error::KafkaError) -> String {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, description, key, value) => {
+            let description = if value.is_empty() {
+                description.clone()
+            } else {
+                description.replace(value.as_str(), "***")
+            };
+            format!("librdkafka refused the setting {key:?} (value hidden): {description}")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Milliseconds of a duration as librdkafka wants them (a decimal string).
 pub(crate) fn millis(d: Duration) -> String {
     d.as_millis().to_string()

@@ -118,7 +118,7 @@ impl KafkaPublisher {
             .create_with_context(TracingContext)
             .map_err(|e| PublishError::Rejected {
                 destination: config.topic.clone(),
-                message: format!("producer configuration: {e}"),
+                message: format!("producer configuration: {}", super::config_error(&e)),
             })?;
         Ok(Self {
             producer,
@@ -243,6 +243,24 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    /// librdkafka quotes a refused value in its error; it may be a key or a password.
+    #[test]
+    fn a_refused_setting_is_named_without_its_value() {
+        let mut refused = 0;
+        for (key, value) in [("acks", "s3cret-value"), ("sasl.password", "s3cret-value")] {
+            let mut client = KafkaClientConfig::new("127.0.0.1:1");
+            client.extra.insert(key.into(), value.into());
+            let Err(err) = KafkaPublisher::new(&ProducerConfig::new(client, "t")) else {
+                continue; // librdkafka took this one
+            };
+            refused += 1;
+            let err = err.to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.contains("value hidden") && err.contains(key), "{err}");
+        }
+        assert!(refused >= 1, "an invalid acks value must be refused");
+    }
 
     fn envelope(attrs: &[(&str, &str)]) -> Envelope {
         Envelope {

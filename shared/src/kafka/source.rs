@@ -409,7 +409,7 @@ impl KafkaSource {
     pub fn new(config: &ConsumerConfig) -> Result<Self, SourceError> {
         let rejected = |what: &str, e: &KafkaError| SourceError::Rejected {
             queue: config.topic.clone(),
-            message: format!("{what}: {e}"),
+            message: format!("{what}: {}", super::config_error(e)),
         };
         let shared = Arc::new(Shared {
             topic: config.topic.clone(),
