@@ -99,7 +99,12 @@ pub async fn spawn_ingest(
     }));
     Ok(TestApp {
         addr,
-        client: reqwest::Client::new(),
+        // A fresh connection per request: a request the server answers before reading its
+        // body (413 over the wire limit) ends with the server closing the connection, and a
+        // pooled client could send the next request on it as it closes (`IncompleteMessage`).
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()?,
         stop: Some(stop),
         server,
     })
