@@ -129,17 +129,21 @@ pub fn prepare(
             });
             continue;
         }
-        let p = PackedEvent::new(&event);
-        if let Err(e) = cx.packer.check_fits(&p) {
-            let err = FieldError::new("", ErrorCode::TooLarge, e.to_string());
-            rejected.push(Rejection {
+        // Validation leaves nothing that cannot be written; refused rather than sent empty.
+        let sendable = PackedEvent::new(&event)
+            .map_err(|e| FieldError::new("", ErrorCode::InvalidValue, e.to_string()))
+            .and_then(|p| match cx.packer.check_fits(&p) {
+                Ok(()) => Ok(p),
+                Err(e) => Err(FieldError::new("", ErrorCode::TooLarge, e.to_string())),
+            });
+        match sendable {
+            Ok(p) => packed.push(p),
+            Err(err) => rejected.push(Rejection {
                 index,
                 event_id: event_id(),
                 errors: vec![err],
-            });
-            continue;
+            }),
         }
-        packed.push(p);
     }
     let accepted = packed.len();
     // check_fits passed for each event, so packing cannot fail; map defensively anyway.

@@ -52,9 +52,10 @@ fn decode_validate_envelope(
             let _event_id = raw.event_id().map(str::to_owned);
             continue;
         };
-        let p = PackedEvent::new(&event);
-        if packer.check_fits(&p).is_ok() {
-            packed.push(p);
+        if let Ok(p) = PackedEvent::new(&event) {
+            if packer.check_fits(&p).is_ok() {
+                packed.push(p);
+            }
         }
     }
     packer.pack("bench", &packed).unwrap_or_default()

@@ -58,7 +58,7 @@ fn envelopes(n: usize, per: usize) -> Vec<Envelope> {
                     let e =
                         AdEvent::from_json(g.event(), &ValidationPolicy::default(), &SystemClock)
                             .expect("synthetic events are valid");
-                    PackedEvent::new(&e)
+                    PackedEvent::new(&e).expect("synthetic events serialise")
                 })
                 .collect();
             let mut env = packer.pack("bench", &packed).expect("fits").remove(0);

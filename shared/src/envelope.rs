@@ -157,18 +157,19 @@ pub struct PackedEvent {
 
 impl PackedEvent {
     /// Serialises a validated event.
-    pub fn new(event: &AdEvent) -> Self {
+    ///
+    /// # Errors
+    /// The event cannot be written as JSON: only an `occurred_at` outside the years 0000 to
+    /// 9999 in UTC, which validation refuses, so only for an event built by hand.
+    pub fn new(event: &AdEvent) -> Result<Self, serde_json::Error> {
         // Sized for a typical event so the buffer is not regrown while writing.
         let mut json = Vec::with_capacity(TYPICAL_EVENT_BYTES);
-        // Serialising a struct of strings and integers into a Vec cannot fail.
-        if serde_json::to_writer(&mut json, event).is_err() {
-            json.clear();
-        }
-        Self {
+        serde_json::to_writer(&mut json, event)?;
+        Ok(Self {
             json,
             event_type: event.event_type,
             campaign_hash: campaign_hash(event.advertiser_id.as_str(), event.campaign_id.as_str()),
-        }
+        })
     }
 
     /// The key bucket of this event's campaign among `buckets` (`None` when `buckets` is 0).
@@ -573,7 +574,7 @@ mod tests {
         ) {
             let enc = if zstd { ContentEncoding::Zstd } else { ContentEncoding::Identity };
             let packer = Packer::new(config(budget, enc));
-            let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new).collect();
+            let packed: Vec<PackedEvent> = events.iter().map(|e| PackedEvent::new(e).unwrap()).collect();
             let fitting: Vec<PackedEvent> =
                 packed.iter().filter(|p| packer.check_fits(p).is_ok()).cloned().collect();
             let kept: Vec<AdEvent> = events
@@ -595,7 +596,7 @@ mod tests {
         ) {
             let enc = if zstd { ContentEncoding::Zstd } else { ContentEncoding::Identity };
             let packer = Packer::new(config(budget, enc));
-            let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new)
+            let packed: Vec<PackedEvent> = events.iter().map(|e| PackedEvent::new(e).unwrap())
                 .filter(|p| packer.check_fits(p).is_ok()).collect();
             for env in packer.pack("t", &packed).unwrap() {
                 prop_assert!(env.body.len() <= budget, "{} > {}", env.body.len(), budget);
@@ -613,7 +614,7 @@ mod tests {
                 key_buckets: buckets,
                 ..config(4_000, ContentEncoding::Identity)
             });
-            let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new)
+            let packed: Vec<PackedEvent> = events.iter().map(|e| PackedEvent::new(e).unwrap())
                 .filter(|p| packer.check_fits(p).is_ok()).collect();
             let envs = packer.pack("t", &packed).unwrap();
             let mut key_of_campaign: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -629,12 +630,12 @@ mod tests {
             }
             // Publishing the envelopes in order, each key's events come out in request order
             // (per type when split by type, which never reorders one campaign's events of a type).
-            let input: Vec<AdEvent> = events.iter().zip(events.iter().map(PackedEvent::new))
+            let input: Vec<AdEvent> = events.iter().zip(events.iter().map(|e| PackedEvent::new(e).unwrap()))
                 .filter(|(_, p)| packer.check_fits(p).is_ok()).map(|(e, _)| e.clone()).collect();
             prop_assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), input.len());
             for (key, ids) in &per_key {
                 let want: Vec<&AdEvent> = input.iter()
-                    .filter(|e| PackedEvent::new(e).key_bucket(buckets).map(|b| b.to_string()).as_ref() == Some(key))
+                    .filter(|e| PackedEvent::new(e).unwrap().key_bucket(buckets).map(|b| b.to_string()).as_ref() == Some(key))
                     .collect();
                 for t in EventType::ALL {
                     let want_t: Vec<crate::event::EventId> = want.iter()
@@ -649,7 +650,7 @@ mod tests {
 
         #[test]
         fn an_event_larger_than_the_budget_is_refused_not_dropped(event in arb_event()) {
-            let packed = PackedEvent::new(&event);
+            let packed = PackedEvent::new(&event).unwrap();
             let packer = Packer::new(config(packed.len(), ContentEncoding::Identity));
             prop_assert!(packer.check_fits(&packed).is_err());
             prop_assert!(packer.pack("t", &[packed]).is_err());
@@ -661,7 +662,7 @@ mod tests {
         let mut runner = proptest::test_runner::TestRunner::deterministic();
         let ev = arb_event().new_tree(&mut runner).unwrap().current();
         let envs = Packer::default()
-            .pack("acme", &[PackedEvent::new(&ev)])
+            .pack("acme", &[PackedEvent::new(&ev).unwrap()])
             .unwrap();
         let attrs = &envs[0].attributes;
         assert_eq!(attrs[ATTR_SCHEMA], SCHEMA);
@@ -676,7 +677,10 @@ mod tests {
         let events: Vec<AdEvent> = (0..60)
             .map(|_| arb_event().new_tree(&mut runner).unwrap().current())
             .collect();
-        let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new).collect();
+        let packed: Vec<PackedEvent> = events
+            .iter()
+            .map(|e| PackedEvent::new(e).unwrap())
+            .collect();
         let envs = Packer::default().pack("t", &packed).unwrap();
         for env in &envs {
             assert_eq!(env.types().len(), 1, "{:?}", env.types());
@@ -707,7 +711,7 @@ mod tests {
         let mut runner = proptest::test_runner::TestRunner::deterministic();
         let ev = arb_event().new_tree(&mut runner).unwrap().current();
         let packer = Packer::new(config(DEFAULT_BUDGET_BYTES, ContentEncoding::Zstd));
-        let envs = packer.pack("t", &[PackedEvent::new(&ev)]).unwrap();
+        let envs = packer.pack("t", &[PackedEvent::new(&ev).unwrap()]).unwrap();
         assert!(envs[0].body.starts_with(ZSTD_BASE64_MAGIC));
         assert_eq!(decode_message(&envs[0].body, None).unwrap().events.len(), 1);
     }

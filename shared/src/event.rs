@@ -1221,7 +1221,17 @@ fn parse_occurred_at(
             ));
         }
     }
-    Ok(at.to_offset(UtcOffset::UTC))
+    // Stored and sent on in UTC, which RFC 3339 can only write for the years 0000–9999:
+    // `0000-01-01T00:00:00+00:01` is in year −1 there, `9999-12-31T23:59:59-01:00` in 10000.
+    at.checked_to_offset(UtcOffset::UTC)
+        .filter(|utc| (0..=9999).contains(&utc.year()))
+        .ok_or_else(|| {
+            FieldError::new(
+                "occurred_at",
+                ErrorCode::OutOfRange,
+                format!("{raw} is outside the years 0000 to 9999 once converted to UTC"),
+            )
+        })
 }
 
 fn parse_attributes(raw: &Json<'_>) -> Result<BTreeMap<String, String>, FieldError> {
@@ -1628,6 +1638,40 @@ mod tests {
                 AdEvent::from_json(event, &unbounded, &clock()).is_ok(),
                 "{at}"
             );
+        }
+    }
+
+    #[test]
+    fn a_time_outside_the_years_rfc_3339_can_write_in_utc_is_out_of_range() {
+        // Valid as written, but year −1 or 10000 once in UTC: the event could not be sent on
+        // (it was packed as nothing, and the envelope lost it), and converting panicked.
+        let unbounded = ValidationPolicy {
+            window: Some(TimeWindow {
+                max_future: Duration::seconds(i64::MAX),
+                max_age: Duration::seconds(i64::MAX),
+            }),
+        };
+        for policy in [unbounded, ValidationPolicy::structural()] {
+            for at in ["0000-01-01T00:00:00+00:01", "9999-12-31T23:59:59-01:00"] {
+                let event = with("occurred_at", json!(at));
+                let errors = AdEvent::from_json(event, &policy, &clock()).unwrap_err();
+                assert_eq!(errors.len(), 1, "{at}: {errors:?}");
+                assert_eq!(errors[0].field, "/occurred_at");
+                assert_eq!(errors[0].code, ErrorCode::OutOfRange, "{at}");
+                assert!(
+                    errors[0].message.contains("0000 to 9999"),
+                    "{}",
+                    errors[0].message
+                );
+            }
+            for at in ["0000-01-01T00:00:00-00:01", "9999-12-31T23:59:59+01:00"] {
+                let event = with("occurred_at", json!(at));
+                let ok = AdEvent::from_json(event, &policy, &clock()).unwrap();
+                assert!(
+                    crate::envelope::PackedEvent::new(&ok).unwrap().len() > 0,
+                    "{at}"
+                );
+            }
         }
     }
 

@@ -103,7 +103,7 @@ fn envelopes(n: usize) -> (Vec<AdEvent>, Vec<shared::envelope::Envelope>) {
     let envs = events
         .chunks(100)
         .flat_map(|c| {
-            let packed: Vec<PackedEvent> = c.iter().map(PackedEvent::new).collect();
+            let packed: Vec<PackedEvent> = c.iter().map(|e| PackedEvent::new(e).unwrap()).collect();
             packer.pack("faults", &packed).unwrap()
         })
         .collect();

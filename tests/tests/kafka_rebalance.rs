@@ -91,7 +91,7 @@ async fn a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice_after_th
                 let e = AdEvent::from_json(v.clone(), &ValidationPolicy::default(), &SystemClock)
                     .unwrap();
                 ids.push(e.event_id.as_uuid());
-                PackedEvent::new(&e)
+                PackedEvent::new(&e).unwrap()
             })
             .collect();
         publisher

@@ -148,7 +148,7 @@ fn typical_event(function: &str, round: u64) -> Value {
         let records: Vec<Value> = (0..10)
             .map(|i| {
                 let evs = valid_events(round * 100 + i, 10);
-                let packed: Vec<_> = evs.iter().map(PackedEvent::new).collect();
+                let packed: Vec<_> = evs.iter().map(|e| PackedEvent::new(e).unwrap()).collect();
                 let env = Packer::new(cfg).pack("acme", &packed).unwrap().remove(0);
                 sqs_record(&format!("r{round}-{i}"), &env.body, &env.attributes, 1)
             })

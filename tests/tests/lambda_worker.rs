@@ -45,7 +45,10 @@ fn events(seed: u64, n: usize) -> Vec<AdEvent> {
 
 /// One envelope (body, attributes) of `events`, identity or zstd.
 fn envelope(events: &[AdEvent], zstd: bool) -> (String, BTreeMap<String, String>) {
-    let packed: Vec<_> = events.iter().map(PackedEvent::new).collect();
+    let packed: Vec<_> = events
+        .iter()
+        .map(|e| PackedEvent::new(e).unwrap())
+        .collect();
     let cfg = EnvelopeConfig {
         split_by_type: false,
         encoding: if zstd {

@@ -112,7 +112,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|_| AdEvent::from_json(g.event(), &policy, &SystemClock))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("synthetic event is invalid: {e:?}"))?;
-        let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new).collect();
+        let packed = events
+            .iter()
+            .map(PackedEvent::new)
+            .collect::<Result<Vec<_>, _>>()?;
         let envs = packer.pack("bench", &packed)?;
         if envs.len() != 1 {
             return Err(format!("{} events did not fit one envelope", packed.len()).into());

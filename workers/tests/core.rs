@@ -287,7 +287,7 @@ async fn a_transient_failure_while_isolating_retries_that_delivery_only() {
 #[tokio::test]
 async fn an_sns_notification_wrapping_a_zstd_envelope_is_decoded_and_written() {
     let evs = events(30, 5);
-    let packed: Vec<_> = evs.iter().map(PackedEvent::new).collect();
+    let packed: Vec<_> = evs.iter().map(|e| PackedEvent::new(e).unwrap()).collect();
     let env = Packer::new(EnvelopeConfig {
         encoding: ContentEncoding::Zstd,
         split_by_type: false,

@@ -278,7 +278,7 @@ mod tests {
             .iter()
             .flat_map(|e| {
                 Packer::default()
-                    .pack("acme", &[PackedEvent::new(e)])
+                    .pack("acme", &[PackedEvent::new(e).unwrap()])
                     .unwrap()
             })
             .collect()
@@ -537,7 +537,10 @@ mod tests {
             mixed
                 .pack(
                     "acme",
-                    &[PackedEvent::new(&click), PackedEvent::new(&impression)],
+                    &[
+                        PackedEvent::new(&click).unwrap(),
+                        PackedEvent::new(&impression).unwrap(),
+                    ],
                 )
                 .unwrap(),
         );

@@ -28,7 +28,10 @@ pub fn events(seed: u64, n: usize) -> Vec<AdEvent> {
 
 /// One identity envelope holding `events`.
 pub fn envelope(events: &[AdEvent]) -> Envelope {
-    let packed: Vec<PackedEvent> = events.iter().map(PackedEvent::new).collect();
+    let packed: Vec<PackedEvent> = events
+        .iter()
+        .map(|e| PackedEvent::new(e).unwrap())
+        .collect();
     let one_envelope = shared::envelope::EnvelopeConfig {
         split_by_type: false,
         ..Default::default()
