@@ -23,7 +23,7 @@ use crate::source::{
 };
 
 /// Reason code of a message the source redrove after too many receives.
-pub const REASON_MAX_RECEIVES: &str = "max_receives";
+pub const REASON_MAX_RECEIVES: &str = crate::source::MAX_RECEIVES_CODE;
 
 /// How a [`MemorySource`] behaves.
 #[derive(Debug, Clone)]

@@ -130,6 +130,16 @@ pub struct KafkaSettings {
     )]
     pub kafka_max_poll_interval_ms: u64,
 
+    /// Kafka: receives of one message before it goes to the DLQ topic (`max_receives`)
+    /// instead of coming back: Kafka's stand-in for an SQS redrive policy's maxReceiveCount.
+    #[arg(
+        long,
+        env = "SPILLWAY_KAFKA_MAX_RECEIVES",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub kafka_max_receives: u32,
+
     /// Kafka: partitions of the topics the in-process mock cluster of `spillway dev` creates.
     #[arg(long, env = "SPILLWAY_KAFKA_MOCK_PARTITIONS", default_value_t = 4)]
     pub kafka_mock_partitions: i32,
@@ -370,6 +380,7 @@ impl BrokerSettings {
         config.dlq_producer = self.kafka_producer_config(&k.kafka_dlq_topic)?;
         config.session_timeout = Duration::from_millis(k.kafka_session_timeout_ms);
         config.max_poll_interval = Duration::from_millis(k.kafka_max_poll_interval_ms);
+        config.max_receives = k.kafka_max_receives;
         Ok(config)
     }
 

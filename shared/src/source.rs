@@ -43,6 +43,10 @@ pub struct Delivery {
     pub body_error: Option<String>,
 }
 
+/// Error code of a message moved to its DLQ because it was received too often
+/// (an SQS redrive policy, the embedded broker's, or the Kafka source's own).
+pub const MAX_RECEIVES_CODE: &str = "max_receives";
+
 /// Why a message is dead-lettered: a stable code and a human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterReason {

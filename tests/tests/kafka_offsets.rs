@@ -320,6 +320,60 @@ async fn a_retried_message_comes_back_after_its_backoff_while_other_partitions_m
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_out_of_receives_goes_to_the_dlq_topic_and_its_partition_moves_on() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let (bodies, _) = envelopes(3, 1, 4);
+    produce_to(&bootstrap, TOPIC, 0, &bodies).await.unwrap();
+
+    let mut config = consumer_config(&bootstrap, "redrive");
+    config.max_receives = 3;
+    let s = Arc::new(KafkaSource::new(&config).unwrap());
+    let got = receive_n(&s, 3, Duration::from_secs(30)).await;
+    let (failing, rest): (Vec<_>, Vec<_>) = got.into_iter().partition(|d| offset_of(d) == (0, 0));
+    let ids: Vec<DeliveryId> = rest.iter().map(|d| d.id.clone()).collect();
+    s.ack(&ids).await.unwrap();
+
+    // It fails every time it is tried: received 3 times, then never handed out again.
+    let mut last = failing[0].clone();
+    for count in 2..=3 {
+        s.retry_later(&[(last.id.clone(), Duration::from_millis(50))])
+            .await
+            .unwrap();
+        last = receive_n(&s, 1, Duration::from_secs(10)).await.remove(0);
+        assert_eq!((offset_of(&last), last.receive_count), ((0, 0), count));
+    }
+    s.retry_later(&[(last.id.clone(), Duration::from_millis(50))])
+        .await
+        .unwrap();
+    let after = s.receive(10, Duration::from_secs(2)).await.unwrap();
+    assert!(after.is_empty(), "handed out a 4th time: {after:?}");
+
+    let b = bootstrap.clone();
+    let dlq = tokio::task::spawn_blocking(move || {
+        tests::kafka::read_topic(&b, tests::kafka::DLQ_TOPIC, 1, 1, Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].payload, bodies[0], "the message, unchanged");
+    assert_eq!(dlq[0].headers["spillway-error-code"], "max_receives");
+    assert!(
+        dlq[0].headers["spillway-error-message"].contains("received 3 times"),
+        "{:?}",
+        dlq[0].headers
+    );
+    assert_eq!(dlq[0].headers["spillway-original-offset"], "0");
+    commit(&s).await;
+    assert_eq!(
+        committed(&bootstrap, "redrive", 1).await,
+        BTreeMap::from([(0, 3)]),
+        "the partition's position passed the dead-lettered offset"
+    );
+}
+
 /// The page `source` renders, once `series` shows `want`. Statistics come every 100 ms here,
 /// served while the consumer polls, as the poller's receive loops keep it doing.
 async fn lag_page(source: &KafkaSource, series: &str, want: f64) -> String {

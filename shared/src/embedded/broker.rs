@@ -30,8 +30,7 @@ pub const DEV_QUEUE: &str = "events-worker";
 pub const DEV_DLQ: &str = "events-worker-dlq";
 /// Attribute naming the queue a dead letter came from (for replay).
 pub const ATTR_SOURCE_QUEUE: &str = "spillway-source-queue";
-/// Error code of a message moved to its DLQ by the redrive policy.
-pub const MAX_RECEIVES_CODE: &str = "max_receives";
+pub use crate::source::MAX_RECEIVES_CODE;
 
 /// How long a connection waits for another writer (another process) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

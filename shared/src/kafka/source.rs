@@ -12,6 +12,12 @@
 //!   partition's healthy messages behind one bad batch; the queue costs memory for the bodies
 //!   held, which the poller's batch limits and circuit breaker bound. It is not durable and
 //!   need not be: its offsets were never stored, so after a crash Kafka redelivers them.
+//! - **Redrive**: Kafka has no `maxReceiveCount`, so the source plays SQS's part: a message
+//!   already received `max_receives` times is not handed out again but produced to the DLQ
+//!   topic (`max_receives`), and its offset finished. Without it, a message that fails
+//!   transiently every time (a write that panics or times out on its own rows) came back
+//!   forever and held its partition's committed position, and the group's lag, for good.
+//!   The circuit breaker keeps a store outage from spending receives, as on SQS.
 //! - **Permanent failures** (`dead_letter`) are produced to the DLQ topic with the reason and
 //!   the original topic/partition/offset as headers, and only after the DLQ acknowledged them
 //!   is the offset marked finished.
@@ -49,7 +55,8 @@ use super::{
 };
 use crate::metrics::Exposition;
 use crate::source::{
-    DeadLetter, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE, ATTR_ERROR_MESSAGE,
+    DeadLetter, DeadLetterReason, Delivery, DeliveryId, Source, SourceError, ATTR_ERROR_CODE,
+    ATTR_ERROR_MESSAGE, MAX_RECEIVES_CODE,
 };
 
 /// A dead letter whose DLQ produce failed is decided again after this long.
@@ -78,6 +85,9 @@ pub struct ConsumerConfig {
     pub max_poll_interval: Duration,
     /// `auto.commit.interval.ms`: how often stored offsets are committed. Default 1 s.
     pub commit_interval: Duration,
+    /// Receives of one message before it goes to the DLQ topic instead of coming back
+    /// (`max_receives`), as an SQS redrive policy's `maxReceiveCount`. Default 5; at least 1.
+    pub max_receives: u32,
     /// The DLQ producer (same connection, `acks=all`, idempotent).
     pub dlq_producer: ProducerConfig,
 }
@@ -100,6 +110,7 @@ impl ConsumerConfig {
             session_timeout: Duration::from_secs(45),
             max_poll_interval: Duration::from_secs(300),
             commit_interval: Duration::from_secs(1),
+            max_receives: 5,
         }
     }
 
@@ -377,6 +388,7 @@ pub struct KafkaSource {
     dlq: FutureProducer<TracingContext>,
     shared: Arc<Shared>,
     dlq_topic: String,
+    max_receives: u32,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -437,6 +449,7 @@ impl KafkaSource {
             dlq,
             shared,
             dlq_topic: config.dlq_topic.clone(),
+            max_receives: config.max_receives.max(1),
         })
     }
 
@@ -527,10 +540,21 @@ impl KafkaSource {
         })
     }
 
-    /// Redeliveries whose backoff is over, up to `max`.
-    fn take_due(&self, max: usize) -> Vec<Delivery> {
+    /// Redeliveries whose backoff is over, up to `max`; those already received
+    /// `max_receives` times go to the DLQ topic instead ([`Self::redrive`]).
+    async fn take_due(&self, max: usize) -> Vec<Delivery> {
+        let (out, exhausted) = self.due(max);
+        for (id, letter) in exhausted {
+            self.redrive(&id, letter).await;
+        }
+        out
+    }
+
+    /// Redeliveries whose backoff is over, up to `max`, and those out of receives.
+    fn due(&self, max: usize) -> (Vec<Delivery>, Vec<(DeliveryId, DeadLetter)>) {
         let now = Instant::now();
         let mut out = Vec::new();
+        let mut exhausted = Vec::new();
         let mut state = self.shared.lock();
         while out.len() < max {
             let Some(&first) = state.redeliveries.first() else {
@@ -548,6 +572,23 @@ impl KafkaSource {
             let Some(entry) = part.entries.get_mut(&offset) else {
                 continue;
             };
+            if entry.receive_count >= self.max_receives {
+                exhausted.push((
+                    delivery_id(partition, offset, generation),
+                    DeadLetter {
+                        body: entry.body.clone(),
+                        attributes: entry.attributes.clone(),
+                        reason: DeadLetterReason {
+                            code: MAX_RECEIVES_CODE.to_owned(),
+                            message: format!(
+                                "received {} times without being stored or dead-lettered; --kafka-max-receives allows {}",
+                                entry.receive_count, self.max_receives
+                            ),
+                        },
+                    },
+                ));
+                continue;
+            }
             entry.receive_count += 1;
             out.push(Delivery {
                 id: delivery_id(partition, offset, generation),
@@ -558,7 +599,19 @@ impl KafkaSource {
                 body_error: entry.unreadable.as_ref().map(|u| u.why.clone()),
             });
         }
-        out
+        (out, exhausted)
+    }
+
+    /// Produces a message out of receives to the DLQ topic and finishes its offset. A failed
+    /// produce schedules it again ([`Source::dead_letter`]), so it is tried until it lands.
+    async fn redrive(&self, id: &DeliveryId, letter: DeadLetter) {
+        let reason = letter.reason.message.clone();
+        match self.dead_letter(id, &[letter]).await {
+            Ok(()) => warn!(delivery = %id.0, %reason, "Moved to the DLQ topic"),
+            Err(e) => {
+                warn!(delivery = %id.0, error = %e, "Moving to the DLQ topic failed; tried again later")
+            }
+        }
     }
 
     fn next_due(&self) -> Option<Instant> {
@@ -614,7 +667,7 @@ impl Source for KafkaSource {
             // Register for wake-ups before looking, so a redelivery scheduled in between is
             // not missed.
             let woken = self.shared.wake.notified();
-            let mut out = self.take_due(max);
+            let mut out = self.take_due(max).await;
             if !out.is_empty() {
                 self.take_ready(&mut out, max).await;
                 return Ok(out);
@@ -631,7 +684,7 @@ impl Source for KafkaSource {
                         }
                     }
                     Ok(Err(e)) => return Err(self.unavailable(&e)),
-                    Err(_) if Instant::now() >= deadline => return Ok(self.take_due(max)),
+                    Err(_) if Instant::now() >= deadline => return Ok(self.take_due(max).await),
                     Err(_) => {}
                 },
                 () = woken => {}
