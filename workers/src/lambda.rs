@@ -85,6 +85,10 @@ pub enum HandlerError {
         "{0} record(s) to retry have no messageId; failing the whole batch so they are retried"
     )]
     UnnamedFailures(usize),
+    /// Every record of the batch is to be retried (the store is down and could not take
+    /// them): an error says so whether or not the event source mapping reports item failures.
+    #[error("all {0} record(s) are to be retried; failing the whole batch so they are retried")]
+    EveryRecordRetried(usize),
 }
 
 /// The SQS handler with its clients, built once per execution environment.
@@ -170,7 +174,8 @@ impl SqsHandler {
     /// Handles one SQS batch that must be finished by `deadline`.
     ///
     /// # Errors
-    /// [`HandlerError::UnnamedFailures`] when a record to retry has no message id.
+    /// [`HandlerError::UnnamedFailures`] when a record to retry has no message id;
+    /// [`HandlerError::EveryRecordRetried`] when every record is to be retried.
     pub async fn handle(
         &self,
         event: SqsEvent,
@@ -297,6 +302,12 @@ impl SqsHandler {
         }
         if unnamed > 0 {
             return Err(HandlerError::UnnamedFailures(unnamed));
+        }
+        // An event source mapping without `ReportBatchItemFailures` ignores the list and
+        // deletes the whole batch on a success: when nothing of it was done, an error keeps
+        // it either way (with the setting on, it means the same as listing every record).
+        if retried > 0 && retried == deliveries.len() {
+            return Err(HandlerError::EveryRecordRetried(retried));
         }
         Ok(response)
     }
