@@ -1668,7 +1668,7 @@ mod tests {
                 let event = with("occurred_at", json!(at));
                 let ok = AdEvent::from_json(event, &policy, &clock()).unwrap();
                 assert!(
-                    crate::envelope::PackedEvent::new(&ok).unwrap().len() > 0,
+                    !crate::envelope::PackedEvent::new(&ok).unwrap().is_empty(),
                     "{at}"
                 );
             }

@@ -606,11 +606,10 @@ impl KafkaSource {
     /// produce schedules it again ([`Source::dead_letter`]), so it is tried until it lands.
     async fn redrive(&self, id: &DeliveryId, letter: DeadLetter) {
         let reason = letter.reason.message.clone();
-        match self.dead_letter(id, &[letter]).await {
-            Ok(()) => warn!(delivery = %id.0, %reason, "Moved to the DLQ topic"),
-            Err(e) => {
-                warn!(delivery = %id.0, error = %e, "Moving to the DLQ topic failed; tried again later")
-            }
+        if let Err(e) = self.dead_letter(id, &[letter]).await {
+            warn!(delivery = %id.0, error = %e, "Moving to the DLQ topic failed; tried again later");
+        } else {
+            warn!(delivery = %id.0, %reason, "Moved to the DLQ topic");
         }
     }
 
