@@ -247,7 +247,8 @@ async fn dead_lettering_sends_with_the_reason_then_deletes() {
         attributes: got[0].attributes.clone(),
         reason: DeadLetterReason {
             code: "undecodable".into(),
-            message: "body is not an envelope".into(),
+            // A reason quoting what it refuses may hold characters SQS refuses in a message.
+            message: "body is not an envelope: \u{7}\u{FFFE}".into(),
         },
     };
     source.dead_letter(&got[0].id, &[letter]).await.unwrap();
@@ -263,6 +264,10 @@ async fn dead_lettering_sends_with_the_reason_then_deletes() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].body, "not an envelope");
     assert_eq!(dead[0].attributes[ATTR_ERROR_CODE], "undecodable");
+    assert_eq!(
+        dead[0].attributes[shared::source::ATTR_ERROR_MESSAGE],
+        "body is not an envelope: \\u{7}\\u{fffe}"
+    );
     // Deleted from the source: nothing comes back even after the visibility would lapse.
     assert!(source
         .receive(10, Duration::from_secs(2))

@@ -5,6 +5,7 @@
 //! sent whatever the previous one answered, entries SQS failed on its side are retried, and
 //! the failures are reported together at the end.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -460,7 +461,7 @@ async fn send_letters(
 struct Outgoing<'a> {
     body: &'a str,
     /// String attributes.
-    attributes: Vec<(&'a str, &'a str)>,
+    attributes: Vec<(&'a str, Cow<'a, str>)>,
     /// Rounded up to whole seconds, at most [`MAX_DELAY_SECS`].
     delay: Duration,
 }
@@ -502,9 +503,9 @@ async fn send_batch(
         if secs > 0 {
             b = b.delay_seconds(i32::try_from(secs).unwrap_or(0));
         }
-        for &(k, v) in &m.attributes {
+        for (k, v) in &m.attributes {
             match string_attr(v) {
-                Ok(attr) => b = b.message_attributes(k, attr),
+                Ok(attr) => b = b.message_attributes(*k, attr),
                 Err(e) => return all(rejected(e.to_string())),
             }
         }
@@ -550,19 +551,19 @@ async fn send_batch(
 /// The attributes a letter goes to the DLQ with: its reason (code and message) and as many of
 /// its own attributes as SQS's limit of [`MAX_MESSAGE_ATTRIBUTES`] leaves room for, the ones
 /// needed to read it back first (`content-encoding`, then Spillway's own `spillway-…`), the
-/// rest in name order. Any left out are logged.
-fn letter_attributes(letter: &DeadLetter) -> Vec<(&str, &str)> {
+/// rest in name order. Any left out are logged. Values are [`sqs_text`].
+fn letter_attributes(letter: &DeadLetter) -> Vec<(&str, Cow<'_, str>)> {
     let mut out = vec![
-        (ATTR_ERROR_CODE, letter.reason.code.as_str()),
+        (ATTR_ERROR_CODE, sqs_text(&letter.reason.code)),
         (
             ATTR_ERROR_MESSAGE,
-            crate::clip(&letter.reason.message, MAX_REASON_BYTES),
+            sqs_text(crate::clip(&letter.reason.message, MAX_REASON_BYTES)),
         ),
     ];
-    let mut own: Vec<(&str, &str)> = letter
+    let mut own: Vec<(&str, Cow<'_, str>)> = letter
         .attributes
         .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .map(|(k, v)| (k.as_str(), sqs_text(v)))
         .filter(|(k, _)| *k != ATTR_ERROR_CODE && *k != ATTR_ERROR_MESSAGE)
         .collect();
     // Stable: within each rank the BTreeMap's name order stays.
@@ -582,6 +583,28 @@ fn letter_attributes(letter: &DeadLetter) -> Vec<(&str, &str)> {
     }
     out.extend(own);
     out
+}
+
+/// `text` with each character SQS refuses in a message (control characters other than tab,
+/// LF and CR, U+FFFE and U+FFFF) written as `\u{…}`. A reason can quote what it refuses (an
+/// unknown field named `"\u0007"` in an event): sent as it is, SQS refused the whole letter,
+/// and the message was never dead-lettered.
+fn sqs_text(text: &str) -> Cow<'_, str> {
+    let refused = |c: char| {
+        (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || ('\u{FFFE}'..='\u{FFFF}').contains(&c)
+    };
+    if !text.contains(refused) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if refused(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Classifies an SQS error: a missing queue, a denied call or a bad receipt cannot be helped
@@ -682,7 +705,7 @@ impl Requeue for SqsRequeue {
                 attributes: m
                     .attributes
                     .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .map(|(k, v)| (k.as_str(), Cow::Borrowed(v.as_str())))
                     .collect(),
                 delay: m.delay,
             })
@@ -729,7 +752,7 @@ mod tests {
         };
         let out = letter_attributes(&letter);
         assert_eq!(out.len(), MAX_MESSAGE_ATTRIBUTES);
-        let get = |k: &str| out.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+        let get = |k: &str| out.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_ref());
         assert_eq!(get(ATTR_ERROR_CODE), Some("invalid_event"));
         assert_eq!(
             get(ATTR_ERROR_MESSAGE).map(str::len),
@@ -836,10 +859,19 @@ mod tests {
     fn a_letter_counts_its_body_and_each_attribute_name_type_and_value() {
         let m = Outgoing {
             body: "12345",
-            attributes: vec![("ab", "xyz")],
+            attributes: vec![("ab", "xyz".into())],
             delay: Duration::ZERO,
         };
         assert_eq!(m.payload_bytes(), 5 + 2 + "String".len() + 3);
+    }
+
+    #[test]
+    fn characters_sqs_refuses_are_escaped_in_letter_attributes() {
+        assert!(matches!(sqs_text("tab\there, é, 😀"), Cow::Borrowed(_)));
+        assert_eq!(
+            sqs_text("unknown field \"/\u{7}x\", \u{FFFE}\u{FFFF}\u{FFFD}\u{0}"),
+            "unknown field \"/\\u{7}x\", \\u{fffe}\\u{ffff}\u{FFFD}\\u{0}"
+        );
     }
 
     #[test]
