@@ -276,6 +276,95 @@ async fn dead_lettering_sends_with_the_reason_then_deletes() {
         .is_empty());
 }
 
+/// A FIFO queue needs a FIFO DLQ, which refuses a message without a group id: every
+/// dead letter failed, and a bad message waited out its receives in the queue, blocking its
+/// group, until the redrive policy moved it without a reason.
+#[tokio::test]
+async fn dead_letters_reach_a_fifo_dlq_once_even_when_sent_twice() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    if !localstack::available().await {
+        return;
+    }
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let name = format!("spillway-test-fifo-dl-{}", localstack::suffix());
+    let mut urls = Vec::new();
+    for queue in [format!("{name}.fifo"), format!("{name}-dlq.fifo")] {
+        let out = sqs
+            .create_queue()
+            .queue_name(queue)
+            .attributes(QueueAttributeName::FifoQueue, "true")
+            .attributes(QueueAttributeName::ContentBasedDeduplication, "true")
+            .send()
+            .await
+            .unwrap();
+        urls.push(out.queue_url().unwrap().to_owned());
+    }
+    let (queue_url, dlq_url) = (urls[0].clone(), urls[1].clone());
+    for body in ["not an envelope", "nor this"] {
+        sqs.send_message()
+            .queue_url(&queue_url)
+            .message_body(body)
+            .message_group_id("tenant-a")
+            .send()
+            .await
+            .unwrap();
+    }
+    let source = SqsSource::new(
+        sqs.clone(),
+        SqsConfig {
+            queue_url: queue_url.clone(),
+            dlq_url: Some(dlq_url.clone()),
+        },
+    );
+    let got = source.receive(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 2);
+    let letter = |d: &Delivery| DeadLetter {
+        body: d.body.clone(),
+        attributes: d.attributes.clone(),
+        reason: DeadLetterReason {
+            code: "undecodable".into(),
+            message: "body is not an envelope".into(),
+        },
+    };
+    // The first one's letter goes out twice, as when the delete after a send fails.
+    source
+        .dead_letter(&DeliveryId("no such receipt".into()), &[letter(&got[0])])
+        .await
+        .unwrap_err();
+    for d in &got {
+        source.dead_letter(&d.id, &[letter(d)]).await.unwrap();
+    }
+
+    let dlq = SqsSource::new(
+        sqs,
+        SqsConfig {
+            queue_url: dlq_url,
+            dlq_url: None,
+        },
+    );
+    let mut bodies = Vec::new();
+    for d in dlq.receive(10, Duration::from_secs(5)).await.unwrap() {
+        assert_eq!(d.attributes[ATTR_ERROR_CODE], "undecodable");
+        bodies.push(d.body.clone());
+        dlq.ack(&[d.id]).await.unwrap();
+    }
+    bodies.extend(
+        dlq.receive(10, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.body),
+    );
+    bodies.sort();
+    assert_eq!(bodies, ["nor this", "not an envelope"], "each letter once");
+    assert!(source
+        .receive(10, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 #[tokio::test]
 async fn retry_later_hides_a_message_for_its_delay_and_counts_receives() {
     if !localstack::available().await {

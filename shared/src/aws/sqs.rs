@@ -19,6 +19,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
 
 use super::batch::{self, MAX_BATCH_BYTES};
 use super::{ApiCalls, CallCounter};
@@ -426,10 +427,20 @@ async fn send_letters(
 ) -> Result<(), SourceError> {
     let outgoing: Vec<Outgoing<'_>> = letters
         .iter()
-        .map(|l| Outgoing {
-            body: &l.body,
-            attributes: letter_attributes(l),
-            delay: Duration::ZERO,
+        .map(|l| {
+            let attributes = letter_attributes(l);
+            let fifo = dlq.ends_with(".fifo").then(|| {
+                (
+                    LETTER_GROUP_ID,
+                    letter_dedup_id(l.body.as_str(), &attributes),
+                )
+            });
+            Outgoing {
+                body: &l.body,
+                attributes,
+                delay: Duration::ZERO,
+                fifo,
+            }
         })
         .collect();
     let sizes: Vec<usize> = outgoing.iter().map(Outgoing::payload_bytes).collect();
@@ -464,6 +475,8 @@ struct Outgoing<'a> {
     attributes: Vec<(&'a str, Cow<'a, str>)>,
     /// Rounded up to whole seconds, at most [`MAX_DELAY_SECS`].
     delay: Duration,
+    /// `MessageGroupId` and `MessageDeduplicationId`, for a FIFO queue.
+    fifo: Option<(&'a str, String)>,
 }
 
 impl Outgoing<'_> {
@@ -502,6 +515,9 @@ async fn send_batch(
             .message_body(m.body);
         if secs > 0 {
             b = b.delay_seconds(i32::try_from(secs).unwrap_or(0));
+        }
+        if let Some((group, dedup)) = &m.fifo {
+            b = b.message_group_id(*group).message_deduplication_id(dedup);
         }
         for (k, v) in &m.attributes {
             match string_attr(v) {
@@ -607,6 +623,25 @@ fn sqs_text(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The `MessageGroupId` of dead letters sent to a FIFO DLQ (one group: letters are read
+/// back by `spillway dlq`, one at a time on a FIFO DLQ, not in any order that matters).
+const LETTER_GROUP_ID: &str = "spillway-dead-letters";
+
+/// The `MessageDeduplicationId` of a dead letter sent to a FIFO DLQ: a digest of its body and
+/// attributes (reason included). A letter sent again because the delete that followed its
+/// send failed is then the same letter to SQS within its 5-minute window, not a second copy.
+fn letter_dedup_id(body: &str, attributes: &[(&str, Cow<'_, str>)]) -> String {
+    let mut digest = Sha256::new();
+    digest.update(body.as_bytes());
+    for (k, v) in attributes {
+        digest.update([0]);
+        digest.update(k.as_bytes());
+        digest.update([0]);
+        digest.update(v.as_bytes());
+    }
+    hex::encode(digest.finalize())
+}
+
 /// Classifies an SQS error: a missing queue, a denied call or a bad receipt cannot be helped
 /// by a retry; anything else (network, throttling, 5xx) can.
 fn sdk_error<E>(queue: &str, err: &aws_sdk_sqs::error::SdkError<E>) -> SourceError
@@ -708,6 +743,7 @@ impl Requeue for SqsRequeue {
                     .map(|(k, v)| (k.as_str(), Cow::Borrowed(v.as_str())))
                     .collect(),
                 delay: m.delay,
+                fifo: None,
             })
             .collect();
         // Within a call's 256 KiB as well as its ten entries: ten full envelopes are ten
@@ -861,6 +897,7 @@ mod tests {
             body: "12345",
             attributes: vec![("ab", "xyz".into())],
             delay: Duration::ZERO,
+            fifo: None,
         };
         assert_eq!(m.payload_bytes(), 5 + 2 + "String".len() + 3);
     }
