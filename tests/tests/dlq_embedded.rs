@@ -335,6 +335,43 @@ async fn export_purge_import_round_trips_bodies_and_attributes_byte_for_byte() {
     );
 }
 
+/// An export file with a bad line (cut short, edited by hand) is refused whole: it used to
+/// import the batches before the line (100 messages at a time here) and say that nothing
+/// after the line before it was, so an operator trusting that lost or duplicated letters.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_file_with_a_bad_line_is_refused_before_anything_is_sent() {
+    let (dir, port) = setup().await;
+    let letters = dead_letters(150, 5, Some(DEV_QUEUE));
+    seed(&port, DEV_DLQ, &letters).await.unwrap();
+    let d = data_dir_args(dir.path());
+    let file = dir.path().join("dlq.ndjson");
+    let file_s = file.display().to_string();
+    let exported = json_of(
+        &run_dlq(
+            &args(&d, &["export", "--out", &file_s, "--delete", "--json"]),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exported["exported"], 150);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[149] = "{\"cut short";
+    std::fs::write(&file, lines.join("\n")).unwrap();
+
+    let out = run_dlq(&args(&d, &["import", &file_s, "--to", DEV_DLQ]), &[]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dlq.ndjson:150"), "{err}");
+    assert!(err.contains("nothing was imported"), "{err}");
+    assert_eq!(
+        port.stats(DEV_DLQ).await.unwrap().total(),
+        0,
+        "nothing sent"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn export_with_delete_removes_only_what_the_fsynced_file_holds() {
     let (dir, port) = setup().await;

@@ -117,6 +117,23 @@ impl ExportReader {
         })
     }
 
+    /// Reads the whole file and counts its messages, so that a bad line is found before
+    /// anything is sent rather than after part of the file was.
+    ///
+    /// # Errors
+    /// As [`Self::next_chunk`].
+    pub fn count(path: &Path) -> Result<u64, DlqError> {
+        let mut reader = Self::open(path)?;
+        let mut n = 0_u64;
+        loop {
+            let chunk = reader.next_chunk(1_000)?;
+            if chunk.is_empty() {
+                return Ok(n);
+            }
+            n += chunk.len() as u64;
+        }
+    }
+
     /// Up to `n` next messages (empty at the end of the file); blank lines are skipped.
     ///
     /// # Errors
@@ -134,10 +151,9 @@ impl ExportReader {
             }
             let message: DlqMessage = serde_json::from_str(&line).map_err(|e| {
                 DlqError::Invalid(format!(
-                    "{}:{}: not an exported message ({e}); nothing after line {} was imported",
+                    "{}:{}: not an exported message ({e})",
                     self.path.display(),
                     self.line,
-                    self.line - 1
                 ))
             })?;
             out.push(message);

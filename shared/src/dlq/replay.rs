@@ -904,12 +904,23 @@ pub struct ImportReport {
     pub api_calls_total: u64,
 }
 
+/// A bad file line's error with what happened to the import.
+fn noting(e: DlqError, what: &str) -> DlqError {
+    match e {
+        DlqError::Invalid(m) => DlqError::Invalid(format!("{m}; {what}")),
+        other => other,
+    }
+}
+
 /// Sends every message of an export file to `target`, bodies, attributes and FIFO ids as they
 /// are (no replay counter, no validation: the inverse of [`export`]), at most `rate_per_sec`.
 ///
+/// The whole file is read once before anything is sent: a line that is not a message stops
+/// the import with nothing sent, so the file can be mended and imported whole.
+///
 /// # Errors
-/// [`DlqError`] naming the file line or the refused message; the messages before it were
-/// imported (the error says how many).
+/// [`DlqError`] naming the file line (nothing imported) or the refused message (the
+/// messages before it were imported: the error says how many).
 pub async fn import(
     port: &dyn DlqBroker,
     path: &Path,
@@ -920,6 +931,7 @@ pub async fn import(
     if let Some(r) = rate_per_sec {
         check_rate(r)?;
     }
+    ExportReader::count(path).map_err(|e| noting(e, "nothing was imported"))?;
     let mut reader = ExportReader::open(path)?;
     let calls_before = port.calls();
     let started = Instant::now();
@@ -927,7 +939,13 @@ pub async fn import(
     let batch = batch_size(port, rate_per_sec);
     let mut counts = Counts::default();
     loop {
-        let chunk = reader.next_chunk(batch)?;
+        // Only a file changed since it was checked fails here.
+        let chunk = reader.next_chunk(batch).map_err(|e| {
+            noting(
+                e,
+                &format!("{} messages were imported before it", counts.moved),
+            )
+        })?;
         if chunk.is_empty() {
             break;
         }
