@@ -32,6 +32,9 @@ pub const DEV_DLQ: &str = "events-worker-dlq";
 pub const ATTR_SOURCE_QUEUE: &str = "spillway-source-queue";
 pub use crate::source::MAX_RECEIVES_CODE;
 
+/// A retention that never ends: a message stays until it is deleted (acked, moved, purged).
+pub const KEEP_UNTIL_DONE: Duration = Duration::MAX;
+
 /// How long a connection waits for another writer (another process) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a long poll looks again when nothing in this process wakes it.
@@ -159,7 +162,8 @@ pub struct QueueConfig {
     pub max_receive_count: Option<u32>,
     /// The dead-letter queue (must be declared first); set together with `max_receive_count`.
     pub dlq: Option<String>,
-    /// How long a message is kept before it is dropped unreceived (message retention period).
+    /// How long a message is kept before it is dropped, received or not (message retention
+    /// period, counted from when it was sent). [`KEEP_UNTIL_DONE`] keeps it for good.
     pub retention: Duration,
     /// How long a new message stays invisible after it is sent (delivery delay).
     pub delay: Duration,
@@ -577,6 +581,16 @@ impl Broker {
                 ],
             )
             .map_err(sql("declare queue"))?;
+            // The retention counts from each message's send, for the messages already there
+            // too (as on SQS); saturating, since SQLite turns an overflowing sum into a float.
+            tx.execute(
+                "UPDATE messages SET expires_at_ms =
+                    CASE WHEN sent_at_ms >= 9223372036854775807 - ?2
+                         THEN 9223372036854775807 ELSE sent_at_ms + ?2 END
+                 WHERE queue = ?1",
+                params![name, ms(config.retention)],
+            )
+            .map_err(sql("apply retention"))?;
             Ok(())
         })
         .await
@@ -619,8 +633,11 @@ impl Broker {
     }
 
     /// Declares what `spillway dev` runs on: topic [`DEV_TOPIC`], queue [`DEV_QUEUE`] (30 s
-    /// visibility, 4 days retention, 5 receives then [`DEV_DLQ`]) and its DLQ (14 days
-    /// retention), subscribed with raw delivery and no filter. Idempotent.
+    /// visibility, 5 receives then [`DEV_DLQ`]) and its DLQ, subscribed with raw delivery and
+    /// no filter. Idempotent. Both keep their messages until they are done with
+    /// ([`KEEP_UNTIL_DONE`]): SQS's 4 and 14 days dropped accepted events without a trace
+    /// when the store or the worker was down longer (older stores' messages are given the
+    /// new retention when it is declared).
     ///
     /// # Errors
     /// [`BrokerError`] on a database failure.
@@ -629,7 +646,7 @@ impl Broker {
         self.declare_queue(
             DEV_DLQ,
             QueueConfig {
-                retention: Duration::from_secs(14 * SECS_PER_DAY),
+                retention: KEEP_UNTIL_DONE,
                 ..QueueConfig::default()
             },
         )
@@ -640,7 +657,7 @@ impl Broker {
                 visibility_timeout: Duration::from_secs(30),
                 max_receive_count: Some(5),
                 dlq: Some(DEV_DLQ.to_owned()),
-                retention: Duration::from_secs(4 * SECS_PER_DAY),
+                retention: KEEP_UNTIL_DONE,
                 delay: Duration::ZERO,
             },
         )
@@ -1086,7 +1103,10 @@ impl Broker {
                             visibility_timeout: from_ms(r.get(1)?),
                             max_receive_count: r.get(2)?,
                             dlq: r.get(3)?,
-                            retention: from_ms(r.get(4)?),
+                            retention: match r.get(4)? {
+                                i64::MAX => KEEP_UNTIL_DONE,
+                                v => from_ms(v),
+                            },
                             delay: from_ms(r.get(5)?),
                         },
                     })
@@ -1351,6 +1371,46 @@ mod tests {
         assert!(is_transient_sqlite(&not_a_db), "{not_a_db}");
     }
 
+    /// `spillway dev` keeps what it accepted however long the worker or the store is down:
+    /// with SQS's retention an event older than 4 days was deleted at the next receive,
+    /// without a log line or a dead letter. A store made before keeps its messages too.
+    #[tokio::test]
+    async fn the_dev_queues_keep_their_messages_until_they_are_done_with() {
+        let (_dir, b, clock) = broker();
+        let start = time::OffsetDateTime::now_utc();
+        // An older store: the queue declared with SQS's 4 days, a message sent then.
+        b.declare_queue(DEV_DLQ, QueueConfig::default())
+            .await
+            .unwrap();
+        b.declare_queue(
+            DEV_QUEUE,
+            QueueConfig {
+                max_receive_count: Some(5),
+                dlq: Some(DEV_DLQ.to_owned()),
+                ..QueueConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        b.send(DEV_QUEUE, &[msg("older")]).await.unwrap();
+        b.dev_topology().await.unwrap();
+        b.send(DEV_QUEUE, &[msg("newer")]).await.unwrap();
+        b.send(DEV_DLQ, &[msg("letter")]).await.unwrap();
+        clock.set(start + time::Duration::days(400));
+        assert_eq!(b.queue_stats(DEV_DLQ).await.unwrap().visible, 1);
+        let got = b.receive_now(DEV_QUEUE, 10).await.unwrap();
+        let mut bodies: Vec<&str> = got.iter().map(|d| d.body.as_str()).collect();
+        bodies.sort_unstable();
+        assert_eq!(bodies, ["newer", "older"]);
+        // A queue declared with a retention still drops what outlived it, as SQS does.
+        b.declare_queue("short", QueueConfig::default())
+            .await
+            .unwrap();
+        b.send("short", &[msg("old")]).await.unwrap();
+        clock.set(start + time::Duration::days(405));
+        assert!(b.receive_now("short", 10).await.unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn the_dev_topology_is_declared_idempotently() {
         let (_dir, b, _) = broker();
@@ -1363,11 +1423,8 @@ mod tests {
         assert_eq!(worker.max_receive_count, Some(5));
         assert_eq!(worker.dlq.as_deref(), Some(DEV_DLQ));
         assert_eq!(worker.visibility_timeout, Duration::from_secs(30));
-        assert_eq!(worker.retention, Duration::from_secs(4 * SECS_PER_DAY));
-        assert_eq!(
-            queues[1].config.retention,
-            Duration::from_secs(14 * SECS_PER_DAY)
-        );
+        assert_eq!(worker.retention, KEEP_UNTIL_DONE);
+        assert_eq!(queues[1].config.retention, KEEP_UNTIL_DONE);
         let written = b
             .publish(
                 DEV_TOPIC,

@@ -18,5 +18,5 @@ pub use adapters::{QueueSource, TopicPublisher};
 pub use broker::{
     Broker, BrokerError, LeasedMessage, OutgoingMessage, PeekedMessage, QueueConfig, QueueInfo,
     QueueStats, SettleOutcome, Subscription, ATTR_SOURCE_QUEUE, DEFAULT_DB_PATH, DEV_DLQ,
-    DEV_QUEUE, DEV_TOPIC, MAX_RECEIVES_CODE,
+    DEV_QUEUE, DEV_TOPIC, KEEP_UNTIL_DONE, MAX_RECEIVES_CODE,
 };
