@@ -101,8 +101,9 @@ impl ApiKeys {
     /// Parses the JSON key configuration; `origin` names its source in errors.
     ///
     /// # Errors
-    /// [`KeyConfigError::Invalid`] for malformed JSON, a hash that is not 64 hex digits, or an
-    /// advertiser scope other than a list or `"*"`.
+    /// [`KeyConfigError::Invalid`] for malformed JSON, a hash that is not 64 hex digits, a
+    /// tenant that is not 1 to 64 of `[A-Za-z0-9._:-]`, or an advertiser scope other than a
+    /// list or `"*"`.
     pub fn parse(json: &str, origin: &str) -> Result<Self, KeyConfigError> {
         let invalid = |message: String| KeyConfigError::Invalid {
             origin: origin.to_owned(),
@@ -124,6 +125,15 @@ impl ApiKeys {
                 }
                 AdvertisersEntry::List(list) => AdvertiserScope::Only(list.into_iter().collect()),
             };
+            // It becomes the `spillway-tenant` attribute of every message: SNS refuses an
+            // empty one (each request of the key would answer 503 for good), and a long one
+            // eats into the envelope's room for attributes.
+            shared::event::Ident::parse("tenant", &e.tenant).map_err(|err| {
+                invalid(format!(
+                    "entry {i}: tenant {:?} {} (1 to 64 of A-Z a-z 0-9 . _ : -)",
+                    e.tenant, err.message
+                ))
+            })?;
             keys.push(ApiKey {
                 sha256: sha,
                 tenant: e.tenant,
@@ -253,5 +263,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("a list or"), "{err}");
+        for tenant in ["", "acme corp", &"t".repeat(65)] {
+            let err = ApiKeys::parse(
+                &format!(
+                    r#"[{{"sha256":"{}","tenant":"{tenant}","advertisers":"*"}}]"#,
+                    hash_key("k")
+                ),
+                "env",
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("entry 0: tenant"), "{err}");
+        }
     }
 }

@@ -157,6 +157,10 @@ pub fn split_items<'a>(
     format: BodyFormat,
     limits: &Limits,
 ) -> Result<Vec<RawItem<'a>>, ApiError> {
+    // A UTF-8 byte order mark, which some Windows tools write first: RFC 8259 lets a parser
+    // ignore it, and serde_json does not (a JSON body was refused whole, an NDJSON body lost
+    // its first line).
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let items = match format {
         BodyFormat::Json => split_json(body, limits.max_events)?,
         BodyFormat::Ndjson => split_ndjson(body, limits.max_events)?,
@@ -318,6 +322,22 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn a_leading_byte_order_mark_is_ignored() {
+        let limits = Limits::default();
+        for (body, format) in [
+            (&b"\xEF\xBB\xBF[{\"a\":1},{\"b\":2}]"[..], BodyFormat::Json),
+            (b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", BodyFormat::Ndjson),
+        ] {
+            let items = split_items(body, format, &limits).unwrap();
+            assert_eq!(items.len(), 2);
+            assert!(
+                items.iter().all(|i| matches!(i, RawItem::Json(_))),
+                "{format:?}"
+            );
+        }
+    }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

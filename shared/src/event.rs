@@ -1187,13 +1187,19 @@ fn parse_occurred_at(
     policy: &ValidationPolicy,
     now: OffsetDateTime,
 ) -> Result<OffsetDateTime, FieldError> {
-    let at = OffsetDateTime::parse(raw, &Rfc3339).map_err(|_| {
+    let invalid = || {
         FieldError::new(
             "occurred_at",
             ErrorCode::InvalidTimestamp,
             format!("{raw:?} is not an RFC 3339 timestamp with offset, e.g. 2026-01-31T12:00:00Z"),
         )
-    })?;
+    };
+    // `time` takes any byte between the date and the time; RFC 3339 has `T` (or `t`, or a
+    // space by its note in 5.6), not `2026-01-31x12:00:00Z`.
+    if !matches!(raw.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
+        return Err(invalid());
+    }
+    let at = OffsetDateTime::parse(raw, &Rfc3339).map_err(|_| invalid())?;
     if let Some(window) = policy.window {
         // A window reaching past the calendar (a huge setting meant as "no limit") bounds
         // nothing on that side.
@@ -1638,6 +1644,32 @@ mod tests {
                 AdEvent::from_json(event, &unbounded, &clock()).is_ok(),
                 "{at}"
             );
+        }
+    }
+
+    #[test]
+    fn date_and_time_are_separated_by_t_or_a_space_only() {
+        for at in [
+            "2026-11-20T11:59:00Z",
+            "2026-11-20t11:59:00z",
+            "2026-11-20 11:59:00+00:00",
+        ] {
+            let event = with("occurred_at", json!(at));
+            assert!(
+                AdEvent::from_json(event, &ValidationPolicy::default(), &clock()).is_ok(),
+                "{at}"
+            );
+        }
+        for at in [
+            "2026-11-20x11:59:00Z",
+            "2026-11-20\n11:59:00Z",
+            "2026-11-20",
+            "",
+        ] {
+            let event = with("occurred_at", json!(at));
+            let errors =
+                AdEvent::from_json(event, &ValidationPolicy::default(), &clock()).unwrap_err();
+            assert_eq!(errors[0].code, ErrorCode::InvalidTimestamp, "{at:?}");
         }
     }
 

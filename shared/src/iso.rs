@@ -14,8 +14,8 @@ const CURRENCIES: &[&str] = &[
     "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SLL",
     "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TND", "TOP", "TRY",
     "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "USN", "UYI", "UYU", "UYW", "UZS", "VED", "VES",
-    "VND", "VUV", "WST", "XAF", "XAG", "XAU", "XCD", "XCG", "XOF", "XPD", "XPF", "XPT", "XSU",
-    "XUA", "YER", "ZAR", "ZMW", "ZWG", "ZWL",
+    "VND", "VUV", "WST", "XAF", "XAG", "XAU", "XBA", "XBB", "XBC", "XBD", "XCD", "XCG", "XDR",
+    "XOF", "XPD", "XPF", "XPT", "XSU", "XUA", "YER", "ZAR", "ZMW", "ZWG", "ZWL",
 ];
 
 /// ISO 3166-1 alpha-2 country codes (officially assigned), sorted for binary search.
@@ -62,6 +62,12 @@ mod tests {
     fn common_codes_are_known_and_made_up_ones_are_not() {
         assert!(is_currency("USD") && is_currency("EUR") && is_currency("JPY"));
         assert!(!is_currency("XYZ") && !is_currency("usd"));
+        // The IMF's special drawing right and the bond-market units are ISO 4217 codes; the
+        // testing and "no currency" codes are not money.
+        assert!(["XDR", "XBA", "XBB", "XBC", "XBD"]
+            .iter()
+            .all(|c| is_currency(c)));
+        assert!(!is_currency("XTS") && !is_currency("XXX"));
         assert!(is_country("US") && is_country("DE") && is_country("JP"));
         assert!(!is_country("XX") && !is_country("us"));
     }
