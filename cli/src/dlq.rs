@@ -881,6 +881,13 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if report.lease_lapsed {
+        eprintln!(
+            "warning: the run outlasted --lease-secs while holding letters it left in the DLQ; \
+             they came back during the run, and on SQS the run may have ended before every \
+             letter was looked at: run it again, with a --lease-secs longer than the run"
+        );
+    }
     if let Some(e) = &report.error {
         bail!("the replay stopped early: {e} (every unmoved message stays in the DLQ)");
     }

@@ -194,6 +194,11 @@ pub struct ReplayReport {
     pub refusals: Vec<Refusal>,
     /// Why the run stopped early, when it did.
     pub error: Option<String>,
+    /// The run outlasted `--lease-secs` while holding letters it did not move (skipped by a
+    /// filter or `--max`, refused): they came back into view during the run. On SQS, whose
+    /// receives come in no order, the run then ends after a few receives of letters already
+    /// seen, possibly before every letter was looked at: run it again (with a longer lease).
+    pub lease_lapsed: bool,
 }
 
 /// Called with the counts after each batch.
@@ -646,6 +651,7 @@ pub async fn replay(
         .find_map(Result::err)
         .map(|e| e.to_string());
     let held: Vec<DeliveryId> = lock(&run.state).held.drain().map(|(_, r)| r).collect();
+    let lease_lapsed = !held.is_empty() && started.elapsed() > opts.lease;
     if let Err(e) = port.release(dlq, &held).await {
         let msg = format!(
             "releasing {} unmoved messages failed ({e}); they come back when their lease lapses",
@@ -697,6 +703,7 @@ pub async fn replay(
         },
         refusals: state.refusals,
         error,
+        lease_lapsed,
     })
 }
 
@@ -1111,6 +1118,46 @@ mod tests {
         assert_eq!(again.counts.moved, 25);
         assert_eq!(port.stats(DEV_DLQ).await.unwrap().total(), 0);
         assert_eq!(port.stats(DEV_QUEUE).await.unwrap().total(), 35);
+    }
+
+    /// A run longer than its lease says so: what it held came back during the run, which on
+    /// SQS can end it before every letter was looked at, with nothing else to tell.
+    #[tokio::test]
+    async fn a_run_that_outlasts_its_lease_while_holding_letters_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(dir.path().join("b.db")).unwrap();
+        broker.dev_topology().await.unwrap();
+        let port = EmbeddedDlq::new(broker);
+        // Every other letter was replayed 3 times already: refused, and held to the end.
+        let letters: Vec<Outgoing> = (0..30)
+            .map(|i| Outgoing {
+                body: format!("letter {i}"),
+                attributes: if i % 2 == 0 {
+                    BTreeMap::new()
+                } else {
+                    BTreeMap::from([(ATTR_REPLAY_COUNT.to_owned(), "3".to_owned())])
+                },
+                ..Outgoing::default()
+            })
+            .collect();
+        let target = Target::Queue(DEV_QUEUE.into());
+        for (lease_ms, lapsed) in [(300, true), (600_000, false)] {
+            port.purge(DEV_DLQ).await.unwrap();
+            port.send(DEV_DLQ, &letters).await.unwrap();
+            let opts = ReplayOptions {
+                rate_per_sec: Some(20.0),
+                lease: Duration::from_millis(lease_ms),
+                ..ReplayOptions::default()
+            };
+            let report = replay(&port, DEV_DLQ, &target, &opts, None).await.unwrap();
+            assert_eq!(report.counts.moved, 15);
+            assert_eq!(report.counts.refused_max_replays, 15);
+            assert!(report.elapsed_secs > 0.3, "{}", report.elapsed_secs);
+            assert_eq!(
+                report.lease_lapsed, lapsed,
+                "lease {lease_ms} ms: {report:?}"
+            );
+        }
     }
 
     #[tokio::test]
