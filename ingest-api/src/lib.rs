@@ -72,6 +72,10 @@ pub struct IngestConfig {
     pub publish_backoff: Duration,
     /// `Retry-After` of a 503.
     pub retry_after: Duration,
+    /// Longest a request's publish may take, retries and the broker client's own included:
+    /// past it the request is answered 503 (what was published of it is stored once when the
+    /// client retries). Keep it below the clients' timeout and, on Lambda, the function's.
+    pub publish_timeout: Duration,
 }
 
 impl Default for IngestConfig {
@@ -85,6 +89,7 @@ impl Default for IngestConfig {
             publish_attempts: 3,
             publish_backoff: Duration::from_millis(50),
             retry_after: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(8),
         }
     }
 }
@@ -301,9 +306,11 @@ async fn ingest_request(
         rejected: prepared.rejected,
     };
     // Rejected items cost tokens too: validating them is work, and a key must not be able to
-    // send invalid events without limit.
-    inner.limiter.charge(key_index, report.rejected.len());
+    // send invalid events without limit. They are charged once the answer is decided: charged
+    // before the take, they left a request with more items than the burst, one of them
+    // invalid, refused (429) on every retry, the bucket never holding what it asks.
     if prepared.accepted == 0 {
+        inner.limiter.charge(key_index, report.rejected.len());
         inner.metrics.count_events(0, report.rejected.len());
         let status = if prepared.all_forbidden {
             StatusCode::FORBIDDEN
@@ -317,7 +324,9 @@ async fn ingest_request(
         .limiter
         .try_take(key_index, prepared.accepted)
         .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
-    publish_with_retries(inner, &prepared.envelopes).await?;
+    let published = publish_within_timeout(inner, &prepared.envelopes).await;
+    inner.limiter.charge(key_index, report.rejected.len());
+    published?;
     inner
         .metrics
         .count_events(report.accepted, report.rejected.len());
@@ -329,6 +338,30 @@ async fn ingest_request(
         "Accepted events"
     );
     Ok((StatusCode::ACCEPTED, Json(report)).into_response())
+}
+
+/// [`publish_with_retries`], given up after `publish_timeout`: the retries of the handler,
+/// the adapter and the AWS SDK stack up to minutes when the broker stalls, and the client (or
+/// Lambda's timeout) gives up long before, without the 503 and `Retry-After` it is owed.
+async fn publish_within_timeout(
+    inner: &Inner,
+    envelopes: &[shared::Envelope],
+) -> Result<(), ApiError> {
+    let limit = inner.config.publish_timeout;
+    if let Ok(published) = tokio::time::timeout(limit, publish_with_retries(inner, envelopes)).await
+    {
+        return published;
+    }
+    warn!(
+        timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+        "Publish did not finish in time; answering 503"
+    );
+    inner
+        .metrics
+        .count_publish(envelopes.len(), false, 0, limit);
+    Err(ApiError::PublishFailed {
+        retry_after: inner.config.retry_after,
+    })
 }
 
 async fn publish_with_retries(

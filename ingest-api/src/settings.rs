@@ -78,6 +78,16 @@ pub struct IngestSettings {
     #[arg(long, env = "SPILLWAY_PUBLISH_BACKOFF_MS", default_value_t = 50)]
     pub publish_backoff_ms: u64,
 
+    /// Longest a request's publish may take, in milliseconds, retries included; then 503.
+    /// Keep it below the clients' timeout and, on Lambda, the function's (10 s in the template).
+    #[arg(
+        long,
+        env = "SPILLWAY_PUBLISH_TIMEOUT_MS",
+        default_value_t = 8_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub publish_timeout_ms: u64,
+
     /// `Retry-After` sent with a 503 when publishing failed, in seconds.
     #[arg(long, env = "SPILLWAY_RETRY_AFTER_SECS", default_value_t = 5)]
     pub retry_after_secs: u64,
@@ -165,6 +175,7 @@ impl IngestSettings {
             publish_attempts: self.publish_attempts.max(1),
             publish_backoff: Duration::from_millis(self.publish_backoff_ms),
             retry_after: Duration::from_secs(self.retry_after_secs),
+            publish_timeout: Duration::from_millis(self.publish_timeout_ms),
         }
     }
 }

@@ -435,6 +435,23 @@ async fn rejected_events_are_charged_so_a_flood_of_invalid_ones_is_rate_limited(
     assert_eq!(h.publisher.event_count(), 0);
 }
 
+/// Charged before the take, the rejected items of a request larger than the burst left the
+/// bucket short of what the take needs, full or not: 429 on every retry, for good.
+#[tokio::test]
+async fn a_request_larger_than_the_burst_with_an_invalid_event_passes_once_the_bucket_is_full() {
+    let h = harness_with(IngestConfig {
+        rate_limit_eps: 2,
+        rate_limit_burst: 2,
+        ..Default::default()
+    });
+    let mut five: Vec<Value> = (1..=5).map(event).collect();
+    five.push(json!({"event_id": "nope"}));
+    let (status, body) = send_json(&h, &json!(five)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["accepted"], 5);
+    assert_eq!(h.publisher.event_count(), 5);
+}
+
 #[tokio::test]
 async fn a_request_larger_than_the_burst_passes_once_and_pays_for_every_event() {
     let h = harness_with(IngestConfig {
@@ -455,6 +472,63 @@ async fn a_request_larger_than_the_burst_passes_once_and_pays_for_every_event() 
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(headers["retry-after"], "2");
     assert_eq!(h.publisher.event_count(), 5);
+}
+
+/// A broker that stalls: each call waits long past any client's patience.
+#[derive(Debug)]
+struct StalledPublisher;
+
+#[async_trait::async_trait]
+impl shared::Publisher for StalledPublisher {
+    async fn publish(
+        &self,
+        _: &[shared::Envelope],
+    ) -> Result<shared::publisher::PublishReport, shared::publisher::PublishError> {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        Err(shared::publisher::PublishError::Unavailable {
+            destination: "stalled".into(),
+            message: "no answer".into(),
+        })
+    }
+
+    async fn ready(&self) -> Result<(), shared::publisher::PublishError> {
+        Ok(())
+    }
+}
+
+/// With the broker stalled, retries stacked up to minutes (the handler's, the adapter's, the
+/// AWS SDK's): the client, or Lambda's timeout, gave up without the 503 it is owed.
+#[tokio::test]
+async fn a_stalled_broker_gets_a_503_within_the_publish_timeout() {
+    let keys = ApiKeys::new(vec![ApiKey::from_plain(
+        "key-all",
+        "acme",
+        AdvertiserScope::Any,
+    )]);
+    let config = IngestConfig {
+        publish_timeout: Duration::from_millis(300),
+        ..IngestConfig::default()
+    };
+    let clock = Arc::new(FixedClock::at(
+        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
+    ));
+    let state = AppState::with_clock(Arc::new(StalledPublisher), keys, config, clock);
+    let started = std::time::Instant::now();
+    let resp = router(state)
+        .oneshot(
+            post(Some("key-all"))
+                .body(Body::from(event(1).to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "5");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
