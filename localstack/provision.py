@@ -1,8 +1,11 @@
 """Deploys infra/template.yaml through CloudFormation (LocalStack or AWS) and prints the
 settings the binaries read, as shell exports.
 
-Usage: provision.py [--stack NAME] [--prefix PREFIX] [--endpoint URL]
-Uses the standard AWS configuration (AWS_ENDPOINT_URL, AWS_REGION, credentials).
+Usage: provision.py [--stack NAME] [--prefix PREFIX] [--endpoint URL | --aws]
+Deploys to LocalStack unless told otherwise: --endpoint (default AWS_ENDPOINT_URL, else
+http://127.0.0.1:4566, with LocalStack's test credentials when none are set); --aws deploys
+to the real AWS account of the standard AWS configuration instead. The endpoint is exported
+with the settings, so the binaries started from the same shell talk to the same place.
 """
 
 import argparse
@@ -21,11 +24,23 @@ def main() -> int:
     p.add_argument("--stack", default=os.environ.get("SPILLWAY_STACK", "spillway"))
     p.add_argument("--prefix", default=os.environ.get("SPILLWAY_PREFIX", "spillway"))
     p.add_argument("--param", action="append", default=[], help="KEY=VALUE template parameter")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--endpoint", default=os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:4566"),
+                        help="LocalStack's URL (default: AWS_ENDPOINT_URL, else http://127.0.0.1:4566)")
+    target.add_argument("--aws", action="store_true",
+                        help="deploy to the real AWS account of the standard AWS configuration")
     args = p.parse_args()
 
     os.environ.setdefault("AWS_REGION", "us-east-1")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    if args.aws:
+        # Never a LocalStack endpoint left in the environment by an earlier eval.
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        # Without an endpoint, boto3 would deploy to whatever real account the environment's
+        # credentials belong to.
+        os.environ["AWS_ENDPOINT_URL"] = args.endpoint
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     cfn = boto3.client("cloudformation", region_name=os.environ["AWS_REGION"])
     params = [{"ParameterKey": "Prefix", "ParameterValue": args.prefix}]
     for kv in args.param:
@@ -70,6 +85,9 @@ def main() -> int:
         "WorkerQueueUrl": "SPILLWAY_QUEUE_URL",
         "WorkerDeadLetterQueueUrl": "SPILLWAY_DLQ_URL",
     }
+    if not args.aws:
+        for env in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            print(f"export {env}={os.environ[env]}")
     for key, value in sorted(outputs.items()):
         env = names.get(key)
         if env:

@@ -9,6 +9,18 @@ endpoint="http://127.0.0.1:4566"
 venv="${SPILLWAY_LS_VENV:-$HOME/.cache/spillway/localstack-venv}"
 state="${SPILLWAY_LS_DIR:-$HOME/.cache/spillway/localstack}"
 
+# curl (the health check) and python3-venv are not on every fresh Debian machine.
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "start.sh: installing ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 healthy() {
   curl -fsS --max-time 2 "$endpoint/_localstack/health" 2>/dev/null | grep -q '"sqs": "\(available\|running\)"'
 }
@@ -18,7 +30,7 @@ if healthy; then
   exit 0
 fi
 
-if docker info >/dev/null 2>&1; then
+if docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; then
   echo "Starting LocalStack with Docker Compose"
   docker compose -f "$here/compose.yaml" up -d
 else

@@ -12,7 +12,8 @@ use ingest_api::settings::IngestSettings;
 use ingest_api::{serve_with_limits, AppState};
 use rand::Rng;
 use shared::settings::{
-    run_with_grace, stop_token, BrokerSettings, ShutdownSettings, SinkSettings,
+    run_with_grace, stop_token, BrokerKind, BrokerSettings, ShutdownSettings, SinkKind,
+    SinkSettings,
 };
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +102,7 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     // Dev listens on loopback by default: `/metrics` shares the API's port.
     let metrics = shared::metrics::router(vec![state.metrics(), worker_metrics]);
     let router = ingest_api::router(state).merge(metrics);
-    print_welcome(addr, data_dir, &args.broker)?;
+    print_welcome(addr, data_dir, &args.broker, &args.sink)?;
 
     let stop_workers = CancellationToken::new();
     let workers = tokio::spawn(poller.run(stop_workers.clone()));
@@ -159,6 +160,7 @@ fn print_welcome(
     addr: std::net::SocketAddr,
     data_dir: &Path,
     broker: &BrokerSettings,
+    sink: &SinkSettings,
 ) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc().format(&Rfc3339)?;
     let id = uuid::Uuid::new_v4();
@@ -174,12 +176,23 @@ fn print_welcome(
          \"cost_micros\":1500,\"currency\":\"USD\"}}'",
         key_path.display()
     );
+    // The same program and the store this pipeline writes (stats reads what it is told to);
+    // the database URL, which may hold a password, is left to the environment.
+    let program = std::env::args().next().unwrap_or_else(|| "spillway".into());
+    let store = match (sink.sink, &sink.sqlite_path) {
+        (SinkKind::Postgres, _) => " --sink postgres (with this DATABASE_URL)".to_owned(),
+        (SinkKind::Sqlite, Some(path)) => format!(" --sqlite-path {}", path.display()),
+        (SinkKind::Sqlite, None) => String::new(),
+    };
+    let dir = data_dir.display();
     match (broker.broker, &broker.kafka.kafka_bootstrap_servers) {
-        (shared::settings::BrokerKind::Kafka, Some(servers)) => println!(
-            "Then: spillway stats --data-dir {} --broker kafka --kafka-bootstrap-servers {servers}",
-            data_dir.display()
+        (BrokerKind::Kafka, Some(servers)) => println!(
+            "Then: {program} stats --data-dir {dir} --broker kafka --kafka-bootstrap-servers {servers}{store}"
         ),
-        _ => println!("Then: spillway stats --data-dir {}", data_dir.display()),
+        (BrokerKind::Aws, _) => println!(
+            "Queue depth: the SQS queue's CloudWatch metrics (spillway stats reads the embedded broker and Kafka)"
+        ),
+        _ => println!("Then: {program} stats --data-dir {dir}{store}"),
     }
     println!("Metrics (Prometheus): http://{addr}/metrics");
     println!("Press Ctrl-C to stop (requests and batches in flight finish first).");

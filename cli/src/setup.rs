@@ -28,7 +28,7 @@ pub(crate) async fn run(args: SetupArgs) -> anyhow::Result<()> {
         }
         BrokerKind::Aws => {
             println!("The AWS topology is infra/template.yaml. Deploy it with:");
-            println!("  LocalStack: localstack/start.sh && python3 localstack/provision.py");
+            println!("  LocalStack: localstack/start.sh && ~/.cache/spillway/localstack-venv/bin/python localstack/provision.py");
             println!(
                 "  AWS:        aws cloudformation deploy --template-file infra/template.yaml \
                  --stack-name spillway"

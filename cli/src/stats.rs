@@ -51,11 +51,9 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
             db.display()
         );
     }
-    let broker = args
-        .broker
-        .embedded()
-        .await
-        .context("opening the embedded broker")?;
+    // Opened, not declared: reading the depths writes nothing.
+    let broker =
+        shared::embedded::Broker::open(db.clone()).context("opening the embedded broker")?;
     let queue = args.broker.queue.clone();
     let q = broker
         .queue_stats(&queue)
@@ -76,7 +74,7 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
     };
     let store = args
         .sink
-        .open(&args.broker.data_dir)
+        .open_to_read(&args.broker.data_dir)
         .await
         .context("opening the store")?;
     let stats = Stats {

@@ -62,7 +62,7 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
         .total();
     let store = args
         .sink
-        .open(&args.broker.data_dir)
+        .open_to_read(&args.broker.data_dir)
         .await
         .context("opening the store")?;
     let stats = KafkaStats {

@@ -220,6 +220,9 @@ pub enum SettingsError {
     /// A Kafka setting is malformed.
     #[error("kafka: {0}")]
     Kafka(String),
+    /// The store to read is not there.
+    #[error("{0}")]
+    NoStore(String),
 }
 
 impl BrokerSettings {
@@ -578,6 +581,35 @@ impl SinkSettings {
                 Ok(Store::Postgres(Arc::new(sink)))
             }
         }
+    }
+}
+
+impl SinkSettings {
+    /// Opens the store only to read it (`spillway stats`): nothing is migrated, and an
+    /// SQLite file that is not there is an error rather than a new, empty store that reads
+    /// as "0 events stored" (the workers' store is elsewhere: other flags).
+    ///
+    /// # Errors
+    /// [`SettingsError::NoStore`], or when the store cannot be opened.
+    pub async fn open_to_read(&self, data_dir: &std::path::Path) -> Result<Store, SettingsError> {
+        if self.sink == SinkKind::Sqlite {
+            let path = self
+                .sqlite_path
+                .clone()
+                .unwrap_or_else(|| data_dir.join(STORE_DB));
+            if !path.exists() {
+                return Err(SettingsError::NoStore(format!(
+                    "no SQLite store at {}: give the store flags the workers run with \
+                     (--data-dir, --sqlite-path, or --sink postgres with DATABASE_URL)",
+                    path.display()
+                )));
+            }
+        }
+        let read = Self {
+            migrate: false,
+            ..self.clone()
+        };
+        read.open(data_dir).await
     }
 }
 
