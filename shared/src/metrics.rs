@@ -175,13 +175,16 @@ pub fn render_all(parts: &[Arc<dyn Render>]) -> String {
 /// `GET /metrics` answering the page of `parts`.
 pub fn router(parts: Vec<Arc<dyn Render>>) -> Router {
     let parts: Arc<[Arc<dyn Render>]> = parts.into();
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let parts = Arc::clone(&parts);
-            async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], render_all(&parts)).into_response() }
-        }),
-    )
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let parts = Arc::clone(&parts);
+                async move {
+                    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render_all(&parts)).into_response()
+                }
+            }),
+        )
 }
 
 /// The value of one series in a page, `name` or `name{label="value",…}` written exactly as
@@ -192,7 +195,7 @@ pub fn value_of(page: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Binds `addr` and serves `GET /metrics` for `parts` in a task of its own for as long as the
+/// Binds `addr` and serves `GET /metrics` for `parts` (and `GET /healthz`) in a task of its own for as long as the
 /// runtime runs; returns the bound address.
 ///
 /// # Errors
@@ -205,8 +208,10 @@ pub async fn spawn(addr: SocketAddr, parts: Vec<Arc<dyn Render>>) -> std::io::Re
         )
     })?;
     let bound = listener.local_addr()?;
+    // A liveness probe too, for processes without an API of their own (the worker).
+    let app = router(parts).route("/healthz", get(|| async { "ok" }));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(parts)).await {
+        if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "Metrics endpoint stopped");
         }
     });
