@@ -45,6 +45,77 @@ fn counts(ids: &[String]) -> HashMap<&str, usize> {
     out
 }
 
+/// `export --delete` then `import` to the same FIFO DLQ, the README's own round trip: each
+/// letter went back with the deduplication id that DLQ had just seen, and SQS dropped it
+/// while answering that it took it. The file was the only copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_deleted_from_a_fifo_dlq_imports_back_whole() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let Some((port, _t)) = setup().await else {
+        return;
+    };
+    let config = localstack::sdk_config().await;
+    let sqs = aws_sdk_sqs::Client::new(&config);
+    let dlq_url = sqs
+        .create_queue()
+        .queue_name(format!(
+            "spillway-fifo-import-{}.fifo",
+            localstack::suffix()
+        ))
+        .attributes(QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let mut letters = dead_letters(20, 19, None);
+    for (i, m) in letters.iter_mut().enumerate() {
+        m.group_id = Some(format!("tenant-{}", i % 2));
+        m.dedup_id = Some(format!("dedup-{i}"));
+    }
+    seed(&port, &dlq_url, &letters).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fifo.ndjson");
+    let file_s = file.display().to_string();
+    let exported = json_of(
+        &run_dlq(
+            &aws(
+                &dlq_url,
+                &["export", "--out", &file_s, "--delete", "--json"],
+            ),
+            &[],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exported["exported"], 20, "{exported}");
+    assert_eq!(port.stats(&dlq_url).await.unwrap().total(), 0);
+
+    for _ in 0..2 {
+        // The second import of the same file within the window sends no copies.
+        let imported = json_of(
+            &run_dlq(
+                &aws(&dlq_url, &["import", &file_s, "--to", &dlq_url, "--json"]),
+                &[],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(imported["imported"], 20, "{imported}");
+    }
+    let back = read_all(&port, &dlq_url).await.unwrap();
+    let mut bodies: Vec<&str> = back.iter().map(|m| m.body.as_str()).collect();
+    bodies.sort_unstable();
+    let mut want: Vec<&str> = letters.iter().map(|m| m.body.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(bodies, want, "every letter back, once");
+    for m in &back {
+        let original = letters.iter().find(|l| l.body == m.body).unwrap();
+        assert_eq!(m.group_id, original.group_id, "the group is kept");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_half_of_10000_dead_letters_moves_exactly_those_after_an_identical_dry_run() {
     let Some((port, t)) = setup().await else {

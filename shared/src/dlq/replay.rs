@@ -15,10 +15,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::inspect::{for_topic, inspect, Filter};
 use super::ndjson::{ExportReader, ExportWriter};
-use super::{now_ms, DlqBroker, DlqError, Outgoing, ATTR_REPLAY_COUNT, DEFAULT_MAX_REPLAYS};
+use super::{
+    now_ms, DlqBroker, DlqError, DlqMessage, Outgoing, ATTR_REPLAY_COUNT, DEFAULT_MAX_REPLAYS,
+};
 use crate::clock::SystemClock;
 use crate::embedded::ATTR_SOURCE_QUEUE;
 use crate::event::ValidationPolicy;
@@ -911,6 +914,21 @@ pub struct ImportReport {
     pub api_calls_total: u64,
 }
 
+/// A message of an export file as it is sent again: as it was, but for its FIFO
+/// deduplication id. The original one was seen by the queue it was exported from (and SQS
+/// silently drops a message whose id it saw in the last 5 minutes, while answering that it
+/// took it): `export --delete` then `import` to the same FIFO DLQ lost every letter. A new id
+/// derived from the old one (or from the body) keeps a second import of the same file within
+/// those 5 minutes from sending copies.
+fn import_outgoing(m: &DlqMessage) -> Outgoing {
+    let mut out = m.to_outgoing();
+    let seen = out.dedup_id.as_deref().unwrap_or(&out.body);
+    out.dedup_id = Some(hex::encode(Sha256::digest(
+        format!("spillway-import:{seen}").as_bytes(),
+    )));
+    out
+}
+
 /// A bad file line's error with what happened to the import.
 fn noting(e: DlqError, what: &str) -> DlqError {
     match e {
@@ -959,7 +977,7 @@ pub async fn import(
         if let Some(at) = pacer.reserve(chunk.len()) {
             tokio::time::sleep_until(at.into()).await;
         }
-        let out: Vec<Outgoing> = chunk.iter().map(super::DlqMessage::to_outgoing).collect();
+        let out: Vec<Outgoing> = chunk.iter().map(import_outgoing).collect();
         let sent = match target {
             Target::Queue(q) => port.send(q, &out).await,
             Target::Topic(t) => port.publish(t, &out).await,
