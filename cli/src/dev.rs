@@ -68,6 +68,9 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let dev_key = load_or_create_dev_key(data_dir)?;
+    args.ingest
+        .check_for(args.broker.broker)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let mut keys = args.ingest.load_keys().context("loading API keys")?;
     keys.extend(ApiKeys::new(vec![ApiKey::from_plain(
         &dev_key,

@@ -115,6 +115,9 @@ struct Inner {
 /// broker call (SNS `GetTopicAttributes`, Kafka metadata), so a flood of it must not become a
 /// flood of broker calls (SNS would throttle the account, and the check would fail).
 const READINESS_FOR: Duration = Duration::from_secs(2);
+/// Longest a readiness check waits for the broker: no answer by then is "not ready" (a
+/// probe's own timeout is 1 s by default in Kubernetes; this answers within a few).
+const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl AppState {
     /// State with the system clock.
@@ -206,10 +209,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
         match *last {
             Some((at, ready)) if at.elapsed() < READINESS_FOR => ready,
             _ => {
-                let ready = match state.0.publisher.ready().await {
-                    Ok(()) => true,
-                    Err(e) => {
+                // Bounded: the broker client's own retries can take a minute and more, and
+                // every other caller waits behind this one, each holding a connection.
+                let check = tokio::time::timeout(READINESS_TIMEOUT, state.0.publisher.ready());
+                let ready = match check.await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
                         warn!(error = %e, "Publisher not ready");
+                        false
+                    }
+                    Err(_) => {
+                        warn!(
+                            timeout_ms = u64::try_from(READINESS_TIMEOUT.as_millis()).unwrap_or(0),
+                            "Publisher readiness check got no answer"
+                        );
                         false
                     }
                 };

@@ -9,7 +9,7 @@ use clap::Parser;
 use ingest_api::settings::IngestSettings;
 use ingest_api::{serve_with_limits, AppState};
 use shared::lambda_init::{is_lambda, report_init_error};
-use shared::publisher::MemoryPublisher;
+use shared::publisher::DiscardPublisher;
 use shared::settings::{
     run_with_grace, stop_token, BrokerSettings, MetricsSettings, ShutdownSettings,
 };
@@ -32,7 +32,8 @@ struct Cli {
     metrics: MetricsSettings,
     #[command(flatten)]
     shutdown: ShutdownSettings,
-    /// Publish to memory instead of a broker (benchmarks of the HTTP path only; nothing is kept).
+    /// Publish nowhere: every valid event is answered 202 and discarded (benchmarks of the
+    /// HTTP path only; never in production).
     #[arg(long, env = "SPILLWAY_MEMORY_PUBLISHER")]
     memory_publisher: bool,
 }
@@ -65,12 +66,19 @@ fn main() -> anyhow::Result<()> {
 /// Keys, publisher and state from the settings: built once per process (or per Lambda
 /// execution environment).
 async fn state(cli: &Cli) -> anyhow::Result<AppState> {
+    cli.ingest
+        .check_for(cli.broker.broker)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let keys = cli.ingest.load_keys().context("loading API keys")?;
     if keys.is_empty() {
         tracing::warn!("No API key configured: every request will be answered 401");
     }
     let publisher: Arc<dyn Publisher> = if cli.memory_publisher {
-        Arc::new(MemoryPublisher::new())
+        tracing::warn!(
+            "SPILLWAY_MEMORY_PUBLISHER is set: every valid event is answered 202 and DISCARDED \
+             (a benchmark of the HTTP path); unset it to publish to the broker"
+        );
+        Arc::new(DiscardPublisher)
     } else {
         cli.broker.publisher().await.context("opening the broker")?
     };

@@ -128,6 +128,25 @@ impl IngestSettings {
         Ok(keys)
     }
 
+    /// Refuses an envelope budget the broker cannot take: on SNS, over 256 KiB less the
+    /// room kept for attributes, every request that fills an envelope would be refused by
+    /// SNS and answered 503 for good.
+    ///
+    /// # Errors
+    /// What is wrong and what is allowed.
+    pub fn check_for(&self, broker: shared::settings::BrokerKind) -> Result<(), String> {
+        if broker == shared::settings::BrokerKind::Aws
+            && self.envelope_budget_bytes > DEFAULT_BUDGET_BYTES
+        {
+            return Err(format!(
+                "--envelope-budget-bytes {} is more than SNS takes in a message with its \
+                 attributes (at most {DEFAULT_BUDGET_BYTES})",
+                self.envelope_budget_bytes
+            ));
+        }
+        Ok(())
+    }
+
     /// The runtime configuration for a broker that is keyed (Kafka: envelopes get a
     /// partition key, 32 buckets unless `--envelope-key-buckets` says otherwise) or not.
     pub fn config_for(&self, keyed_broker: bool) -> IngestConfig {
@@ -207,6 +226,17 @@ mod tests {
         assert_eq!(cli.settings.config_for(false).envelope.key_buckets, 0);
         let cli = Cli::parse_from(["spillway-ingest", "--envelope-key-buckets", "0"]);
         assert_eq!(cli.settings.config_for(true).envelope.key_buckets, 0);
+    }
+
+    #[test]
+    fn an_envelope_budget_over_what_sns_takes_is_refused_on_sns_only() {
+        use shared::settings::BrokerKind;
+        let over = Cli::parse_from(["spillway-ingest", "--envelope-budget-bytes", "300000"]);
+        let err = over.settings.check_for(BrokerKind::Aws).unwrap_err();
+        assert!(err.contains("more than SNS takes"), "{err}");
+        assert!(over.settings.check_for(BrokerKind::Kafka).is_ok());
+        let default = Cli::parse_from(["spillway-ingest"]);
+        assert!(default.settings.check_for(BrokerKind::Aws).is_ok());
     }
 
     #[test]

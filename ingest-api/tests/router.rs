@@ -492,6 +492,7 @@ impl shared::Publisher for StalledPublisher {
     }
 
     async fn ready(&self) -> Result<(), shared::publisher::PublishError> {
+        tokio::time::sleep(Duration::from_secs(600)).await;
         Ok(())
     }
 }
@@ -524,6 +525,25 @@ async fn a_stalled_broker_gets_a_503_within_the_publish_timeout() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "5");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A readiness check waited as long as the broker client (a minute and more when it
+/// stalls), every other caller queued behind it holding a connection.
+#[tokio::test]
+async fn a_stalled_broker_is_not_ready_within_a_few_seconds() {
+    let keys = ApiKeys::new(vec![]);
+    let state = AppState::new(Arc::new(StalledPublisher), keys, IngestConfig::default());
+    let started = std::time::Instant::now();
+    let resp = router(state)
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",

@@ -155,6 +155,24 @@ impl Publisher for MemoryPublisher {
     }
 }
 
+/// Acknowledges every publish and keeps nothing: what `spillway-ingest --memory-publisher`
+/// publishes to, to measure the HTTP path alone. Events sent to it are gone.
+/// ([`MemoryPublisher`] keeps every envelope, which a benchmark of millions of events would
+/// turn into gigabytes.)
+#[derive(Debug, Default)]
+pub struct DiscardPublisher;
+
+#[async_trait]
+impl Publisher for DiscardPublisher {
+    async fn publish(&self, envelopes: &[Envelope]) -> Result<PublishReport, PublishError> {
+        Ok(PublishReport::of(envelopes, 1))
+    }
+
+    async fn ready(&self) -> Result<(), PublishError> {
+        Ok(())
+    }
+}
+
 /// Hands envelopes to an in-process consumer over a bounded channel; a publish is
 /// acknowledged once the channel accepted it (back-pressure when the consumer lags).
 #[derive(Debug, Clone)]
