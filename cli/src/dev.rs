@@ -183,7 +183,7 @@ fn print_welcome(
     // the database URL, which may hold a password, is left to the environment.
     let program = std::env::args().next().unwrap_or_else(|| "spillway".into());
     let store = match (sink.sink, &sink.sqlite_path) {
-        (SinkKind::Postgres, _) => " --sink postgres (with this DATABASE_URL)".to_owned(),
+        (SinkKind::Postgres, _) => " --sink postgres".to_owned(),
         (SinkKind::Sqlite, Some(path)) => format!(" --sqlite-path {}", path.display()),
         (SinkKind::Sqlite, None) => String::new(),
     };
@@ -196,6 +196,9 @@ fn print_welcome(
             "Queue depth: the SQS queue's CloudWatch metrics (spillway stats reads the embedded broker and Kafka)"
         ),
         _ => println!("Then: {program} stats --data-dir {dir}{store}"),
+    }
+    if sink.sink == SinkKind::Postgres {
+        println!("  (with the same DATABASE_URL in the environment)");
     }
     println!("Metrics (Prometheus): http://{addr}/metrics");
     println!("Press Ctrl-C to stop (requests and batches in flight finish first).");

@@ -883,9 +883,9 @@ async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
     }
     if report.lease_lapsed {
         eprintln!(
-            "warning: the run outlasted --lease-secs while holding letters it left in the DLQ; \
-             they came back during the run, and on SQS the run may have ended before every \
-             letter was looked at: run it again, with a --lease-secs longer than the run"
+            "warning: letters this run had leased came back during it (their --lease-secs \
+             lapsed); on SQS the run may have ended before every letter was looked at: run \
+             it again, with a --lease-secs longer than the run"
         );
     }
     if let Some(e) = &report.error {

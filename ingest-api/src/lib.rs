@@ -333,10 +333,10 @@ async fn ingest_request(
         info!(tenant = %key.tenant, rejected = report.rejected.len(), status = status.as_u16(), "Nothing accepted");
         return Ok((status, Json(report)).into_response());
     }
-    inner
-        .limiter
-        .try_take(key_index, prepared.accepted)
-        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+    if let Err(retry_after) = inner.limiter.try_take(key_index, prepared.accepted) {
+        inner.limiter.charge(key_index, report.rejected.len());
+        return Err(ApiError::RateLimited { retry_after });
+    }
     let published = publish_within_timeout(inner, &prepared.envelopes).await;
     inner.limiter.charge(key_index, report.rejected.len());
     published?;

@@ -106,6 +106,35 @@ pub async fn create_queue(
     Ok((queue_url, arn, dlq_url))
 }
 
+/// Creates the FIFO queue `{name}.fifo` (explicit deduplication ids only), redriven to
+/// `redrive.0` (a queue URL) after `redrive.1` receives when given; returns its URL.
+///
+/// # Errors
+/// Any SQS error.
+pub async fn create_fifo_queue(
+    sqs: &aws_sdk_sqs::Client,
+    name: &str,
+    redrive: Option<(&str, u32)>,
+) -> anyhow::Result<String> {
+    let mut create = sqs
+        .create_queue()
+        .queue_name(format!("{name}.fifo"))
+        .attributes(QueueAttributeName::FifoQueue, "true");
+    if let Some((dlq_url, max_receive_count)) = redrive {
+        let dlq_arn = queue_arn(sqs, dlq_url).await?;
+        let policy = serde_json::json!({
+            "deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receive_count
+        });
+        create = create.attributes(QueueAttributeName::RedrivePolicy, policy.to_string());
+    }
+    Ok(create
+        .send()
+        .await?
+        .queue_url()
+        .context("no queue url")?
+        .to_owned())
+}
+
 /// A queue's ARN.
 ///
 /// # Errors

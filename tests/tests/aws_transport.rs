@@ -281,31 +281,24 @@ async fn dead_lettering_sends_with_the_reason_then_deletes() {
 /// group, until the redrive policy moved it without a reason.
 #[tokio::test]
 async fn dead_letters_reach_a_fifo_dlq_once_even_when_sent_twice() {
-    use aws_sdk_sqs::types::QueueAttributeName;
     if !localstack::available().await {
         return;
     }
     let config = localstack::sdk_config().await;
     let sqs = shared::aws::sqs_client(&config);
     let name = format!("spillway-test-fifo-dl-{}", localstack::suffix());
-    let mut urls = Vec::new();
-    for queue in [format!("{name}.fifo"), format!("{name}-dlq.fifo")] {
-        let out = sqs
-            .create_queue()
-            .queue_name(queue)
-            .attributes(QueueAttributeName::FifoQueue, "true")
-            .attributes(QueueAttributeName::ContentBasedDeduplication, "true")
-            .send()
-            .await
-            .unwrap();
-        urls.push(out.queue_url().unwrap().to_owned());
-    }
-    let (queue_url, dlq_url) = (urls[0].clone(), urls[1].clone());
+    let queue_url = localstack::create_fifo_queue(&sqs, &name, None)
+        .await
+        .unwrap();
+    let dlq_url = localstack::create_fifo_queue(&sqs, &format!("{name}-dlq"), None)
+        .await
+        .unwrap();
     for body in ["not an envelope", "nor this"] {
         sqs.send_message()
             .queue_url(&queue_url)
             .message_body(body)
             .message_group_id("tenant-a")
+            .message_deduplication_id(body.replace(' ', "-"))
             .send()
             .await
             .unwrap();

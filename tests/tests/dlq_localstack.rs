@@ -50,25 +50,15 @@ fn counts(ids: &[String]) -> HashMap<&str, usize> {
 /// while answering that it took it. The file was the only copy.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_export_deleted_from_a_fifo_dlq_imports_back_whole() {
-    use aws_sdk_sqs::types::QueueAttributeName;
     let Some((port, _t)) = setup().await else {
         return;
     };
     let config = localstack::sdk_config().await;
     let sqs = aws_sdk_sqs::Client::new(&config);
-    let dlq_url = sqs
-        .create_queue()
-        .queue_name(format!(
-            "spillway-fifo-import-{}.fifo",
-            localstack::suffix()
-        ))
-        .attributes(QueueAttributeName::FifoQueue, "true")
-        .send()
+    let name = format!("spillway-fifo-import-{}", localstack::suffix());
+    let dlq_url = localstack::create_fifo_queue(&sqs, &name, None)
         .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
+        .unwrap();
     let mut letters = dead_letters(20, 19, None);
     for (i, m) in letters.iter_mut().enumerate() {
         m.group_id = Some(format!("tenant-{}", i % 2));
@@ -622,38 +612,18 @@ async fn a_queue_url_that_does_not_exist_is_named_in_the_error() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fifo_replay_keeps_group_and_dedup_ids_and_guards_the_dedup_window() {
-    use aws_sdk_sqs::types::QueueAttributeName;
     let Some((port, _t)) = setup().await else {
         return;
     };
     let config = localstack::sdk_config().await;
     let sqs = aws_sdk_sqs::Client::new(&config);
     let name = format!("spillway-fifo-{}", localstack::suffix());
-    let dlq_url = sqs
-        .create_queue()
-        .queue_name(format!("{name}-dlq.fifo"))
-        .attributes(QueueAttributeName::FifoQueue, "true")
-        .send()
+    let dlq_url = localstack::create_fifo_queue(&sqs, &format!("{name}-dlq"), None)
         .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
-    let dlq_arn = localstack::queue_arn(&sqs, &dlq_url).await.unwrap();
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(format!("{name}.fifo"))
-        .attributes(QueueAttributeName::FifoQueue, "true")
-        .attributes(
-            QueueAttributeName::RedrivePolicy,
-            serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 5}).to_string(),
-        )
-        .send()
+        .unwrap();
+    let queue_url = localstack::create_fifo_queue(&sqs, &name, Some((&dlq_url, 5)))
         .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_owned();
+        .unwrap();
     let mut letters = dead_letters(20, 18, None);
     for (i, m) in letters.iter_mut().enumerate() {
         m.group_id = Some(format!("tenant-{}", i % 2));

@@ -152,6 +152,8 @@ async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_n
     // `spillway stats` counts what is left to replay, as `spillway dlq stats` does; the topic
     // still keeps the 200 letters.
     let data_dir = tempfile::tempdir().unwrap();
+    // A store to read (stats reads the workers' store and refuses one that is not there).
+    shared::SqliteSink::open(data_dir.path().join(shared::settings::STORE_DB)).unwrap();
     let out = std::process::Command::new(tests::dev_process::spillway_bin().unwrap())
         .args([
             "stats",

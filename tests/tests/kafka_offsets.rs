@@ -374,6 +374,55 @@ async fn a_message_out_of_receives_goes_to_the_dlq_topic_and_its_partition_moves
     );
 }
 
+/// The worker's letters whose DLQ produce failed are what goes to the DLQ when the message
+/// comes due again, with their reasons: not the message whole as `max_receives` (its last
+/// receive used), which would lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn letters_whose_produce_failed_are_sent_again_with_their_reasons() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let (bodies, _) = envelopes(1, 1, 5);
+    produce_to(&bootstrap, TOPIC, 0, &bodies).await.unwrap();
+    let mut config = consumer_config(&bootstrap, "unsent");
+    config.max_receives = 1;
+    config.dlq_producer.delivery_timeout = Duration::from_secs(2);
+    let s = Arc::new(KafkaSource::new(&config).unwrap());
+    let got = receive_n(&s, 1, Duration::from_secs(30)).await;
+    let letter = shared::DeadLetter {
+        body: got[0].body.clone(),
+        attributes: got[0].attributes.clone(),
+        reason: shared::DeadLetterReason {
+            code: "invalid_event".into(),
+            message: "/events/0/type: not a type".into(),
+        },
+    };
+    mock.broker_down(1).unwrap();
+    s.dead_letter(&got[0].id, &[letter]).await.unwrap_err();
+    mock.broker_up(1).unwrap();
+    // Due again 5 s later: produced from receive, never handed out.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while committed(&bootstrap, "unsent", 1).await.get(&0) != Some(&1) {
+        assert!(Instant::now() < deadline, "offset 0 never finished");
+        // The consumer reports the outage it saw as an error first; the poller retries.
+        let more = s
+            .receive(10, Duration::from_millis(500))
+            .await
+            .unwrap_or_default();
+        assert!(more.is_empty(), "handed out again: {more:?}");
+        commit(&s).await;
+    }
+    let b = bootstrap.clone();
+    let dlq = tokio::task::spawn_blocking(move || {
+        tests::kafka::read_topic(&b, tests::kafka::DLQ_TOPIC, 1, 1, Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].headers["spillway-error-code"], "invalid_event");
+    assert_eq!(dlq[0].payload, bodies[0]);
+}
+
 /// The page `source` renders, once `series` shows `want`. Statistics come every 100 ms here,
 /// served while the consumer polls, as the poller's receive loops keep it doing.
 async fn lag_page(source: &KafkaSource, series: &str, want: f64) -> String {

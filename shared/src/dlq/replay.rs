@@ -197,8 +197,8 @@ pub struct ReplayReport {
     pub refusals: Vec<Refusal>,
     /// Why the run stopped early, when it did.
     pub error: Option<String>,
-    /// The run outlasted `--lease-secs` while holding letters it did not move (skipped by a
-    /// filter or `--max`, refused): they came back into view during the run. On SQS, whose
+    /// A letter this run had leased and not moved (skipped by a filter or `--max`, refused,
+    /// or waiting to be sent) came back during the run: its lease lapsed. On SQS, whose
     /// receives come in no order, the run then ends after a few receives of letters already
     /// seen, possibly before every letter was looked at: run it again (with a longer lease).
     pub lease_lapsed: bool,
@@ -272,6 +272,8 @@ struct State {
     counts: Counts,
     refusals: Vec<Refusal>,
     reserved: u64,
+    /// A letter leased by this run came back: its lease lapsed during the run.
+    lease_lapsed: bool,
 }
 
 struct Run<'a> {
@@ -357,10 +359,12 @@ impl Run<'_> {
                     if let Some(r) = st.held.get_mut(&id) {
                         // Seen already; its lease lapsed and it came back: keep holding it.
                         *r = l.receipt;
+                        st.lease_lapsed = true;
                         continue;
                     }
                     if let Some(p) = pending.iter_mut().find(|(_, pid, _, _)| *pid == id) {
                         p.0 = l.receipt;
+                        st.lease_lapsed = true;
                         continue;
                     }
                     fresh += 1;
@@ -654,7 +658,6 @@ pub async fn replay(
         .find_map(Result::err)
         .map(|e| e.to_string());
     let held: Vec<DeliveryId> = lock(&run.state).held.drain().map(|(_, r)| r).collect();
-    let lease_lapsed = !held.is_empty() && started.elapsed() > opts.lease;
     if let Err(e) = port.release(dlq, &held).await {
         let msg = format!(
             "releasing {} unmoved messages failed ({e}); they come back when their lease lapses",
@@ -706,7 +709,7 @@ pub async fn replay(
         },
         refusals: state.refusals,
         error,
-        lease_lapsed,
+        lease_lapsed: state.lease_lapsed,
     })
 }
 
@@ -937,8 +940,9 @@ fn noting(e: DlqError, what: &str) -> DlqError {
     }
 }
 
-/// Sends every message of an export file to `target`, bodies, attributes and FIFO ids as they
-/// are (no replay counter, no validation: the inverse of [`export`]), at most `rate_per_sec`.
+/// Sends every message of an export file to `target`, bodies, attributes and FIFO group ids
+/// as they are, with new FIFO deduplication ids ([`import_outgoing`]); no replay counter, no
+/// validation: the inverse of [`export`]; at most `rate_per_sec`.
 ///
 /// The whole file is read once before anything is sent: a line that is not a message stops
 /// the import with nothing sent, so the file can be mended and imported whole.

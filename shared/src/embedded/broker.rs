@@ -560,6 +560,14 @@ impl Broker {
             if let Some(dlq) = &config.dlq {
                 load_queue(tx, dlq)?;
             }
+            let retention_was: Option<i64> = tx
+                .query_row(
+                    "SELECT retention_ms FROM queues WHERE name = ?1",
+                    params![name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("read queue retention"))?;
             tx.execute(
                 "INSERT INTO queues (name, visibility_timeout_ms, max_receive_count, dlq,
                                      retention_ms, delay_ms, created_at_ms)
@@ -583,14 +591,18 @@ impl Broker {
             .map_err(sql("declare queue"))?;
             // The retention counts from each message's send, for the messages already there
             // too (as on SQS); saturating, since SQLite turns an overflowing sum into a float.
-            tx.execute(
-                "UPDATE messages SET expires_at_ms =
+            // Only when it changed: a start declares the dev queues again, and rewriting a
+            // backlog's every row would hold the write lock that publishes wait for.
+            if retention_was.is_some_and(|was| was != ms(config.retention)) {
+                tx.execute(
+                    "UPDATE messages SET expires_at_ms =
                     CASE WHEN sent_at_ms >= 9223372036854775807 - ?2
                          THEN 9223372036854775807 ELSE sent_at_ms + ?2 END
                  WHERE queue = ?1",
-                params![name, ms(config.retention)],
-            )
-            .map_err(sql("apply retention"))?;
+                    params![name, ms(config.retention)],
+                )
+                .map_err(sql("apply retention"))?;
+            }
             Ok(())
         })
         .await

@@ -59,7 +59,7 @@ use crate::source::{
     ATTR_ERROR_MESSAGE, MAX_RECEIVES_CODE,
 };
 
-/// A dead letter whose DLQ produce failed is decided again after this long.
+/// Letters whose DLQ produce failed are sent again after this long.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 /// Longest reason message put in a header.
 const MAX_REASON_BYTES: usize = 4_096;
@@ -144,6 +144,10 @@ struct Entry {
     receive_count: u32,
     /// The payload, when it is not UTF-8 (`body` is then a lossy copy).
     unreadable: Option<Unreadable>,
+    /// Letters the worker decided on whose DLQ produce failed: sent again when it comes due,
+    /// rather than the message being decided again (or, out of receives, dead-lettered whole
+    /// as `max_receives`, which would lose their reasons).
+    unsent_letters: Option<Vec<DeadLetter>>,
 }
 
 /// A payload that is not UTF-8: its bytes, to dead-letter unchanged, and why.
@@ -528,6 +532,7 @@ impl KafkaSource {
                 key: msg.key().map(<[u8]>::to_vec),
                 receive_count: 1,
                 unreadable,
+                unsent_letters: None,
             },
         );
         Some(Delivery {
@@ -541,17 +546,18 @@ impl KafkaSource {
     }
 
     /// Redeliveries whose backoff is over, up to `max`; those already received
-    /// `max_receives` times go to the DLQ topic instead ([`Self::redrive`]).
+    /// `max_receives` times, or holding letters a failed produce left, go to the DLQ topic
+    /// instead ([`Self::redrive`]), all at once: a DLQ that does not answer holds this
+    /// receive up for one delivery timeout, not one per message.
     async fn take_due(&self, max: usize) -> Vec<Delivery> {
-        let (out, exhausted) = self.due(max);
-        for (id, letter) in exhausted {
-            self.redrive(&id, letter).await;
-        }
+        let (out, to_dlq) = self.due(max);
+        futures::future::join_all(to_dlq.iter().map(|(id, letters)| self.redrive(id, letters)))
+            .await;
         out
     }
 
-    /// Redeliveries whose backoff is over, up to `max`, and those out of receives.
-    fn due(&self, max: usize) -> (Vec<Delivery>, Vec<(DeliveryId, DeadLetter)>) {
+    /// Redeliveries whose backoff is over, up to `max`, and what goes to the DLQ instead.
+    fn due(&self, max: usize) -> (Vec<Delivery>, Vec<(DeliveryId, Vec<DeadLetter>)>) {
         let now = Instant::now();
         let mut out = Vec::new();
         let mut exhausted = Vec::new();
@@ -572,10 +578,14 @@ impl KafkaSource {
             let Some(entry) = part.entries.get_mut(&offset) else {
                 continue;
             };
+            if let Some(letters) = entry.unsent_letters.take() {
+                exhausted.push((delivery_id(partition, offset, generation), letters));
+                continue;
+            }
             if entry.receive_count >= self.max_receives {
                 exhausted.push((
                     delivery_id(partition, offset, generation),
-                    DeadLetter {
+                    vec![DeadLetter {
                         body: entry.body.clone(),
                         attributes: entry.attributes.clone(),
                         reason: DeadLetterReason {
@@ -585,7 +595,7 @@ impl KafkaSource {
                                 entry.receive_count, self.max_receives
                             ),
                         },
-                    },
+                    }],
                 ));
                 continue;
             }
@@ -602,14 +612,16 @@ impl KafkaSource {
         (out, exhausted)
     }
 
-    /// Produces a message out of receives to the DLQ topic and finishes its offset. A failed
-    /// produce schedules it again ([`Source::dead_letter`]), so it is tried until it lands.
-    async fn redrive(&self, id: &DeliveryId, letter: DeadLetter) {
-        let reason = letter.reason.message.clone();
-        if let Err(e) = self.dead_letter(id, &[letter]).await {
-            warn!(delivery = %id.0, error = %e, "Moving to the DLQ topic failed; tried again later");
-        } else {
-            warn!(delivery = %id.0, %reason, "Moved to the DLQ topic");
+    /// Produces `letters` for a message to the DLQ topic and finishes its offset. A failed
+    /// produce keeps them for the next try ([`Source::dead_letter`]), until they land or the
+    /// partition moves to another member.
+    async fn redrive(&self, id: &DeliveryId, letters: &[DeadLetter]) {
+        match self.dead_letter(id, letters).await {
+            Ok(()) => {
+                let reasons: Vec<&str> = letters.iter().map(|l| l.reason.code.as_str()).collect();
+                warn!(delivery = %id.0, ?reasons, "Moved to the DLQ topic");
+            }
+            Err(e) => warn!(delivery = %id.0, error = %e, "Moving to the DLQ topic failed"),
         }
     }
 
@@ -847,8 +859,16 @@ impl Source for KafkaSource {
             }
         }
         if let Some(e) = failure {
-            // Nothing is finished; decide it again after a pause rather than leaving the
-            // partition's position stuck behind it.
+            // Nothing is finished; send these letters again after a pause rather than leaving
+            // the partition's position stuck behind it.
+            if let Some(entry) = self
+                .shared
+                .lock()
+                .current(partition, generation)
+                .and_then(|p| p.entries.get_mut(&offset))
+            {
+                entry.unsent_letters = Some(letters.to_vec());
+            }
             self.schedule(&[(id.clone(), DEAD_LETTER_RETRY)]);
             return Err(SourceError::Unavailable {
                 queue: self.dlq_topic.clone(),
