@@ -34,6 +34,8 @@ const MAX_VISIBILITY_SECS: u64 = 43_200;
 const LEASE_WAIT_SECS: i32 = 1;
 /// How long `peek` hides what it reads before releasing it.
 const PEEK_LEASE: Duration = Duration::from_secs(30);
+/// Tries of a delete whose entries SQS fails on its side.
+const DELETE_TRIES: u32 = 3;
 /// Group id for a FIFO destination when the message had none.
 const DEFAULT_GROUP_ID: &str = "spillway-replay";
 
@@ -46,6 +48,66 @@ pub struct SqsDlq {
 }
 
 impl SqsDlq {
+    /// [`DlqBroker::delete`], trying entries SQS failed on its side up to `tries` times.
+    async fn delete_tries(
+        &self,
+        queue: &str,
+        receipts: &[DeliveryId],
+        tries: u32,
+    ) -> Result<usize, DlqError> {
+        let mut stale = 0;
+        for chunk in receipts.chunks(MAX_BATCH_ENTRIES) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&r.0)
+                        .build()
+                        .map_err(|e| DlqError::Invalid(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.calls.count("DeleteMessageBatch");
+            let out = self
+                .sqs
+                .delete_message_batch()
+                .queue_url(queue)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| map_err("sqs:DeleteMessage", queue, "queue", &e))?;
+            if out.failed().iter().any(|f| !f.sender_fault()) {
+                // A server-side failure: try those entries again, a few times at most (it
+                // used to be "once" by recursion without a bound: an SQS failing them every
+                // time kept the run calling it in a loop).
+                let retry: Vec<DeliveryId> = out
+                    .failed()
+                    .iter()
+                    .filter(|f| !f.sender_fault())
+                    .filter_map(|f| f.id().parse::<usize>().ok())
+                    .filter_map(|i| chunk.get(i).cloned())
+                    .collect();
+                stale += out.failed().iter().filter(|f| f.sender_fault()).count();
+                if tries <= 1 {
+                    return Err(DlqError::Unreachable {
+                        operation: "sqs:DeleteMessage".into(),
+                        resource: queue.to_owned(),
+                        detail: format!(
+                            "{} deletes failed on the server side {DELETE_TRIES} times; those \
+                             messages stay in the DLQ as well",
+                            retry.len()
+                        ),
+                    });
+                }
+                stale += Box::pin(self.delete_tries(queue, &retry, tries - 1)).await?;
+            } else {
+                stale += out.failed().len();
+            }
+        }
+        Ok(stale)
+    }
+
     /// The port over clients from `config`.
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         Self {
@@ -423,44 +485,7 @@ impl DlqBroker for SqsDlq {
     }
 
     async fn delete(&self, queue: &str, receipts: &[DeliveryId]) -> Result<usize, DlqError> {
-        let mut stale = 0;
-        for chunk in receipts.chunks(MAX_BATCH_ENTRIES) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&r.0)
-                        .build()
-                        .map_err(|e| DlqError::Invalid(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            self.calls.count("DeleteMessageBatch");
-            let out = self
-                .sqs
-                .delete_message_batch()
-                .queue_url(queue)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| map_err("sqs:DeleteMessage", queue, "queue", &e))?;
-            if out.failed().iter().any(|f| !f.sender_fault()) {
-                // A server-side failure: retry those entries once.
-                let retry: Vec<DeliveryId> = out
-                    .failed()
-                    .iter()
-                    .filter(|f| !f.sender_fault())
-                    .filter_map(|f| f.id().parse::<usize>().ok())
-                    .filter_map(|i| chunk.get(i).cloned())
-                    .collect();
-                stale += out.failed().iter().filter(|f| f.sender_fault()).count();
-                stale += Box::pin(self.delete(queue, &retry)).await?;
-            } else {
-                stale += out.failed().len();
-            }
-        }
-        Ok(stale)
+        self.delete_tries(queue, receipts, DELETE_TRIES).await
     }
 
     async fn send(&self, queue: &str, messages: &[Outgoing]) -> Result<SendOutcome, DlqError> {
