@@ -50,8 +50,12 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
     // Installed before start-up: a stop meanwhile shuts the pipeline down as soon as it runs.
     let stop = stop_token();
     // `--broker kafka` without bootstrap servers: an in-process mock cluster, for trying the
-    // Kafka transport with nothing installed. It lives until this function returns.
-    let _mock = if args.broker.is_keyed() && args.broker.kafka.kafka_bootstrap_servers.is_none() {
+    // Kafka transport with nothing installed. It lives as long as the process: a Kafka client
+    // still held when this function returns (an idle connection's copy of the router holds
+    // the publisher and the consumer's metrics) is dropped with the runtime, and a consumer
+    // closing after its cluster went away blocked the exit past SIGTERM's grace (seen once
+    // in CI: no exit 30 s after SIGTERM).
+    if args.broker.is_keyed() && args.broker.kafka.kafka_bootstrap_servers.is_none() {
         let mock = args
             .broker
             .start_kafka_mock()
@@ -60,10 +64,8 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
             bootstrap = mock.bootstrap_servers(),
             "Started an in-process mock Kafka cluster (nothing is kept when dev stops)"
         );
-        Some(mock)
-    } else {
-        None
-    };
+        Box::leak(Box::new(mock));
+    }
     let data_dir = &args.broker.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
