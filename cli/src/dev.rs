@@ -74,11 +74,14 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         .check_for(args.broker.broker)
         .map_err(|e| anyhow::anyhow!(e))?;
     let mut keys = args.ingest.load_keys().context("loading API keys")?;
-    keys.extend(ApiKeys::new(vec![ApiKey::from_plain(
-        &dev_key,
-        "dev",
-        AdvertiserScope::Any,
-    )]));
+    keys.extend(
+        ApiKeys::new(vec![ApiKey::from_plain(
+            &dev_key,
+            "dev",
+            AdvertiserScope::Any,
+        )]),
+        "the dev key",
+    )?;
 
     let (publisher, source) = args
         .broker

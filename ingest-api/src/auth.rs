@@ -28,6 +28,16 @@ pub enum KeyConfigError {
         /// What is wrong.
         message: String,
     },
+    /// The same key is configured twice.
+    #[error("API key {sha256_prefix}… ({origin}) is configured already, for tenant {tenant:?}; give each key one record")]
+    Duplicate {
+        /// Where the second record came from.
+        origin: String,
+        /// The first 8 hex digits of its hash.
+        sha256_prefix: String,
+        /// The tenant of the first record.
+        tenant: String,
+    },
 }
 
 /// Which advertisers a key may send events for.
@@ -111,7 +121,9 @@ impl ApiKeys {
         };
         let entries: Vec<KeyEntry> =
             serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
-        let mut keys = Vec::with_capacity(entries.len());
+        let mut keys = Self {
+            keys: Vec::with_capacity(entries.len()),
+        };
         for (i, e) in entries.into_iter().enumerate() {
             let mut sha = [0_u8; 32];
             hex::decode_to_slice(e.sha256.trim(), &mut sha)
@@ -131,13 +143,14 @@ impl ApiKeys {
             if let Some(why) = tenant_problem(&e.tenant) {
                 return Err(invalid(format!("entry {i}: tenant {:?} {why}", e.tenant)));
             }
-            keys.push(ApiKey {
+            let key = ApiKey {
                 sha256: sha,
                 tenant: e.tenant,
                 advertisers,
-            });
+            };
+            keys.push(key, origin)?;
         }
-        Ok(Self { keys })
+        Ok(keys)
     }
 
     /// Loads keys from a file.
@@ -152,9 +165,29 @@ impl ApiKeys {
         Self::parse(&text, &path.display().to_string())
     }
 
-    /// Adds keys.
-    pub fn extend(&mut self, other: ApiKeys) {
-        self.keys.extend(other.keys);
+    /// Adds keys; `origin` names where they came from in errors.
+    ///
+    /// # Errors
+    /// [`KeyConfigError::Duplicate`] when a key is configured already: the first record
+    /// would win without a word, so a second one narrowing the key's advertisers (or naming
+    /// another tenant) would do nothing.
+    pub fn extend(&mut self, other: ApiKeys, origin: &str) -> Result<(), KeyConfigError> {
+        for key in other.keys {
+            self.push(key, origin)?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, key: ApiKey, origin: &str) -> Result<(), KeyConfigError> {
+        if let Some(same) = self.keys.iter().find(|k| k.sha256 == key.sha256) {
+            return Err(KeyConfigError::Duplicate {
+                origin: origin.to_owned(),
+                sha256_prefix: hex::encode(&key.sha256[..4]),
+                tenant: same.tenant.clone(),
+            });
+        }
+        self.keys.push(key);
+        Ok(())
     }
 
     /// How many keys are configured.
@@ -167,31 +200,37 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
-    /// Finds the key presented in `Authorization: Bearer …` or `x-api-key`. Every configured
-    /// hash is compared, in constant time, so timing reveals nothing about which matched.
+    /// Finds the key presented in `x-api-key` or `Authorization: Bearer …`, either one: a
+    /// request through API Gateway with a usage-plan key carries that key in `x-api-key`,
+    /// and used to be refused whatever its `Authorization` held. Every configured hash is
+    /// compared with every presented key, in constant time, so timing reveals nothing about
+    /// which matched.
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<(usize, &ApiKey)> {
-        let presented = presented_key(headers)?;
-        let digest = sha256(presented);
         let mut found = None;
-        for (i, key) in self.keys.iter().enumerate() {
-            if bool::from(key.sha256.ct_eq(&digest)) && found.is_none() {
-                found = Some((i, key));
+        for presented in presented_keys(headers).into_iter().flatten() {
+            let digest = sha256(presented);
+            for (i, key) in self.keys.iter().enumerate() {
+                if bool::from(key.sha256.ct_eq(&digest)) && found.is_none() {
+                    found = Some((i, key));
+                }
             }
         }
         found
     }
 }
 
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim());
-    }
-    let auth = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, token) = auth.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+/// The keys a request presents: `x-api-key`, then the `Authorization` bearer token.
+fn presented_keys(headers: &HeaderMap) -> [Option<&str>; 2] {
+    let x_api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|auth| auth.trim().split_once(' '))
+        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()));
+    [x_api_key, bearer]
 }
 
 /// Hex SHA-256 of a plain key, as the key configuration expects it.
@@ -247,6 +286,41 @@ mod tests {
         let (_, key) = keys.authenticate(&h).unwrap();
         assert_eq!(key.tenant, "ops");
         assert!(key.advertisers.allows("anyone"));
+    }
+
+    #[test]
+    fn a_valid_bearer_key_passes_beside_an_unknown_x_api_key() {
+        let keys = keys();
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("usage-plan-key"));
+        h.insert("authorization", HeaderValue::from_static("Bearer secret-1"));
+        assert_eq!(keys.authenticate(&h).unwrap().1.tenant, "acme");
+    }
+
+    #[test]
+    fn a_key_configured_twice_is_refused() {
+        let record = |tenant: &str| {
+            format!(
+                r#"[{{"sha256":"{}","tenant":"{tenant}","advertisers":"*"}}]"#,
+                hash_key("secret-1")
+            )
+        };
+        let mut all = keys();
+        let err = all
+            .extend(
+                ApiKeys::parse(&record("narrowed"), "SPILLWAY_API_KEYS").unwrap(),
+                "SPILLWAY_API_KEYS",
+            )
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("SPILLWAY_API_KEYS"), "{msg}");
+        assert!(msg.contains("\"acme\""), "{msg}");
+        assert!(!msg.contains(&hash_key("secret-1")), "{msg}");
+        let twice = format!(
+            r#"[{{"sha256":"{h}","tenant":"a","advertisers":"*"}},{{"sha256":"{h}","tenant":"b","advertisers":"*"}}]"#,
+            h = hash_key("k")
+        );
+        assert!(ApiKeys::parse(&twice, "file").is_err());
     }
 
     #[test]

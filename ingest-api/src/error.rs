@@ -32,6 +32,13 @@ pub enum ApiError {
         /// How long until the request would pass.
         retry_after: Duration,
     },
+    /// The memory budget of the requests in flight is full; nothing of the request was
+    /// accepted.
+    #[error("the server is holding as many requests as its memory budget allows; nothing was accepted, retry after {} s", retry_after_secs(*.retry_after))]
+    Overloaded {
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
     /// The broker did not acknowledge after the retries; nothing of the request was accepted.
     #[error("the events could not be published; nothing was accepted, retry later")]
     PublishFailed {
@@ -50,7 +57,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::PublishFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::PublishFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -63,6 +70,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::BadBody(_) => "invalid_body",
             Self::RateLimited { .. } => "rate_limited",
+            Self::Overloaded { .. } => "overloaded",
             Self::PublishFailed { .. } => "publish_failed",
         }
     }
@@ -81,7 +89,9 @@ impl IntoResponse for ApiError {
         });
         let mut resp = (self.status(), Json(body)).into_response();
         match self {
-            Self::RateLimited { retry_after } | Self::PublishFailed { retry_after } => {
+            Self::RateLimited { retry_after }
+            | Self::Overloaded { retry_after }
+            | Self::PublishFailed { retry_after } => {
                 let secs = retry_after_secs(retry_after).max(1);
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));

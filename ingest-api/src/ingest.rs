@@ -10,12 +10,16 @@ use shared::envelope::{Envelope, PackedEvent, Packer};
 use shared::event::{ErrorCode, FieldError, RawEvent, ValidationPolicy};
 use shared::Clock;
 
+/// Longest `event_id` a rejection echoes, in bytes (a UUID has 36).
+const MAX_EVENT_ID_ECHOED: usize = 64;
+
 /// One rejected item of a request.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Rejection {
     /// Position of the item in the request (0-based; NDJSON blank lines are not counted).
     pub index: usize,
-    /// The item's `event_id` if it had a readable one.
+    /// The item's `event_id` if it had a readable one of at most 64 bytes (a longer one is
+    /// no UUID; the `event_id` error quotes its start).
     pub event_id: Option<String>,
     /// Every violation found.
     pub errors: Vec<FieldError>,
@@ -99,8 +103,13 @@ pub fn prepare(
                 continue;
             }
         };
-        // The id is copied only for a report.
-        let event_id = || raw.event_id().map(str::to_owned);
+        // The id is copied only for a report, and only when it could be one: a long string
+        // echoed whole (32 KiB of escaped characters) made the answer many times the request.
+        let event_id = || {
+            raw.event_id()
+                .filter(|id| id.len() <= MAX_EVENT_ID_ECHOED)
+                .map(str::to_owned)
+        };
         let event = match raw.validate() {
             Ok(ev) => ev,
             Err(errors) => {

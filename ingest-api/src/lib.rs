@@ -11,12 +11,14 @@
 //! - [`body`]: content type/encoding, size limits, splitting into items.
 //! - [`ingest`]: the HTTP-free decision from body to envelopes and report.
 //! - [`error`]: the HTTP error boundary.
+//! - [`inflight`]: the memory budget of the requests in flight.
 //! - [`metrics`]: counters for `GET /metrics`.
 //! - [`settings`]: flags and environment variables.
 
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod inflight;
 pub mod ingest;
 pub mod metrics;
 pub mod rate_limit;
@@ -44,12 +46,21 @@ use tracing::{info, warn};
 use crate::auth::ApiKeys;
 use crate::body::{decompress, BodyEncoding, BodyFormat, Limits};
 use crate::error::ApiError;
+use crate::inflight::{InflightBudget, Reservation};
 use crate::ingest::{prepare, IngestReport, PrepareContext};
 use crate::metrics::IngestMetrics;
 use crate::rate_limit::RateLimiter;
 use shared::envelope::{EnvelopeConfig, Packer};
 use shared::event::ValidationPolicy;
 use shared::{Clock, Publisher, SystemClock};
+
+/// Default [`IngestConfig::max_inflight_bytes`]: with the runtime and the requests being
+/// decoded beside it, the process stays well within a 512 MiB container.
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 * 1024 * 1024;
+
+/// `Retry-After` of a request refused for the memory budget: what is in flight is usually
+/// answered within a second.
+const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -76,6 +87,9 @@ pub struct IngestConfig {
     /// past it the request is answered 503 (what was published of it is stored once when the
     /// client retries). Keep it below the clients' timeout and, on Lambda, the function's.
     pub publish_timeout: Duration,
+    /// Bytes the requests in flight may hold while they wait (bodies being read, envelopes
+    /// being published); a request past it is answered 503 `overloaded` at once. 0: no limit.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -90,6 +104,7 @@ impl Default for IngestConfig {
             publish_backoff: Duration::from_millis(50),
             retry_after: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(8),
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
         }
     }
 }
@@ -107,6 +122,7 @@ struct Inner {
     limiter: RateLimiter,
     clock: Arc<dyn Clock>,
     metrics: Arc<IngestMetrics>,
+    inflight: Arc<InflightBudget>,
     /// The last readiness check: when, and whether the publisher was ready.
     readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>,
 }
@@ -133,14 +149,16 @@ impl AppState {
         clock: Arc<dyn Clock>,
     ) -> Self {
         let limiter = RateLimiter::new(config.rate_limit_eps, config.rate_limit_burst, keys.len());
+        let inflight = Arc::new(InflightBudget::new(config.max_inflight_bytes));
         Self(Arc::new(Inner {
             publisher,
             packer: Packer::new(config.envelope),
             limiter,
             keys,
+            metrics: Arc::new(IngestMetrics::new(Arc::clone(&inflight))),
+            inflight,
             config,
             clock,
-            metrics: Arc::new(IngestMetrics::new()),
             readiness: tokio::sync::Mutex::new(None),
         }))
     }
@@ -292,6 +310,8 @@ async fn ingest_request(
     if declared.is_some_and(|n| n > limits.max_wire_bytes) {
         return Err(too_large_wire());
     }
+    // A body of unknown length may be as large as the limit.
+    let reading = reserve(inner, declared.unwrap_or(limits.max_wire_bytes))?;
     let wire = http_body_util::Limited::new(body, limits.max_wire_bytes)
         .collect()
         .await
@@ -314,6 +334,11 @@ async fn ingest_request(
         scope: &key.advertisers,
     };
     let prepared = prepare(&decoded, format, &cx)?;
+    // While the broker acknowledges, only the envelopes are held (and the publisher's copy
+    // of them in its request).
+    drop((wire, decoded, reading));
+    let packed: usize = prepared.envelopes.iter().map(|e| e.body.len()).sum();
+    let _publishing = reserve(inner, packed.saturating_mul(2))?;
     let report = IngestReport {
         accepted: prepared.accepted,
         rejected: prepared.rejected,
@@ -333,10 +358,10 @@ async fn ingest_request(
         info!(tenant = %key.tenant, rejected = report.rejected.len(), status = status.as_u16(), "Nothing accepted");
         return Ok((status, Json(report)).into_response());
     }
-    if let Err(retry_after) = inner.limiter.try_take(key_index, prepared.accepted) {
-        inner.limiter.charge(key_index, report.rejected.len());
-        return Err(ApiError::RateLimited { retry_after });
-    }
+    inner
+        .limiter
+        .try_take_with_rejected(key_index, prepared.accepted, report.rejected.len())
+        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     let published = publish_within_timeout(inner, &prepared.envelopes).await;
     inner.limiter.charge(key_index, report.rejected.len());
     published?;
@@ -351,6 +376,21 @@ async fn ingest_request(
         "Accepted events"
     );
     Ok((StatusCode::ACCEPTED, Json(report)).into_response())
+}
+
+/// `bytes` of the memory budget, or `503 overloaded`.
+fn reserve(inner: &Inner, bytes: usize) -> Result<Reservation<'_>, ApiError> {
+    inner.inflight.try_reserve(bytes).ok_or_else(|| {
+        inner.metrics.count_overloaded();
+        warn!(
+            bytes,
+            held = inner.inflight.used(),
+            "Memory budget of the requests in flight is full; answering 503"
+        );
+        ApiError::Overloaded {
+            retry_after: OVERLOADED_RETRY_AFTER,
+        }
+    })
 }
 
 /// [`publish_with_retries`], given up after `publish_timeout`: the retries of the handler,

@@ -1,10 +1,13 @@
 //! The ingest API's counters, rendered at `GET /metrics` (`--metrics-listen`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use shared::metrics::{Exposition, Histogram, Render};
+
+use crate::inflight::InflightBudget;
 
 /// The statuses `POST /v1/events` answers (README, "The ingest API"); anything else counts
 /// as `other`.
@@ -19,7 +22,7 @@ const STATUSES: [(StatusCode, &str); 8] = [
     (StatusCode::SERVICE_UNAVAILABLE, "503"),
 ];
 
-/// Live counters of one ingest API; every field only grows.
+/// Live counters of one ingest API (every one only grows), and the gauge of its memory budget.
 #[derive(Debug, Default)]
 pub struct IngestMetrics {
     /// One per entry of `STATUSES`, then `other`.
@@ -29,12 +32,22 @@ pub struct IngestMetrics {
     envelopes: AtomicU64,
     publish_retries: AtomicU64,
     publish_seconds: Histogram,
+    overloaded: AtomicU64,
+    inflight: Arc<InflightBudget>,
 }
 
 impl IngestMetrics {
-    /// Zeroed counters.
-    pub fn new() -> Self {
-        Self::default()
+    /// Zeroed counters, and the gauge of what `inflight` holds.
+    pub fn new(inflight: Arc<InflightBudget>) -> Self {
+        Self {
+            inflight,
+            ..Self::default()
+        }
+    }
+
+    /// Counts one request refused because the memory budget was full.
+    pub fn count_overloaded(&self) {
+        self.overloaded.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one answer to `POST /v1/events`.
@@ -105,6 +118,17 @@ impl Render for IngestMetrics {
             "spillway_ingest_publish_retries_total",
             "Publish attempts that failed and were tried again.",
             get(&self.publish_retries),
+        );
+        page.counter(
+            "spillway_ingest_overloaded_total",
+            "Requests answered 503 `overloaded`: the memory budget of the requests in flight was full.",
+            get(&self.overloaded),
+        );
+        #[allow(clippy::cast_precision_loss)] // a gauge; exact below 2^53 bytes
+        page.gauge(
+            "spillway_ingest_inflight_bytes",
+            "Bytes the requests in flight hold of the memory budget (bodies being read, envelopes being published).",
+            self.inflight.used() as f64,
         );
         page.histogram(
             "spillway_ingest_publish_seconds",

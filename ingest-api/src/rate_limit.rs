@@ -49,6 +49,27 @@ impl RateLimiter {
         self.take_at(key, n, Instant::now())
     }
 
+    /// [`Self::try_take`] for a request's `accepted` events that also carried `rejected`
+    /// ones: refused, it is charged for the rejected (validating them was work) and the wait
+    /// covers that charge too, so a client waiting as told finds the tokens it needs. The
+    /// wait used to cover the accepted events only, the charge then took the difference back,
+    /// and the retry of a request with rejected items was refused for good.
+    ///
+    /// When it passes, the rejected items are left to [`Self::charge`] once the request is
+    /// answered (charged before the take, they would keep a request larger than the burst
+    /// out even from a full bucket).
+    ///
+    /// # Errors
+    /// The wait, when the request cannot pass yet.
+    pub fn try_take_with_rejected(
+        &self,
+        key: usize,
+        accepted: usize,
+        rejected: usize,
+    ) -> Result<(), Duration> {
+        self.take_with_rejected_at(key, accepted, rejected, Instant::now())
+    }
+
     /// Whether key `key` may send at all: refuses a bucket that is empty or in debt, so that
     /// an exhausted key is turned away before its body is read.
     ///
@@ -59,14 +80,25 @@ impl RateLimiter {
     }
 
     fn take_at(&self, key: usize, n: usize, now: Instant) -> Result<(), Duration> {
+        self.take_with_rejected_at(key, n, 0, now)
+    }
+
+    fn take_with_rejected_at(
+        &self,
+        key: usize,
+        accepted: usize,
+        rejected: usize,
+        now: Instant,
+    ) -> Result<(), Duration> {
         #[allow(clippy::cast_precision_loss)]
-        let n = n as f64;
+        let (n, rejected) = (accepted as f64, rejected as f64);
         self.with_bucket(key, now, |b| {
             let need = n.min(self.burst);
             if b.tokens >= need {
                 b.tokens -= n;
                 Ok(())
             } else {
+                b.tokens -= rejected;
                 Err(self.wait_for(need - b.tokens))
             }
         })
@@ -160,6 +192,26 @@ mod tests {
         assert!((wait.as_secs_f64() - 9.0).abs() < 0.01, "{wait:?}");
         assert!(rl.take_at(0, 1, at(9_000)).is_err());
         assert!(rl.take_at(0, 1_000, at(10_000)).is_ok());
+    }
+
+    #[test]
+    fn a_refused_request_with_rejected_items_passes_when_retried_after_its_wait() {
+        // 100 events/s, burst 1,000; requests of 800 valid and 200 invalid events. The
+        // client waits what it is told, rounded up to whole seconds as `Retry-After` is.
+        let rl = RateLimiter::new(100, 1_000, 1);
+        let t0 = Instant::now();
+        assert!(rl.take_with_rejected_at(0, 800, 200, t0).is_ok());
+        rl.charge(0, 200);
+        let mut at = t0;
+        for _ in 0..2 {
+            match rl.take_with_rejected_at(0, 800, 200, at) {
+                Ok(()) => return,
+                Err(wait) => {
+                    at += Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+                }
+            }
+        }
+        panic!("still refused after two waits");
     }
 
     #[test]

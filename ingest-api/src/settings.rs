@@ -38,6 +38,13 @@ pub struct IngestSettings {
     #[arg(long, env = "SPILLWAY_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
 
+    /// Bytes the requests in flight may hold while they wait (bodies being read, envelopes
+    /// being published); a request past it is answered 503 `overloaded` with `Retry-After: 1`
+    /// before anything of it is accepted. Keep it well below the process's memory limit; 0
+    /// means no limit.
+    #[arg(long, env = "SPILLWAY_MAX_INFLIGHT_BYTES", default_value_t = crate::DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: usize,
+
     /// Largest request body on the wire, in bytes (413 past it).
     #[arg(long, env = "SPILLWAY_MAX_WIRE_BYTES", default_value_t = 1024 * 1024)]
     pub max_wire_bytes: usize,
@@ -120,10 +127,13 @@ impl IngestSettings {
     pub fn load_keys(&self) -> Result<ApiKeys, KeyConfigError> {
         let mut keys = ApiKeys::default();
         if let Some(path) = &self.api_keys_file {
-            keys.extend(ApiKeys::from_file(path)?);
+            keys.extend(ApiKeys::from_file(path)?, &path.display().to_string())?;
         }
         if let Some(json) = &self.api_keys {
-            keys.extend(ApiKeys::parse(json, "SPILLWAY_API_KEYS")?);
+            keys.extend(
+                ApiKeys::parse(json, "SPILLWAY_API_KEYS")?,
+                "SPILLWAY_API_KEYS",
+            )?;
         }
         Ok(keys)
     }
@@ -189,6 +199,7 @@ impl IngestSettings {
                 key_buckets: self.envelope_key_buckets.unwrap_or(0),
                 ..EnvelopeConfig::default()
             },
+            max_inflight_bytes: self.max_inflight_bytes,
             rate_limit_eps: self.rate_limit_eps,
             rate_limit_burst: self.rate_limit_burst,
             publish_attempts: self.publish_attempts.max(1),

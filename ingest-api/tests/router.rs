@@ -77,7 +77,14 @@ fn post(key: Option<&str>) -> axum::http::request::Builder {
 }
 
 async fn send(h: &Harness, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
-    let resp = router(h.state.clone()).oneshot(req).await.unwrap();
+    send_to(&h.state, req).await
+}
+
+async fn send_to(
+    state: &AppState,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = router(state.clone()).oneshot(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -730,4 +737,213 @@ async fn a_flood_of_readiness_checks_makes_one_broker_call() {
             .load(std::sync::atomic::Ordering::SeqCst),
         1
     );
+}
+
+/// A broker whose acknowledgement waits for the test's word, then keeps what it got.
+#[derive(Debug)]
+struct GatedPublisher {
+    open: tokio::sync::Semaphore,
+    calls: std::sync::atomic::AtomicUsize,
+    kept: MemoryPublisher,
+}
+
+#[async_trait::async_trait]
+impl shared::Publisher for GatedPublisher {
+    async fn publish(
+        &self,
+        envelopes: &[shared::Envelope],
+    ) -> Result<shared::publisher::PublishReport, shared::publisher::PublishError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.open.acquire().await.unwrap().forget();
+        self.kept.publish(envelopes).await
+    }
+
+    async fn ready(&self) -> Result<(), shared::publisher::PublishError> {
+        Ok(())
+    }
+}
+
+async fn inflight_gauge(state: &AppState) -> f64 {
+    let page = shared::metrics::render_all(&[state.metrics()]);
+    shared::metrics::value_of(&page, "spillway_ingest_inflight_bytes").unwrap()
+}
+
+/// Polls the gauge until `done` says yes (a spawned request got where the test waits for it).
+async fn wait_for_gauge(state: &AppState, done: impl Fn(f64) -> bool) -> f64 {
+    for _ in 0..500 {
+        let held = inflight_gauge(state).await;
+        if done(held) {
+            return held;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the in-flight gauge never got there: {}",
+        inflight_gauge(state).await
+    );
+}
+
+/// 4,096 connections could each upload a 1 MiB body and then wait on a slow broker with its
+/// events packed, past any container's memory limit: the kill would take every request in
+/// flight with it. A request past the memory budget is refused at once, nothing of it
+/// published, and passes once the budget has room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_memory_budget_is_refused_with_503_overloaded_and_passes_later() {
+    use shared::metrics::value_of;
+    let publisher = Arc::new(GatedPublisher {
+        open: tokio::sync::Semaphore::new(0),
+        calls: 0.into(),
+        kept: MemoryPublisher::new(),
+    });
+    let keys = ApiKeys::new(vec![ApiKey::from_plain(
+        "key-all",
+        "acme",
+        AdvertiserScope::Any,
+    )]);
+    let config = IngestConfig {
+        max_inflight_bytes: 2_800,
+        ..IngestConfig::default()
+    };
+    let clock = Arc::new(FixedClock::at(
+        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
+    ));
+    let state = AppState::with_clock(publisher.clone(), keys, config, clock);
+    let request = |body: String| {
+        post(Some("key-all"))
+            .header("content-length", body.len())
+            .body(Body::from(body))
+            .unwrap()
+    };
+
+    // A: its envelopes wait for the broker, holding twice their size.
+    let waiting = tokio::spawn(router(state.clone()).oneshot(request(event(1).to_string())));
+    for _ in 0..500 {
+        if publisher.calls.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held = inflight_gauge(&state).await;
+    // Twice its one envelope; B's 2,500 bytes do not fit beside it in 2,800.
+    assert!(held > 300.0 && held < 2_000.0, "{held}");
+
+    // B: a 2,500-byte body (the event and blanks) does not fit beside it.
+    let padded = format!(
+        "{}{}",
+        event(2),
+        " ".repeat(2_500 - event(2).to_string().len())
+    );
+    let (status, headers, body) = send_to(&state, request(padded.clone())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    assert_eq!(body["accepted"], 0);
+    assert_eq!(headers["retry-after"], "1");
+
+    // A is acknowledged; B, sent again, fits and passes.
+    publisher.open.add_permits(2);
+    assert_eq!(
+        waiting.await.unwrap().unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    let (status, _, _) = send_to(&state, request(padded)).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(publisher.kept.event_count(), 2);
+    let bodies: String = publisher
+        .kept
+        .published()
+        .iter()
+        .map(|e| e.body.clone())
+        .collect();
+    for n in [1, 2] {
+        assert!(
+            bodies.contains(event(n)["event_id"].as_str().unwrap()),
+            "{bodies}"
+        );
+    }
+
+    let page = shared::metrics::render_all(&[state.metrics()]);
+    assert_eq!(
+        value_of(&page, "spillway_ingest_overloaded_total"),
+        Some(1.0)
+    );
+    assert_eq!(value_of(&page, "spillway_ingest_inflight_bytes"), Some(0.0));
+    assert_eq!(
+        value_of(&page, r#"spillway_ingest_responses_total{status="503"}"#),
+        Some(1.0)
+    );
+}
+
+/// A body still on its way holds what its `Content-Length` announces (a slow client must not
+/// get to hold memory unaccounted), and gives it back once answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_being_read_holds_its_length_of_the_budget() {
+    let h = harness_with(IngestConfig {
+        max_inflight_bytes: 4_000,
+        ..IngestConfig::default()
+    });
+    let body = event(1).to_string();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let slow = post(Some("key-all"))
+        .header("content-length", 3_000)
+        .body(Body::from_stream(tokio_stream_from(rx)))
+        .unwrap();
+    let reading = tokio::spawn(router(h.state.clone()).oneshot(slow));
+    let held = wait_for_gauge(&h.state, |held| held > 0.0).await;
+    assert_eq!(held, 3_000.0);
+
+    let other = format!("{}{}", event(2), " ".repeat(1_100));
+    let (status, _, body2) = send(&h, post(Some("key-all")).body(Body::from(other)).unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body2}");
+
+    let padded = format!("{body}{}", " ".repeat(3_000 - body.len()));
+    tx.send(Ok(padded.into_bytes())).await.unwrap();
+    drop(tx);
+    assert_eq!(
+        reading.await.unwrap().unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(inflight_gauge(&h.state).await, 0.0);
+    assert_eq!(h.publisher.event_count(), 1);
+}
+
+/// The receiving half of a channel as a body stream.
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Refused values were quoted whole, escaped: long ids of U+0085 made a 400 several times
+/// the size of its request (on Lambda, past the 6 MB response limit: a 502 the client
+/// retried, publishing the request's valid events again each time).
+#[tokio::test]
+async fn a_refused_value_is_quoted_clipped_so_the_answer_stays_small() {
+    let h = harness();
+    // Three values of 8 KiB: the event stays under the 32 KiB limit of one event.
+    let long = "\u{85}".repeat(4 * 1024);
+    let mut bad = event(1);
+    bad["event_id"] = json!(long);
+    bad["currency"] = json!(long);
+    bad["type"] = json!(long);
+    let body = json!([bad, event(2)]).to_string();
+    let (status, resp) = send_json(&h, &serde_json::from_str(&body).unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let answer = resp.to_string();
+    assert!(answer.len() < 2_000, "{} bytes: {answer}", answer.len());
+    assert!(resp["rejected"][0]["event_id"].is_null(), "{resp}");
+    let found = codes(&resp);
+    for (field, code) in [
+        ("/event_id", "invalid_uuid"),
+        ("/currency", "invalid_currency"),
+        ("/type", "invalid_value"),
+    ] {
+        assert!(
+            found.contains(&(0, field.to_owned(), code.to_owned())),
+            "{found:?}"
+        );
+    }
+    let message = resp["rejected"][0]["errors"][0]["message"]
+        .as_str()
+        .unwrap();
+    assert!(message.contains("(8192 bytes)"), "{message}");
 }

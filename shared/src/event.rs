@@ -243,7 +243,7 @@ impl EventType {
             "conversion" => Ok(Self::Conversion),
             "video_start" => Ok(Self::VideoStart),
             "video_complete" => Ok(Self::VideoComplete),
-            _ => Err(FieldError::new("type", ErrorCode::InvalidValue, format!("unknown event type {raw:?}; expected one of impression, viewable_impression, click, conversion, video_start, video_complete"))),
+            _ => Err(FieldError::new("type", ErrorCode::InvalidValue, format!("unknown event type {}; expected one of impression, viewable_impression, click, conversion, video_start, video_complete", quoted(raw)))),
         }
     }
 }
@@ -292,7 +292,10 @@ impl Device {
             _ => Err(FieldError::new(
                 "device",
                 ErrorCode::InvalidValue,
-                format!("unknown device {raw:?}; expected desktop, mobile, tablet, ctv or other"),
+                format!(
+                    "unknown device {}; expected desktop, mobile, tablet, ctv or other",
+                    quoted(raw)
+                ),
             )),
         }
     }
@@ -313,7 +316,7 @@ impl EventId {
             FieldError::new(
                 "event_id",
                 ErrorCode::InvalidUuid,
-                format!("{raw:?} is not a UUID"),
+                format!("{} is not a UUID", quoted(raw)),
             )
         })
     }
@@ -451,7 +454,10 @@ impl Currency {
             Err(FieldError::new(
                 "currency",
                 ErrorCode::InvalidCurrency,
-                format!("{raw:?} is not an ISO 4217 currency code such as \"USD\""),
+                format!(
+                    "{} is not an ISO 4217 currency code such as \"USD\"",
+                    quoted(raw)
+                ),
             ))
         }
     }
@@ -479,7 +485,10 @@ impl Country {
             Err(FieldError::new(
                 "country",
                 ErrorCode::InvalidCountry,
-                format!("{raw:?} is not an ISO 3166-1 alpha-2 country code such as \"US\""),
+                format!(
+                    "{} is not an ISO 3166-1 alpha-2 country code such as \"US\"",
+                    quoted(raw)
+                ),
             ))
         }
     }
@@ -1016,6 +1025,22 @@ const MAX_UNKNOWN_REPORTED: usize = 10;
 /// Bytes of an unknown key quoted in its error (cut on a character boundary).
 const MAX_KEY_SHOWN: usize = 64;
 
+/// Most bytes of a refused value quoted in its error message.
+const MAX_VALUE_SHOWN: usize = 64;
+
+/// A refused value as its message quotes it: escaped, and cut to [`MAX_VALUE_SHOWN`] bytes
+/// with its full length said. Quoted whole, a 32 KiB value of escaped characters made an
+/// answer several times the size of its request (past Lambda's 6 MB response limit, a `502`
+/// the client retries).
+fn quoted(raw: &str) -> String {
+    let shown = crate::clip(raw, MAX_VALUE_SHOWN);
+    if shown.len() == raw.len() {
+        format!("{raw:?}")
+    } else {
+        format!("{shown:?}… ({} bytes)", raw.len())
+    }
+}
+
 fn validate_fields(
     fields: &Fields<'_>,
     policy: &ValidationPolicy,
@@ -1191,7 +1216,10 @@ fn parse_occurred_at(
         FieldError::new(
             "occurred_at",
             ErrorCode::InvalidTimestamp,
-            format!("{raw:?} is not an RFC 3339 timestamp with offset, e.g. 2026-01-31T12:00:00Z"),
+            format!(
+                "{} is not an RFC 3339 timestamp with offset, e.g. 2026-01-31T12:00:00Z",
+                quoted(raw)
+            ),
         )
     };
     // `time` takes any byte between the date and the time; RFC 3339 has `T` (or `t`, or a
