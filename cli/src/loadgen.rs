@@ -11,6 +11,10 @@
 //! `429` and `503` are retried after their `Retry-After` (capped), at most `--max-retries`
 //! times. With `--duplicate-fraction`, a batch answered `202` is sent again whole, as a
 //! client does when the response was lost; its ids are written to `--ids-out` only once.
+//!
+//! Ctrl-C or SIGTERM ends a run early: no batch starts after it and no refusal is retried,
+//! the requests in flight are answered, their acknowledged ids written, and the report
+//! printed. A second signal quits at once.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -28,9 +32,11 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use shared::settings::shutdown_signal;
 use shared::synthetic::SyntheticEvents;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Options of `spillway loadgen` (boxed: the other subcommands' options are small).
 #[derive(Debug, Args)]
@@ -242,6 +248,9 @@ struct Shared {
     deadline: Instant,
     next_batch: AtomicU64,
     ids: Option<mpsc::UnboundedSender<Vec<String>>>,
+    /// Cancelled by Ctrl-C or SIGTERM: no new batch starts, retries stop, and the requests in
+    /// flight finish so their answers (and acknowledged ids) are kept.
+    stop: CancellationToken,
 }
 
 /// Counters of one worker, merged at the end.
@@ -367,6 +376,18 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         deadline: start + args.duration,
         next_batch: AtomicU64::new(0),
         ids: ids_tx,
+        stop: CancellationToken::new(),
+    });
+    let stop = shared.stop.clone();
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        eprintln!(
+            "loadgen: stopping; waiting for the requests in flight to be answered \
+             (a second signal quits at once, and their ids are not written)"
+        );
+        stop.cancel();
+        shutdown_signal().await;
+        std::process::exit(130);
     });
     let workers: Vec<_> = (0..concurrency)
         .map(|i| {
@@ -380,6 +401,7 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         stats.merge(w.await.context("a load worker panicked")?);
     }
     let elapsed = start.elapsed();
+    let stopped_early = shared.stop.is_cancelled();
     // Dropping the last sender lets the id writer finish.
     drop(shared);
     if let Some(writer) = ids_writer {
@@ -389,6 +411,13 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             .context("writing --ids-out")?;
     }
     report(&args, seed, &mut stats, elapsed)?;
+    signals.abort();
+    if stopped_early {
+        eprintln!(
+            "loadgen: stopped early by a signal after {:.1} s; the report covers what was sent",
+            elapsed.as_secs_f64()
+        );
+    }
     if stats.by_status.is_empty() {
         bail!("no request got an answer from {}", args.url);
     }
@@ -422,7 +451,7 @@ async fn worker(shared: Arc<Shared>, seed: u64, advertisers: u64) -> Stats {
     let mut events = SyntheticEvents::new(seed, advertisers);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stats = Stats::default();
-    loop {
+    while !shared.stop.is_cancelled() {
         let k = shared.next_batch.fetch_add(1, Ordering::Relaxed);
         match shared.schedule {
             Some(schedule) => {
@@ -430,7 +459,15 @@ async fn worker(shared: Arc<Shared>, seed: u64, advertisers: u64) -> Stats {
                 let Some(due) = schedule.due_secs(k as f64 * shared.batch_size as f64) else {
                     break;
                 };
-                tokio::time::sleep_until(shared.start + Duration::from_secs_f64(due)).await;
+                let at = shared.start + Duration::from_secs_f64(due);
+                if shared
+                    .stop
+                    .run_until_cancelled(tokio::time::sleep_until(at))
+                    .await
+                    .is_none()
+                {
+                    break;
+                }
             }
             None if Instant::now() >= shared.deadline => break,
             None => {}
@@ -461,7 +498,8 @@ async fn worker(shared: Arc<Shared>, seed: u64, advertisers: u64) -> Stats {
                 let _ = tx.send(ids);
             }
         }
-        if acknowledged && rng.random_bool(shared.duplicate_fraction) {
+        if acknowledged && !shared.stop.is_cancelled() && rng.random_bool(shared.duplicate_fraction)
+        {
             stats.duplicate_batches += 1;
             send(&shared, &body, &mut stats).await;
         }
@@ -546,14 +584,21 @@ async fn send(shared: &Shared, body: &Bytes, stats: &mut Stats) -> Outcome {
         *stats.by_status.entry(status.as_u16()).or_default() += 1;
         let retryable =
             status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
-        if retryable && attempt < shared.max_retries {
+        if retryable && attempt < shared.max_retries && !shared.stop.is_cancelled() {
             attempt += 1;
             stats.retries += 1;
             let wait = retry_after
                 .unwrap_or(Duration::from_secs(1))
                 .min(shared.max_retry_wait);
-            tokio::time::sleep(wait).await;
-            continue;
+            // Stopped while waiting: the refusal is the answer (nothing of it was accepted).
+            if shared
+                .stop
+                .run_until_cancelled(tokio::time::sleep(wait))
+                .await
+                .is_some()
+            {
+                continue;
+            }
         }
         let report = serde_json::from_slice::<IngestReport>(&bytes).ok();
         if let Some(r) = &report {
