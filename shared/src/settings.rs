@@ -144,10 +144,14 @@ pub struct KafkaSettings {
     #[arg(long, env = "SPILLWAY_KAFKA_MOCK_PARTITIONS", default_value_t = 4)]
     pub kafka_mock_partitions: i32,
 
-    /// Kafka: extra librdkafka property KEY=VALUE for every client, applied last (repeatable;
-    /// several in one value or in the variable are separated by `;`, since values such as
-    /// `partition.assignment.strategy=range,roundrobin` hold commas), e.g. client.id=ingest-1.
-    #[arg(long, env = "SPILLWAY_KAFKA_CONFIG", value_delimiter = ';')]
+    /// Kafka: extra librdkafka properties for every client, `KEY=VALUE;KEY=VALUE` (`;`, since
+    /// values such as `partition.assignment.strategy=range,roundrobin` hold commas).
+    #[arg(long, env = "SPILLWAY_KAFKA_CONFIG", value_name = "KEY=VALUE;...")]
+    pub kafka_config_list: Option<String>,
+
+    /// Kafka: one extra librdkafka property KEY=VALUE for every client, applied last
+    /// (repeatable; the value is taken whole, `;` included), e.g. client.id=ingest-1.
+    #[arg(long, value_name = "KEY=VALUE")]
     pub kafka_config: Vec<String>,
 }
 
@@ -168,8 +172,29 @@ impl KafkaSettings {
                 broker: "kafka",
             })?;
         let mut client = crate::kafka::KafkaClientConfig::new(servers);
-        for raw in &k.kafka_config {
-            let (key, value) = crate::kafka::parse_property(raw).map_err(SettingsError::Kafka)?;
+        let listed = k.kafka_config_list.iter().flat_map(|list| {
+            list.split(';')
+                .map(str::trim)
+                .filter(|entry| !entry.is_empty())
+                .enumerate()
+                .map(|(n, entry)| {
+                    (
+                        format!(
+                            "entry {} of --kafka-config-list (SPILLWAY_KAFKA_CONFIG)",
+                            n + 1
+                        ),
+                        entry,
+                    )
+                })
+        });
+        let single = k
+            .kafka_config
+            .iter()
+            .enumerate()
+            .map(|(n, entry)| (format!("--kafka-config number {}", n + 1), entry.as_str()));
+        for (which, raw) in listed.chain(single) {
+            let (key, value) = crate::kafka::parse_property(raw)
+                .map_err(|e| SettingsError::Kafka(format!("{which}: {e}")))?;
             client.extra.insert(key, value);
         }
         Ok(client)
@@ -744,14 +769,17 @@ mod kafka_tests {
             "kafka",
             "--kafka-bootstrap-servers",
             "a:9092,b:9092",
-            "--kafka-config",
-            "client.id=w1;partition.assignment.strategy=range,roundrobin",
+            "--kafka-config-list",
+            "client.id=w1; partition.assignment.strategy=range,roundrobin;",
             "--kafka-config",
             "socket.keepalive.enable=true",
+            "--kafka-config",
+            "client.id=w2",
         ]);
         let c = cli.broker.kafka_client_config().unwrap();
         assert_eq!(c.bootstrap_servers, "a:9092,b:9092");
         assert_eq!(c.extra["partition.assignment.strategy"], "range,roundrobin");
+        assert_eq!(c.extra["client.id"], "w2", "single properties come last");
         assert_eq!(c.extra.len(), 3);
         let bad = Cli::parse_from([
             "x",
@@ -764,6 +792,31 @@ mod kafka_tests {
             bad.broker.kafka_client_config(),
             Err(SettingsError::Kafka(_))
         ));
+    }
+
+    /// `--kafka-config` split its value on `;` like the variable, so the README's way to pass
+    /// a value holding `;` did not exist, and the error quoted the part after it.
+    #[test]
+    fn a_single_kafka_property_keeps_its_semicolons_and_a_bad_one_is_not_quoted() {
+        let cli = Cli::parse_from([
+            "x",
+            "--kafka-bootstrap-servers",
+            "a:1",
+            "--kafka-config",
+            "sasl.password=ab;cd",
+        ]);
+        let c = cli.broker.kafka_client_config().unwrap();
+        assert_eq!(c.extra["sasl.password"], "ab;cd");
+        let bad = Cli::parse_from([
+            "x",
+            "--kafka-bootstrap-servers",
+            "a:1",
+            "--kafka-config-list",
+            "sasl.password=ab;secret-part",
+        ]);
+        let err = bad.broker.kafka_client_config().unwrap_err().to_string();
+        assert!(err.contains("entry 2 of --kafka-config-list"), "{err}");
+        assert!(!err.contains("secret-part"), "{err}");
     }
 }
 

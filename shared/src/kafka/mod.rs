@@ -131,13 +131,18 @@ impl KafkaClientConfig {
 /// Parses `KEY=VALUE` (a `--kafka-config` entry).
 ///
 /// # Errors
-/// When there is no `=` or the key is empty.
+/// When there is no `=` or the key is empty; the message does not quote the entry, which may
+/// hold a password.
 pub fn parse_property(raw: &str) -> Result<(String, String), String> {
     match raw.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-        _ => Err(format!(
-            "{raw:?} is not KEY=VALUE (a librdkafka property such as security.protocol=ssl)"
-        )),
+        Some((k, v)) if !k.trim().is_empty() => {
+            Ok((k.trim().to_owned(), v.trim_start().to_owned()))
+        }
+        _ => Err(
+            "not KEY=VALUE (a librdkafka property such as security.protocol=ssl; \
+                  the entry is not shown, it may hold a secret)"
+                .to_owned(),
+        ),
     }
 }
 
