@@ -211,8 +211,17 @@ impl SqsHandler {
             match self.write(batch, cutoff).await {
                 Written::Outcome(outcome) if outcome.sink_health != SinkHealth::Unavailable => {
                     self.count_written(&outcome);
-                    for ((i, _), s) in prepared.iter().zip(outcome.settlements) {
-                        fates[*i] = self.settle(&deliveries[*i], s.decision, deadline).await;
+                    // At once: each letter is a round trip to the DLQ, and one after the
+                    // other they ran into the deadline while it was slow.
+                    let settled = futures::future::join_all(
+                        prepared
+                            .iter()
+                            .zip(outcome.settlements)
+                            .map(|((i, _), s)| self.settle(&deliveries[*i], s.decision, deadline)),
+                    )
+                    .await;
+                    for ((i, _), fate) in prepared.iter().zip(settled) {
+                        fates[*i] = fate;
                     }
                 }
                 Written::TimedOut => {

@@ -521,34 +521,13 @@ async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
 
     let mut acks = Vec::new();
     let mut retries = Vec::new();
-    let mut letters_sent = 0_usize;
+    let mut lettered = Vec::new();
     for s in &outcome.settlements {
         match &s.decision {
             Decision::Ack => acks.push(s.id.clone()),
             Decision::RetryLater(delay) => retries.push((s.id.clone(), *delay)),
             Decision::AckWithLetters(letters) | Decision::DeadLetter(letters) => {
-                match ctx.source.dead_letter(&s.id, letters).await {
-                    Ok(()) => {
-                        letters_sent += letters.len();
-                        m.add_dead_lettered(letters.len() as u64);
-                        if matches!(s.decision, Decision::AckWithLetters(_)) {
-                            m.add_acked(1);
-                        }
-                        for l in letters {
-                            warn!(
-                                message_id = %s.message_id,
-                                code = %l.reason.code,
-                                reason = %l.reason.message,
-                                "Dead-lettered"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        // It comes back after its visibility lapses and is decided again.
-                        m.add_settle_errors(1);
-                        warn!(message_id = %s.message_id, error = %e, "Dead-letter failed");
-                    }
-                }
+                lettered.push((s, letters));
             }
         }
     }
@@ -567,6 +546,43 @@ async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
             Err(e) => {
                 m.add_settle_errors(1);
                 warn!(deliveries = retries.len(), error = %e, "Retry-later failed; they return after their visibility lapses");
+            }
+        }
+    }
+    // Last, and all at once: each is a round trip to the DLQ (on Kafka a wait for delivery
+    // reports, up to the delivery timeout while the DLQ topic has no leader). First and one
+    // after the other, 40 letters in a DLQ outage held their loop for minutes, the batch's
+    // good messages unacknowledged, and on Kafka the worker past `max.poll.interval.ms`.
+    let sent = futures::future::join_all(
+        lettered
+            .iter()
+            .map(|(s, letters)| ctx.source.dead_letter(&s.id, letters)),
+    )
+    .await;
+    let mut letters_sent = 0_usize;
+    for ((s, letters), sent) in lettered.iter().zip(sent) {
+        match sent {
+            Ok(()) => {
+                letters_sent += letters.len();
+                m.add_dead_lettered(letters.len() as u64);
+                if matches!(s.decision, Decision::AckWithLetters(_)) {
+                    m.add_acked(1);
+                }
+                for l in letters.iter() {
+                    warn!(
+                        message_id = %s.message_id,
+                        code = %l.reason.code,
+                        reason = %l.reason.message,
+                        "Dead-lettered"
+                    );
+                }
+            }
+            Err(e) => {
+                // The source still holds it: SQS and the embedded queue hand it out again
+                // once its visibility lapses (decided again), Kafka's source sends the
+                // letters again itself.
+                m.add_settle_errors(1);
+                warn!(message_id = %s.message_id, error = %e, "Dead-letter failed");
             }
         }
     }

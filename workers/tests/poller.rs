@@ -184,6 +184,83 @@ async fn a_receive_loop_that_dies_outside_a_write_is_started_again() {
     assert!(src.dead_letters().is_empty());
 }
 
+/// A DLQ that takes 10 s per call (Kafka waiting out its delivery timeout while the DLQ
+/// topic has no leader), around a real source; counts the calls in flight at once.
+#[derive(Debug)]
+struct SlowDlq {
+    inner: Arc<MemorySource>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most_at_once: std::sync::atomic::AtomicUsize,
+    acks: std::sync::atomic::AtomicUsize,
+    acks_before_a_letter: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Source for SlowDlq {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError> {
+        self.inner.receive(max, wait).await
+    }
+    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), SourceError> {
+        self.acks.fetch_add(ids.len(), Ordering::SeqCst);
+        self.inner.ack(ids).await
+    }
+    async fn retry_later(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
+        self.inner.retry_later(items).await
+    }
+    async fn extend(&self, ids: &[DeliveryId], by: Duration) -> Result<(), SourceError> {
+        self.inner.extend(ids, by).await
+    }
+    async fn dead_letter(
+        &self,
+        id: &DeliveryId,
+        letters: &[DeadLetter],
+    ) -> Result<(), SourceError> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        self.acks_before_a_letter
+            .fetch_max(self.acks.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.inner.dead_letter(id, letters).await
+    }
+}
+
+/// Settling sent a batch's letters one after the other, before acknowledging its good
+/// messages: with a DLQ taking the delivery timeout per call, 40 letters held the loop for
+/// minutes (on Kafka past `max.poll.interval.ms`, out of the group) and the stored events
+/// unacknowledged. They are sent at once, after the acks.
+#[tokio::test(start_paused = true)]
+async fn a_batch_s_letters_are_sent_at_once_after_its_good_messages_are_acked() {
+    let src = source(Some(5));
+    let bad: Vec<String> = (0..5)
+        .map(|_| src.send("garbage", BTreeMap::new()))
+        .collect();
+    fill(&src, 1_300, 5, 2);
+    let slow = Arc::new(SlowDlq {
+        inner: Arc::clone(&src),
+        in_flight: 0.into(),
+        most_at_once: 0.into(),
+        acks: 0.into(),
+        acks_before_a_letter: 0.into(),
+    });
+    let sink = TestSink::new();
+    let config = PollerConfig {
+        loops: 1,
+        ..config()
+    };
+    let poller = Poller::new(slow.clone() as Arc<dyn Source>, sink.clone(), config).unwrap();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(poller.run(token.clone()));
+    until("queue drained", Duration::from_secs(600), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+
+    assert_eq!(src.dead_letters().len(), bad.len());
+    assert_eq!(sink.stored(), 10);
+    assert_eq!(slow.most_at_once.load(Ordering::SeqCst), bad.len());
+    assert_eq!(slow.acks_before_a_letter.load(Ordering::SeqCst), 5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_undecodable_message_is_dead_lettered_on_its_first_receive() {
     let src = source(Some(5));
