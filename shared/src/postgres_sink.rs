@@ -54,7 +54,7 @@ const STORE: &str = "postgres";
 
 /// Key of the transaction-level advisory lock that serialises concurrent [`migrate`] calls
 /// (the bytes of "SPILLWAY").
-const MIGRATION_LOCK_KEY: i64 = 0x5350_494C_4C57_4159;
+pub const MIGRATION_LOCK_KEY: i64 = 0x5350_494C_4C57_4159;
 
 /// The `application_name` the sink's connections report, unless the URL sets one.
 const APPLICATION_NAME: &str = "spillway";
@@ -232,6 +232,13 @@ pub enum PostgresError {
         /// Checksum of the embedded file.
         expected: String,
     },
+    /// The database does not store UTF-8: events hold any Unicode text, and each one its
+    /// encoding cannot hold would be refused as bad data and dead-lettered, after its 202.
+    #[error("the database's encoding is {found}; Spillway needs UTF8 (events hold any Unicode text, and one the database cannot hold would be dead-lettered): create it with ENCODING 'UTF8'")]
+    Encoding {
+        /// The server's `server_encoding`.
+        found: String,
+    },
     /// Any other database error.
     #[error("PostgreSQL error: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
@@ -266,14 +273,29 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// `spillway_migrations`; returns the versions applied now (empty when up to date).
 ///
 /// Concurrent callers (several workers starting at once) are serialised by a transaction
-/// advisory lock: one applies, the others then find nothing to do.
+/// advisory lock: one applies, the others then find nothing to do. The transaction is READ
+/// COMMITTED whatever the database's default: under REPEATABLE READ a caller that waited
+/// for the lock read `spillway_migrations` as of before the winner's commit, ran V1 again
+/// and failed to start on `relation "ad_events" already exists`.
 ///
 /// # Errors
+/// [`PostgresError::Encoding`] when the database is not UTF8,
 /// [`PostgresError::Migration`] when a migration's SQL fails (nothing is applied),
 /// [`PostgresError::MigrationChanged`] when an applied migration was edited since, and
 /// [`PostgresError::Database`] for any other database error.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, PostgresError> {
-    let tx = client.transaction().await?;
+    let encoding: String = client
+        .query_one("SELECT current_setting('server_encoding')", &[])
+        .await?
+        .try_get(0)?;
+    if encoding != "UTF8" {
+        return Err(PostgresError::Encoding { found: encoding });
+    }
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
     tx.batch_execute(
@@ -710,7 +732,17 @@ impl PostgresSink {
         let pool = Pool::builder(manager)
             .max_size(config.max_connections.max(1))
             .timeouts(Timeouts {
-                wait: Some(config.connect_timeout),
+                // A write may hold its connection for the statement timeout: a batch waiting
+                // for one must not give up sooner. It did after the connect timeout (5 s),
+                // when more batches ran at once than there were connections and the writes
+                // were slow but succeeding: each wait failed as transient (a receive used,
+                // toward the DLQ), and the breaker's ping, waiting the same, took the store
+                // for down.
+                wait: Some(
+                    config
+                        .statement_timeout
+                        .saturating_add(config.connect_timeout),
+                ),
                 create: Some(config.connect_timeout),
                 recycle: Some(config.connect_timeout),
             })

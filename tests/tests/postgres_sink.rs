@@ -212,11 +212,14 @@ fn ids(events: &[AdEvent]) -> Vec<Uuid> {
     events.iter().map(|e| e.event_id.as_uuid()).collect()
 }
 
-/// Writes like a worker would: retries transient failures, gives up on anything else.
+/// Writes like a worker would: retries transient failures, gives up on anything else. A
+/// deadlock (40P01) is transient to a worker, but both write paths lock rows in one order so
+/// that there is none: one here fails the test instead of being retried out of sight.
 async fn write_retrying(sink: &PostgresSink, batch: &[AdEvent]) -> shared::WriteReport {
     for attempt in 0.. {
         match sink.write(batch).await {
             Ok(r) => return r,
+            Err(e) if e.to_string().contains("40P01") => panic!("deadlock: {e}"),
             Err(e) if e.is_transient() && attempt < 20 => {
                 tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
             }
@@ -824,4 +827,123 @@ async fn the_checker_detects_a_planted_rollup_inconsistency() {
         })
         .collect();
     assert!(doubled.values().any(|(s, r)| *s == 2 * r), "{doubled:?}");
+}
+
+/// Under a REPEATABLE READ default, a worker that waited for the migration lock read
+/// `spillway_migrations` as of before the winner's commit, ran V1 again and failed to start
+/// on `relation "ad_events" already exists`. The migration transaction is READ COMMITTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_that_waited_for_the_lock_finds_nothing_to_do_under_repeatable_read() {
+    let db = test_db!();
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    // This session holds the lock while the sink's migration waits for it.
+    let mut holder = db.client().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&shared::postgres_sink::MIGRATION_LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    let sink = PostgresSink::new(&db.config()).unwrap();
+    let waiting = tokio::spawn(async move { sink.migrate().await });
+    let watcher = db.client().await;
+    let mut blocked = false;
+    for _ in 0..200 {
+        let n: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(blocked, "the sink's migration never waited for the lock");
+    let all: Vec<i32> = shared::postgres_sink::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .collect();
+    // The holder's own transaction lock is granted (it holds the session lock).
+    assert_eq!(
+        shared::postgres_sink::migrate(&mut holder).await.unwrap(),
+        all
+    );
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&shared::postgres_sink::MIGRATION_LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    let applied = waiting.await.unwrap().unwrap();
+    assert!(applied.is_empty(), "{applied:?}");
+}
+
+/// In a LATIN1 database every event with a character LATIN1 cannot hold was refused as bad
+/// data (22P05) and dead-lettered after its 202. Migration refuses such a database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_refuses_a_database_that_is_not_utf8() {
+    let db = test_db!("ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+    let sink = PostgresSink::new(&db.config()).unwrap();
+    let err = sink.migrate().await.unwrap_err();
+    assert!(
+        matches!(&err, PostgresError::Encoding { found } if found == "LATIN1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ENCODING 'UTF8'"), "{err}");
+    let created: Option<String> = db
+        .client()
+        .await
+        .query_one("SELECT to_regclass('ad_events')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, None);
+}
+
+/// With more batches at once than connections, a batch waiting for a connection gave up
+/// after the connect timeout while the one holding it was slow but succeeding: a transient
+/// failure, a receive used toward the DLQ. It waits as long as a statement may run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_a_pooled_connection_waits_out_a_slow_write() {
+    let db = test_db!();
+    let config = PostgresConfig {
+        max_connections: 1,
+        connect_timeout: Duration::from_secs(1),
+        statement_timeout: Duration::from_secs(30),
+        ..db.config()
+    };
+    let sink = Arc::new(PostgresSink::new(&config).unwrap());
+    sink.migrate().await.unwrap();
+    // A lock held elsewhere makes the first write slow: it holds the only connection.
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE ad_events IN SHARE MODE")
+        .await
+        .unwrap();
+    let write = |seed| {
+        let sink = Arc::clone(&sink);
+        tokio::spawn(async move { sink.write(&events(seed, 10)).await })
+    };
+    let slow = write(1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = write(2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lock.commit().await.unwrap();
+    assert_eq!(slow.await.unwrap().unwrap().inserted, 10);
+    assert_eq!(waiting.await.unwrap().unwrap().inserted, 10);
 }
