@@ -219,15 +219,19 @@ impl ApiKeys {
     }
 }
 
-/// The keys a request presents: `x-api-key`, then the `Authorization` bearer token.
+/// The keys a request presents: `x-api-key`, then the `Authorization` bearer token. A header
+/// given twice presents nothing (Lambda joins repeated values with commas, which matches no
+/// key: the server answers the same).
 fn presented_keys(headers: &HeaderMap) -> [Option<&str>; 2] {
-    let x_api_key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    let once = |name: &str| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => v.to_str().ok(),
+            _ => None,
+        }
+    };
+    let x_api_key = once("x-api-key").map(str::trim);
+    let bearer = once(axum::http::header::AUTHORIZATION.as_str())
         .and_then(|auth| auth.trim().split_once(' '))
         .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()));
     [x_api_key, bearer]
@@ -295,6 +299,15 @@ mod tests {
         h.insert("x-api-key", HeaderValue::from_static("usage-plan-key"));
         h.insert("authorization", HeaderValue::from_static("Bearer secret-1"));
         assert_eq!(keys.authenticate(&h).unwrap().1.tenant, "acme");
+    }
+
+    #[test]
+    fn a_key_header_given_twice_presents_nothing() {
+        let keys = keys();
+        let mut h = HeaderMap::new();
+        h.append("authorization", HeaderValue::from_static("Bearer secret-1"));
+        h.append("authorization", HeaderValue::from_static("Bearer secret-2"));
+        assert!(keys.authenticate(&h).is_none());
     }
 
     #[test]

@@ -276,6 +276,18 @@ async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Bo
     resp
 }
 
+/// The one value of a header that says how to read the body. Given twice, the server read
+/// the first and Lambda (HTTP API, Function URL: repeated headers joined with commas) the
+/// whole list, so one request got two answers; both refuse it now (415).
+fn single_header(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&str>, ApiError> {
+    if headers.get_all(&name).iter().nth(1).is_some() {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "{name} is given more than once; give one"
+        )));
+    }
+    Ok(header_str(headers, name))
+}
+
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -295,8 +307,8 @@ async fn ingest_request(
         .limiter
         .check(key_index)
         .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
-    let format = BodyFormat::from_content_type(header_str(headers, header::CONTENT_TYPE))?;
-    let encoding = BodyEncoding::from_header(header_str(headers, header::CONTENT_ENCODING))?;
+    let format = BodyFormat::from_content_type(single_header(headers, header::CONTENT_TYPE)?)?;
+    let encoding = BodyEncoding::from_header(single_header(headers, header::CONTENT_ENCODING)?)?;
     let limits = &inner.config.limits;
 
     let too_large_wire = || {

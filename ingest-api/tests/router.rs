@@ -947,3 +947,38 @@ async fn a_refused_value_is_quoted_clipped_so_the_answer_stays_small() {
         .unwrap();
     assert!(message.contains("(8192 bytes)"), "{message}");
 }
+
+/// Given twice, a header saying how to read the body was read as its first value by the
+/// server and as the comma-joined list by Lambda: two answers to one request. Both 415.
+#[tokio::test]
+async fn a_content_type_or_encoding_given_twice_is_415() {
+    let h = harness();
+    let body = gzip(event(1).to_string().as_bytes());
+    let (status, _, resp) = send(
+        &h,
+        post(Some("key-all"))
+            .header("content-encoding", "identity")
+            .header("content-encoding", "gzip")
+            .body(Body::from(body))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than once"),
+        "{resp}"
+    );
+    let (status, _, _) = send(
+        &h,
+        post(Some("key-all"))
+            .header("content-type", "application/json")
+            .body(Body::from(event(2).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(h.publisher.event_count(), 0);
+}
