@@ -86,12 +86,14 @@ impl SnsPublisher {
             b = b.message_attributes(name, attr);
         }
         if self.fifo {
-            let group = env
+            let tenant = env
                 .attributes
                 .get(ATTR_TENANT)
                 .map_or("default", String::as_str);
             let dedup = hex::encode(Sha256::digest(env.body.as_bytes()));
-            b = b.message_group_id(group).message_deduplication_id(dedup);
+            b = b
+                .message_group_id(fifo_group_id(tenant))
+                .message_deduplication_id(dedup);
         }
         b.build().map_err(|e| self.rejected(e.to_string()))
     }
@@ -242,8 +244,39 @@ impl Publisher for SnsPublisher {
     }
 }
 
+/// The FIFO message group of a tenant: its name when SNS takes it as a group id (1 to 128
+/// printable ASCII characters), else a digest of it. Taken raw, a tenant such as `Acme Corp`
+/// (a space), `café` or a long name was refused by SNS on every publish: its requests were
+/// answered 503 for good.
+fn fifo_group_id(tenant: &str) -> String {
+    let takes = (1..=128).contains(&tenant.len()) && tenant.bytes().all(|b| b.is_ascii_graphic());
+    if takes {
+        tenant.to_owned()
+    } else {
+        format!(
+            "tenant-{}",
+            &hex::encode(Sha256::digest(tenant.as_bytes()))[..32]
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_tenant_sns_would_refuse_as_a_group_id_gets_a_digest_of_it() {
+        assert_eq!(super::fifo_group_id("acme-eu"), "acme-eu");
+        for tenant in ["Acme Corp", "café", &"t".repeat(129)] {
+            let group = super::fifo_group_id(tenant);
+            assert!(group.starts_with("tenant-") && group.len() == 39, "{group}");
+            assert!(group.bytes().all(|b| b.is_ascii_graphic()));
+            assert_eq!(group, super::fifo_group_id(tenant), "one tenant, one group");
+        }
+        assert_ne!(
+            super::fifo_group_id("Acme Corp"),
+            super::fifo_group_id("Acme  Corp")
+        );
+    }
+
     use std::collections::BTreeMap;
 
     use super::*;
