@@ -63,7 +63,8 @@ const APPLICATION_NAME: &str = "spillway";
 #[derive(Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
     /// Where the database is: a URL (`postgres://user:password@host:5432/dbname`) or a libpq
-    /// key=value string (`host=127.0.0.1 user=postgres dbname=spillway`). TLS is not used.
+    /// key=value string (`host=127.0.0.1 user=postgres dbname=spillway`). TLS only with
+    /// `sslmode=require`, and then the server's certificate is verified (see `ca_file`).
     /// Default `postgres://postgres@127.0.0.1:5432/postgres`.
     pub url: String,
     /// Most connections the sink holds open, which is also the most writes in flight at once;
@@ -76,6 +77,10 @@ pub struct PostgresConfig {
     /// Limit on opening a connection, and on waiting for a free one when all
     /// `max_connections` are busy; past it a write fails as transient. Default 5 s.
     pub connect_timeout: Duration,
+    /// PEM file of the certificates that may sign the server's (RDS: the region's or the
+    /// global bundle), trusted beside the compiled-in public roots. Only with
+    /// `sslmode=require`. Default none.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -85,6 +90,7 @@ impl Default for PostgresConfig {
             max_connections: 8,
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            ca_file: None,
         }
     }
 }
@@ -106,6 +112,7 @@ impl fmt::Debug for PostgresConfig {
             .field("max_connections", &self.max_connections)
             .field("statement_timeout", &self.statement_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -205,7 +212,7 @@ pub enum PostgresError {
         message: String,
     },
     /// No connection could be had from the pool.
-    #[error("cannot get a PostgreSQL connection: {source}")]
+    #[error("cannot get a PostgreSQL connection: {}", describe_pool(source))]
     Connect {
         /// The pool's error.
         source: PoolError,
@@ -231,6 +238,13 @@ pub enum PostgresError {
         applied: String,
         /// Checksum of the embedded file.
         expected: String,
+    },
+    /// TLS cannot be set up as asked: a CA file that cannot be read or holds no
+    /// certificate, or one given while the URL does not ask for TLS.
+    #[error("PostgreSQL TLS: {message}")]
+    Tls {
+        /// What is wrong.
+        message: String,
     },
     /// The database does not store UTF-8: events hold any Unicode text, and each one its
     /// encoding cannot hold would be refused as bad data and dead-lettered, after its 202.
@@ -268,6 +282,56 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     name: "create_events_and_rollups",
     sql: include_str!("../migrations/V1__create_events_and_rollups.sql"),
 }];
+
+/// The TLS connector the URL asks for: none unless `sslmode=require` (the default, `prefer`,
+/// stays in plain text, as it always did), then rustls verifying the server's certificate and
+/// its host name against the compiled-in public roots and `ca_file`. Stricter than libpq's
+/// `require`, which checks nothing: a connection that must be encrypted is one that must not
+/// go to whoever answers.
+fn tls_connector(
+    pg: &tokio_postgres::Config,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, PostgresError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    if pg.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
+        if let Some(path) = ca_file {
+            return Err(PostgresError::Tls {
+                message: format!(
+                    "a CA file ({}) is given but the URL does not ask for TLS: add sslmode=require",
+                    path.display()
+                ),
+            });
+        }
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let tls = |what: String| PostgresError::Tls {
+            message: format!("CA file {}: {what}", path.display()),
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| tls(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(tls("holds no PEM certificate".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| tls(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PostgresError::Tls {
+            message: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+}
 
 /// Applies the migrations not applied yet, in one transaction, and records them in
 /// `spillway_migrations`; returns the versions applied now (empty when up to date).
@@ -722,13 +786,13 @@ impl PostgresSink {
         if pg.get_application_name().is_none() {
             pg.application_name(APPLICATION_NAME);
         }
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls_connector(&pg, config.ca_file.as_deref())? {
+            Some(tls) => Manager::from_config(pg, tls, manager_config()),
+            None => Manager::from_config(pg, NoTls, manager_config()),
+        };
         let pool = Pool::builder(manager)
             .max_size(config.max_connections.max(1))
             .timeouts(Timeouts {
@@ -1063,13 +1127,18 @@ fn classify(err: &tokio_postgres::Error) -> SinkError {
 /// `options` value it rejects) fails every connection alike, so it is an operator's problem
 /// to hold behind the breaker, not the batch's data to dead-letter.
 fn classify_pool(err: &PoolError) -> SinkError {
-    let message = match err {
-        PoolError::Backend(e) => describe(e),
-        other => other.to_string(),
-    };
+    let message = describe_pool(err);
     SinkError::Unavailable {
         store: STORE.into(),
         message: format!("connection pool: {message}"),
+    }
+}
+
+/// A pool error as [`describe`] words the database's: its `Display` says only "db error".
+fn describe_pool(err: &PoolError) -> String {
+    match err {
+        PoolError::Backend(e) => describe(e),
+        other => other.to_string(),
     }
 }
 

@@ -528,6 +528,12 @@ pub struct SinkSettings {
     #[arg(long, env = "SPILLWAY_PG_STATEMENT_TIMEOUT_SECS", default_value_t = 30)]
     pub pg_statement_timeout_secs: u64,
 
+    /// PostgreSQL: PEM file of the certificates that may sign the server's, trusted beside
+    /// the compiled-in public roots (RDS/Aurora: the region's or the global bundle). TLS is
+    /// used when the URL says sslmode=require, and then the certificate and host are verified.
+    #[arg(long, env = "SPILLWAY_PG_CA_FILE")]
+    pub pg_ca_file: Option<PathBuf>,
+
     /// PostgreSQL: apply pending migrations at start (what `spillway migrate` does).
     #[arg(long, env = "SPILLWAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -580,6 +586,7 @@ impl SinkSettings {
         PostgresConfig {
             max_connections: self.pg_max_connections.max(1),
             statement_timeout: Duration::from_secs(self.pg_statement_timeout_secs),
+            ca_file: self.pg_ca_file.clone(),
             ..PostgresConfig::new(self.database_url.clone())
         }
     }

@@ -246,6 +246,89 @@ impl PrivatePostgres {
         Ok(())
     }
 
+    /// Makes it accept TCP clients over TLS only, as RDS does with `rds.force_ssl=1`: a
+    /// certificate for 127.0.0.1 from a CA of its own (made with `openssl`), `ssl = on`, and
+    /// `hostssl` as the only TCP line of `pg_hba.conf` (the Unix socket stays open, see
+    /// [`PrivatePostgres::socket_url`]); restarts it. Returns the CA's PEM file, what a client
+    /// must trust.
+    ///
+    /// # Errors
+    /// When the certificate cannot be made or the server does not come back.
+    pub fn require_tls(&self) -> anyhow::Result<PathBuf> {
+        let (cert, key) = (self.data.join("server.crt"), self.data.join("server.key"));
+        let ca = self.dir.path().join("ca.pem");
+        let (ca_key, csr) = (
+            self.dir.path().join("ca.key"),
+            self.dir.path().join("server.csr"),
+        );
+        // A CA, and the server's certificate for 127.0.0.1 signed by it (a CA's own
+        // certificate is refused as a server's).
+        run(Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=spillway test CA", "-keyout"])
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca)
+            .stderr(Stdio::null()))?;
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr)
+            .stderr(Stdio::null()))?;
+        let ext = self.dir.path().join("server.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
+        )?;
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .args(["-CAcreateserial", "-extfile"])
+            .arg(&ext)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null()))?;
+        run(Command::new("chmod").arg("600").arg(&key))?;
+        if self.as_postgres {
+            run(Command::new("chown").arg("postgres:").arg(&cert).arg(&key))?;
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text)?;
+        std::fs::write(
+            self.data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )?;
+        self.stop("fast")?;
+        self.start_again()?;
+        Ok(ca)
+    }
+
+    /// The URL of database `postgres` over the server's Unix socket.
+    pub fn socket_url(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
     /// Stops it: `fast` (disconnects clients, clean shutdown) or `immediate` (no shutdown
     /// checkpoint, recovery at the next start: a crash).
     ///
