@@ -19,6 +19,20 @@ import boto3
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "template.yaml"
 
 
+def update_parameters(given: list, current: list) -> list:
+    """The parameters of an update: those given, and every other one the stack has, kept.
+
+    CloudFormation resets a parameter left out of an update to its default (it does not keep
+    the stack's value the way `aws cloudformation deploy` does): run for its exports on the
+    stack the Lambda deploy made, this script set DeployFunctions=false and deleted the
+    functions.
+    """
+    named = {p["ParameterKey"] for p in given}
+    kept = [{"ParameterKey": p["ParameterKey"], "UsePreviousValue": True}
+            for p in current if p["ParameterKey"] not in named]
+    return given + kept
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stack", default=os.environ.get("SPILLWAY_STACK", "spillway"))
@@ -55,13 +69,19 @@ def main() -> int:
         exists = False
     try:
         if exists:
-            cfn.update_stack(StackName=args.stack, TemplateBody=body, Parameters=params,
+            current = cfn.describe_stacks(StackName=args.stack)["Stacks"][0].get("Parameters", [])
+            cfn.update_stack(StackName=args.stack, TemplateBody=body,
+                             Parameters=update_parameters(params, current),
                              Capabilities=["CAPABILITY_IAM"])
         else:
             cfn.create_stack(StackName=args.stack, TemplateBody=body, Parameters=params,
                              Capabilities=["CAPABILITY_IAM"])
     except cfn.exceptions.ClientError as e:
-        if "No updates are to be performed" not in str(e):
+        if "not yet been emulated" in str(e) and not args.aws:
+            # LocalStack's free edition has no UpdateStack: keep the stack as it is.
+            print(f"LocalStack cannot update stack {args.stack}; using it as it is "
+                  "(delete it to deploy the template again)", file=sys.stderr)
+        elif "No updates are to be performed" not in str(e):
             raise
 
     deadline = time.time() + 300

@@ -586,6 +586,11 @@ async fn ten_large_requeued_messages_go_out_in_calls_under_256_kib() {
 /// Runs localstack/provision.py (CloudFormation deploy of infra/template.yaml) with the
 /// LocalStack venv's Python; returns the exported settings.
 fn provision(stack: &str) -> std::collections::HashMap<String, String> {
+    provision_with(stack, &[])
+}
+
+/// [`provision`] with more arguments (`--param KEY=VALUE`).
+fn provision_with(stack: &str, extra: &[&str]) -> std::collections::HashMap<String, String> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -600,6 +605,7 @@ fn provision(stack: &str) -> std::collections::HashMap<String, String> {
     let out = std::process::Command::new(venv.join("bin/python"))
         .arg(root.join("localstack/provision.py"))
         .args(["--stack", stack, "--prefix", stack])
+        .args(extra)
         .output()
         .expect("the LocalStack venv (localstack/start.sh creates it)");
     assert!(
@@ -728,4 +734,70 @@ fn the_template_passes_cfn_lint() {
         "cfn-lint found problems (exit {}):\n{report}",
         out.status
     );
+}
+
+/// provision.py updated an existing stack with only the parameters it was given, and
+/// CloudFormation resets the others to their defaults: run for its exports on the stack the
+/// Lambda deploy made, it set DeployFunctions=false and deleted the functions. An update keeps
+/// every parameter not given (`update_parameters`; LocalStack has no UpdateStack to run it
+/// against, so that function is checked on its own), and run again on LocalStack the script
+/// keeps the stack as it is instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_an_existing_stack_again_keeps_the_parameters_it_was_not_given() {
+    if !localstack::available().await {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let venv = std::path::PathBuf::from(std::env::var("HOME").unwrap())
+        .join(".cache/spillway/localstack-venv");
+    let check = std::process::Command::new(venv.join("bin/python"))
+        .current_dir(root.join("localstack"))
+        .args([
+            "-c",
+            "import provision\n\
+             given = [{'ParameterKey': 'Prefix', 'ParameterValue': 'p'}]\n\
+             current = [{'ParameterKey': 'Prefix', 'ParameterValue': 'old'},\n\
+                        {'ParameterKey': 'DeployFunctions', 'ParameterValue': 'true'}]\n\
+             got = provision.update_parameters(given, current)\n\
+             assert got == given + [{'ParameterKey': 'DeployFunctions', 'UsePreviousValue': True}], got\n",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let config = localstack::sdk_config().await;
+    let sqs = shared::aws::sqs_client(&config);
+    let stack = format!("sw-p-{}", localstack::suffix());
+    let max_receives = |env: std::collections::HashMap<String, String>| {
+        let sqs = sqs.clone();
+        async move {
+            let attrs = sqs
+                .get_queue_attributes()
+                .queue_url(&env["SPILLWAY_QUEUE_URL"])
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy)
+                .send()
+                .await
+                .unwrap();
+            let policy: serde_json::Value = serde_json::from_str(
+                &attrs.attributes().unwrap()
+                    [&aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy],
+            )
+            .unwrap();
+            policy["maxReceiveCount"]
+                .to_string()
+                .trim_matches('"')
+                .to_owned()
+        }
+    };
+    let first = provision_with(&stack, &["--param", "MaxReceiveCount=7"]);
+    assert_eq!(max_receives(first).await, "7");
+    // Again, as an operator runs it for the exports: nothing given but the prefix.
+    let again = provision(&stack);
+    assert_eq!(max_receives(again).await, "7");
 }

@@ -274,13 +274,17 @@ async fn the_image_runs_ingest_and_worker_on_sns_sqs_and_postgres_and_stops_clea
         "advertisers": "*",
     }]);
 
-    let (api, metrics) = (free_port(), free_port());
+    let (api, metrics, ingest_metrics) = (free_port(), free_port(), free_port());
     let mut env = aws.clone();
     env.extend([
         ("SPILLWAY_LISTEN", format!("127.0.0.1:{api}")),
         ("SPILLWAY_BROKER", "aws".into()),
         ("SPILLWAY_TOPIC_ARN", topo.topic_arn.clone()),
         ("SPILLWAY_API_KEYS", keys.to_string()),
+        (
+            "SPILLWAY_METRICS_LISTEN",
+            format!("127.0.0.1:{ingest_metrics}"),
+        ),
     ]);
     // No command: the image's own (spillway-ingest).
     let ingest = run(&format!("spillway-ingest-{suffix}"), &image.0, &env, &[]);
@@ -299,8 +303,14 @@ async fn the_image_runs_ingest_and_worker_on_sns_sqs_and_postgres_and_stops_clea
         &env,
         &["spillway-worker"],
     );
-    // The probes of infra/k8s: ingest ready once SNS answers, the worker's /healthz.
+    // The probes of infra/k8s: ingest ready once SNS answers, and alive on its metrics
+    // listener (off the API's connection cap), the worker's /healthz.
     wait_for(&format!("http://127.0.0.1:{api}/readyz"), &ingest).await;
+    wait_for(
+        &format!("http://127.0.0.1:{ingest_metrics}/healthz"),
+        &ingest,
+    )
+    .await;
     wait_for(&format!("http://127.0.0.1:{metrics}/healthz"), &worker).await;
 
     let mut g = SyntheticEvents::new(21, 5);
