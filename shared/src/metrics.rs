@@ -163,6 +163,34 @@ pub trait Render: Send + Sync {
     fn render(&self, page: &mut Exposition);
 }
 
+/// A part of the page known only later: a process serves `/healthz` (and an empty page)
+/// while it starts, then what its part renders once [`Later::set`] gives it.
+#[derive(Default)]
+pub struct Later(std::sync::OnceLock<Arc<dyn Render>>);
+
+impl std::fmt::Debug for Later {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Later")
+            .field("set", &self.0.get().is_some())
+            .finish()
+    }
+}
+
+impl Later {
+    /// Gives the part; the first one given stays.
+    pub fn set(&self, part: Arc<dyn Render>) {
+        let _ = self.0.set(part);
+    }
+}
+
+impl Render for Later {
+    fn render(&self, page: &mut Exposition) {
+        if let Some(part) = self.0.get() {
+            part.render(page);
+        }
+    }
+}
+
 /// The page of every component in `parts`, in order.
 pub fn render_all(parts: &[Arc<dyn Render>]) -> String {
     let mut page = Exposition::new();

@@ -238,6 +238,9 @@ async fn a_worker_on_sqs_killed_every_few_seconds_loses_nothing_and_counts_nothi
 /// store, so a stop during start-up (here: a store that accepts the connection and never
 /// answers) killed it by the signal instead of letting it exit 0. The kill test above hit
 /// it when the backlog was already drained as the last restarted worker came up.
+/// And its liveness probe (`/healthz` on the metrics listener) answers while it starts: the
+/// listener used to be bound only after start-up, so a long wait (another replica's
+/// migration lock) found nothing listening and the kubelet killed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_while_it_starts_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -249,16 +252,24 @@ async fn a_worker_stopped_while_it_starts_exits_cleanly() {
         "postgres://postgres@{}/postgres",
         silent.local_addr().unwrap()
     );
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
     let mut worker = start_worker_on(
         dir.path(),
         &["--broker", "embedded", "--queue", QUEUE],
         &url,
-        &[],
+        &["--metrics-listen", &metrics.to_string()],
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     worker
         .ensure_running()
         .expect("still starting: the store has not answered");
+    let probe = reqwest::get(format!("http://{metrics}/healthz"))
+        .await
+        .expect("the liveness probe answers while the worker starts");
+    assert_eq!(probe.status(), reqwest::StatusCode::OK);
     worker.terminate(Duration::from_secs(10)).unwrap();
 }

@@ -53,6 +53,17 @@ async fn poller_main() -> anyhow::Result<()> {
     // Listen first: a stop while the worker starts (opening the queue, migrating the store)
     // ends start-up cleanly; nothing has been received yet.
     let shutdown = stop_token();
+    // Bound before start-up: opening the queue and migrating the store (waiting for another
+    // replica's migration lock) can take longer than a liveness probe allows, and the probe
+    // found nothing listening. The page fills in once the poller exists.
+    let page = Arc::new(shared::metrics::Later::default());
+    if let Some(addr) = cli.metrics.metrics_listen {
+        shared::metrics::spawn(
+            addr,
+            vec![Arc::clone(&page) as Arc<dyn shared::metrics::Render>],
+        )
+        .await?;
+    }
     let poller = tokio::select! {
         biased;
         () = shutdown.cancelled() => {
@@ -61,9 +72,7 @@ async fn poller_main() -> anyhow::Result<()> {
         }
         poller = start_poller(&cli) => poller?,
     };
-    if let Some(addr) = cli.metrics.metrics_listen {
-        shared::metrics::spawn(addr, vec![poller.metrics_page()]).await?;
-    }
+    page.set(poller.metrics_page());
     tracing::info!("Worker started");
     let drained = run_with_grace(
         poller.run(shutdown.clone()),
