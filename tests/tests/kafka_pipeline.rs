@@ -403,3 +403,47 @@ async fn ingest_answers_503_while_kafka_is_down_and_202_once_it_is_back() {
     }
     app.shutdown().await.unwrap();
 }
+
+/// An idempotent producer whose producer id the cluster refuses is in librdkafka's fatal
+/// state: every publish fails from then on, for good. `/readyz` only fetched metadata, which
+/// still answered, so the pod stayed ready, answering 503 to everything, and nothing
+/// replaced it. It is not ready now, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_in_a_fatal_state_makes_ingest_not_ready() {
+    let mock = mock_cluster(1).unwrap();
+    mock.fail_requests(
+        rdkafka::types::RDKafkaApiKey::InitProducerId,
+        vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+    )
+    .unwrap();
+    let publisher =
+        Arc::new(KafkaPublisher::new(&producer_config(mock.bootstrap_servers())).unwrap());
+    let app = spawn_ingest(publisher.clone(), IngestConfig::default())
+        .await
+        .unwrap();
+    let mut g = SyntheticEvents::new(41, 3);
+    let resp = app.post_events().json(&g.event()).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        match shared::Publisher::ready(publisher.as_ref()).await {
+            Err(e) if e.to_string().contains("fatal error") => break e.to_string(),
+            outcome => assert!(
+                Instant::now() < deadline,
+                "still {outcome:?} 10 s after the producer id was refused"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(reason.contains("restart"), "{reason}");
+    // Past the 2 s readiness cache, the endpoint says the same.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let ready = app
+        .client
+        .get(format!("http://{}/readyz", app.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    app.shutdown().await.unwrap();
+}

@@ -18,6 +18,12 @@ pub struct MockError(String);
 enum Command {
     /// Take a broker down (`false`) or bring it back up (`true`), then answer.
     Broker(i32, bool, mpsc::Sender<Result<(), String>>),
+    /// Fail the next requests of one kind with these errors, then answer.
+    FailRequests(
+        rdkafka::types::RDKafkaApiKey,
+        Vec<rdkafka::types::RDKafkaRespErr>,
+        mpsc::Sender<Result<(), String>>,
+    ),
 }
 
 /// A running mock cluster; dropping it stops the cluster.
@@ -67,6 +73,10 @@ impl MockKafka {
                             };
                             let _ = reply.send(r.map_err(|e| e.to_string()));
                         }
+                        Command::FailRequests(api, errors, reply) => {
+                            cluster.request_errors(api, &errors);
+                            let _ = reply.send(Ok(()));
+                        }
                     }
                 }
                 drop(cluster);
@@ -104,12 +114,32 @@ impl MockKafka {
         self.broker(id, true)
     }
 
+    /// Fails the next requests of kind `api` with `errors`, one each, in order (e.g.
+    /// `InitProducerId` with `CLUSTER_AUTHORIZATION_FAILED`: fatal to an idempotent producer).
+    ///
+    /// # Errors
+    /// When the mock thread is gone.
+    pub fn fail_requests(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: Vec<rdkafka::types::RDKafkaRespErr>,
+    ) -> Result<(), MockError> {
+        self.command(|tx| Command::FailRequests(api, errors, tx))
+    }
+
     fn broker(&self, id: i32, up: bool) -> Result<(), MockError> {
+        self.command(|tx| Command::Broker(id, up, tx))
+    }
+
+    fn command(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> Command,
+    ) -> Result<(), MockError> {
         let (tx, rx) = mpsc::channel();
         self.commands
             .as_ref()
             .ok_or_else(|| MockError("stopped".into()))?
-            .send(Command::Broker(id, up, tx))
+            .send(make(tx))
             .map_err(|_| MockError("the mock thread died".into()))?;
         rx.recv()
             .map_err(|_| MockError("the mock thread died".into()))?

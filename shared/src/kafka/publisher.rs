@@ -215,6 +215,18 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn ready(&self) -> Result<(), PublishError> {
+        // An idempotent producer in librdkafka's fatal state (a producer id the cluster
+        // refused, a fenced epoch) fails every publish from then on, while metadata still
+        // answers: the process was "ready" and answered 503 for good, and nothing replaced it.
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            return Err(PublishError::Unavailable {
+                destination: self.topic.to_string(),
+                message: format!(
+                    "the Kafka producer hit a fatal error ({code:?}: {reason}) and cannot \
+                     publish again; restart the process"
+                ),
+            });
+        }
         let producer = self.producer.clone();
         let topic = Arc::clone(&self.topic);
         let metadata = tokio::task::spawn_blocking(move || {
