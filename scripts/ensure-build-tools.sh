@@ -11,6 +11,9 @@ command -v make >/dev/null 2>&1 || missing+=(make)
 # `make lambda` zips the bootstraps; its test reads their symbols with objdump.
 command -v zip >/dev/null 2>&1 || missing+=(zip)
 command -v objdump >/dev/null 2>&1 || missing+=(binutils)
+# The TLS test of the worker zip lists it; the private PostgreSQL's certificates.
+command -v unzip >/dev/null 2>&1 || missing+=(unzip)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -3,6 +3,9 @@
 #
 #   ARCH=x86_64 (default) or ARCH=arm64   target architecture
 #   LAMBDA_OUT=dist/lambda                where the zips go
+#   PG_CA_FILE=path                       PEM certificates the worker trusts for PostgreSQL
+#                                         over TLS (the RDS bundle), put in the worker zip as
+#                                         pg-ca.pem; deploy with DatabaseCaBundled=true
 #
 # Binaries are built with the size-optimised `lambda` profile and linked by zig against
 # glibc 2.34 (Amazon Linux 2023's) through cargo-zigbuild, both installed on first use into
@@ -19,6 +22,11 @@ case "$ARCH" in
   *) echo "lambda-build: ARCH must be x86_64 or arm64, not '$ARCH'" >&2; exit 2 ;;
 esac
 GLIBC=2.34
+PG_CA="${PG_CA_FILE:-}"
+if [ -n "$PG_CA" ] && ! grep -q 'BEGIN CERTIFICATE' "$PG_CA" 2>/dev/null; then
+  echo "lambda-build: PG_CA_FILE=$PG_CA is not a readable PEM file of certificates" >&2
+  exit 2
+fi
 OUT="${LAMBDA_OUT:-dist/lambda}/$ARCH"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 
@@ -40,16 +48,22 @@ echo "lambda-build: compiled in $(( $(date +%s) - start )) s" >&2
 
 BIN_DIR="$TARGET_DIR/$TRIPLE/lambda"
 mkdir -p "$OUT"
-package() { # function-name binary-path
+package() { # function-name binary-path [PostgreSQL CA file]
   local dir="$OUT/$1"
+  local files=(bootstrap)
   rm -rf "$dir" && mkdir -p "$dir"
   cp "$2" "$dir/bootstrap"
   chmod 755 "$dir/bootstrap"
+  if [ -n "${3:-}" ]; then
+    cp "$3" "$dir/pg-ca.pem"
+    chmod 644 "$dir/pg-ca.pem"
+    files+=(pg-ca.pem)
+  fi
   rm -f "$OUT/$1.zip"
-  (cd "$dir" && zip -q -X -9 "../$1.zip" bootstrap)
+  (cd "$dir" && zip -q -X -9 "../$1.zip" "${files[@]}")
 }
 package ingest "$BIN_DIR/spillway-ingest"
-package worker "$BIN_DIR/spillway-worker"
+package worker "$BIN_DIR/spillway-worker" "$PG_CA"
 package hello "$BIN_DIR/examples/lambda_hello"
 
 printf '%-8s %12s %12s  %s\n' function bootstrap zip path

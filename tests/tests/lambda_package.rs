@@ -284,3 +284,99 @@ async fn cold_start_figures_beside_a_hello_world_function() {
         );
     }
 }
+
+/// RDS refuses plain text, and the Lambda worker had no way to trust its CA: the zip can now
+/// carry it (`PG_CA_FILE=… make lambda` puts it in as `pg-ca.pem`, where the template points
+/// `SPILLWAY_PG_CA_FILE` with `DatabaseCaBundled=true`). Packaged so, the worker stores a
+/// batch over verified TLS into a database that refuses plain text.
+#[tokio::test]
+async fn a_worker_zip_carrying_the_database_ca_stores_over_tls() {
+    if package_dir().is_none() {
+        return;
+    }
+    let Some(pg) = tests::postgres::PrivatePostgres::start() else {
+        return;
+    };
+    let ca = pg.require_tls().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    // The binaries are built already (make test builds them first): this only packages. The
+    // environment is the shell's, not the test runner's: variables the runner sets (its
+    // library path, CARGO_*) make build scripts run again and the whole build redo itself.
+    let keep = [
+        "PATH",
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "CARGO_TARGET_DIR",
+        "CARGO_INCREMENTAL",
+    ];
+    let built = Command::new("bash")
+        .arg(root.join("scripts/lambda-build.sh"))
+        .current_dir(root)
+        .env_clear()
+        .envs(
+            keep.iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+        )
+        .env("LAMBDA_OUT", out.path())
+        .env("PG_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let listed = Command::new("unzip")
+        .arg("-Z1")
+        .arg(out.path().join("x86_64/worker.zip"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        ["bootstrap", "pg-ca.pem"],
+        "{listed}"
+    );
+
+    let url = format!("{}?sslmode=require", pg.url());
+    let task_root = out.path().join("x86_64/worker");
+    let ca_in_zip = task_root.join("pg-ca.pem");
+    PostgresSink::new(&PostgresConfig {
+        ca_file: Some(ca_in_zip.clone()),
+        ..PostgresConfig::new(url.clone())
+    })
+    .unwrap()
+    .migrate()
+    .await
+    .unwrap();
+    let api = RuntimeApi::start("spillway-worker").await.unwrap();
+    let env = [
+        ("SPILLWAY_SINK", "postgres"),
+        ("DATABASE_URL", url.as_str()),
+        ("SPILLWAY_PG_CA_FILE", ca_in_zip.to_str().unwrap()),
+        ("SPILLWAY_MIGRATE", "false"),
+    ];
+    let mut function = LambdaFunction::start(&task_root.join("bootstrap"), &api, &env).unwrap();
+    function
+        .wait_ready(&api, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let out = api
+        .invoke(&typical_event("worker", 7), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .response()
+        .unwrap();
+    assert_eq!(out, json!({"batchItemFailures": []}));
+    let stored = PostgresSink::new(&PostgresConfig {
+        ca_file: Some(ca),
+        ..PostgresConfig::new(url)
+    })
+    .unwrap()
+    .events_stored()
+    .await
+    .unwrap();
+    assert_eq!(stored, 100);
+}
