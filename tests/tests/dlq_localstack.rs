@@ -470,6 +470,38 @@ async fn a_message_replayed_max_replays_times_is_refused_with_a_clear_message() 
     assert_eq!(left[0].body, letters[0].body);
 }
 
+/// A letter holding SQS's 10 message attributes got an 11th, the replay count, and SQS refused
+/// it: it stayed in the DLQ and could never be replayed. The previous failure's message makes
+/// room for the count.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_letter_with_ten_attributes_is_replayed_with_its_replay_count() {
+    let Some((port, t)) = setup().await else {
+        return;
+    };
+    let mut letters = dead_letters(1, 17, None);
+    for i in 0..(10 - letters[0].attributes.len()) {
+        letters[0]
+            .attributes
+            .insert(format!("x-extra-{i}"), "kept".into());
+    }
+    assert_eq!(letters[0].attributes.len(), 10);
+    seed(&port, &t.dlq_url, &letters).await.unwrap();
+    let out = run_dlq(&aws(&t.dlq_url, &["replay", "--to", "source"]), &[]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let moved = read_all(&port, &t.queue_url).await.unwrap();
+    assert_eq!(moved.len(), 1, "{text}");
+    let attrs = &moved[0].attributes;
+    assert_eq!(attrs[ATTR_REPLAY_COUNT], "1");
+    assert_eq!(attrs.len(), 10, "{attrs:?}");
+    assert!(
+        !attrs.contains_key(shared::source::ATTR_ERROR_MESSAGE),
+        "{attrs:?}"
+    );
+    assert_eq!(attrs["x-extra-0"], "kept");
+    assert!(read_all(&port, &t.dlq_url).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_to_the_sns_topic_unwraps_notifications_and_revalidates() {
     let Some((port, t)) = setup().await else {

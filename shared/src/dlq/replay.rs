@@ -463,6 +463,7 @@ impl Run<'_> {
                         st.held.insert(id, l.receipt);
                         continue;
                     }
+                    make_room_for_the_replay_count(&mut out.attributes);
                     out.attributes
                         .insert(ATTR_REPLAY_COUNT.to_owned(), (replays + 1).to_string());
                     pending.push((l.receipt, id, out, dest));
@@ -1019,6 +1020,25 @@ pub async fn import(
         elapsed_secs: started.elapsed().as_secs_f64(),
         api_calls_total,
     })
+}
+
+/// Most message attributes SQS and SNS take.
+const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+
+/// Frees a place for [`ATTR_REPLAY_COUNT`] in a letter that has none and is full: the
+/// previous failure's message, then its code, go (should it fail again, its new letter gets
+/// fresh ones). A letter already holding 10 attributes got an 11th, which SQS refuses: it
+/// stayed in the DLQ and could never be replayed.
+fn make_room_for_the_replay_count(attributes: &mut BTreeMap<String, String>) {
+    for stale in [
+        crate::source::ATTR_ERROR_MESSAGE,
+        crate::source::ATTR_ERROR_CODE,
+    ] {
+        if attributes.contains_key(ATTR_REPLAY_COUNT) || attributes.len() < MAX_MESSAGE_ATTRIBUTES {
+            return;
+        }
+        attributes.remove(stale);
+    }
 }
 
 #[cfg(test)]
