@@ -23,8 +23,10 @@ const COPY_PREFIX: &str = "copy-";
 
 /// Delivers every message of `inner` three times: the real delivery and a copy in the same
 /// receive (in a later one when the receive is full), and a second copy at the head of a
-/// later receive (after the real one was probably acknowledged: a redelivery after the ack,
-/// as SQS may do).
+/// receive after the real one was acknowledged (or dead-lettered): a redelivery after the
+/// ack, as SQS may do. It used to be queued at once, so the next receive (often another
+/// loop's, while the original was still being written) took it: a concurrent duplicate, not
+/// one after the ack.
 ///
 /// Settling a copy does not touch the real message (its receipt is the real one's, which a
 /// real broker would have invalidated): `ack` and `dead_letter` of a copy are recorded and
@@ -35,6 +37,7 @@ pub struct TripleSource {
     state: Mutex<TripleState>,
     copies_delivered: AtomicU64,
     copies_acked: AtomicU64,
+    copies_after_ack: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +45,12 @@ struct TripleState {
     later: VecDeque<Delivery>,
     next_copy: u64,
     copies: HashMap<DeliveryId, Delivery>,
+    /// The message of each real delivery handed out.
+    real: HashMap<DeliveryId, String>,
+    /// Second copies waiting for their message to be settled, by message id.
+    after_ack: HashMap<String, Vec<Delivery>>,
+    /// Copies released by a settlement, not delivered yet.
+    released: std::collections::HashSet<DeliveryId>,
 }
 
 impl TripleSource {
@@ -52,6 +61,26 @@ impl TripleSource {
             state: Mutex::default(),
             copies_delivered: AtomicU64::new(0),
             copies_acked: AtomicU64::new(0),
+            copies_after_ack: AtomicU64::new(0),
+        }
+    }
+
+    /// Copies delivered after their message was acknowledged (or dead-lettered).
+    pub fn copies_after_ack(&self) -> u64 {
+        self.copies_after_ack.load(Ordering::SeqCst)
+    }
+
+    /// The message of `ids` is settled: its second copy may go out.
+    fn release(&self, ids: &[DeliveryId]) {
+        let mut state = self.lock();
+        for id in ids {
+            let Some(message) = state.real.remove(id) else {
+                continue;
+            };
+            for copy in state.after_ack.remove(&message).unwrap_or_default() {
+                state.released.insert(copy.id.clone());
+                state.later.push_back(copy);
+            }
         }
     }
 
@@ -65,9 +94,10 @@ impl TripleSource {
         self.copies_acked.load(Ordering::SeqCst)
     }
 
-    /// Copies waiting for a later receive.
+    /// Copies waiting for a later receive (or for their message to be acknowledged first).
     pub fn pending_copies(&self) -> usize {
-        self.lock().later.len()
+        let state = self.lock();
+        state.later.len() + state.after_ack.values().map(Vec::len).sum::<usize>()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TripleState> {
@@ -110,7 +140,12 @@ impl Source for TripleSource {
             let mut state = self.lock();
             for d in real {
                 let now = Self::copy_of(&mut state, &d);
-                let later = Self::copy_of(&mut state, &d);
+                // A message seen before (a real redelivery) already has its second copy.
+                if !state.after_ack.contains_key(&d.message_id) {
+                    let later = Self::copy_of(&mut state, &d);
+                    state.after_ack.insert(d.message_id.clone(), vec![later]);
+                }
+                state.real.insert(d.id.clone(), d.message_id.clone());
                 out.push(d);
                 // Never more than `max`: a copy without room waits for a later receive.
                 if out.len() < max {
@@ -118,17 +153,21 @@ impl Source for TripleSource {
                 } else {
                     state.later.push_back(now);
                 }
-                state.later.push_back(later);
             }
         }
-        let copies = {
-            let state = self.lock();
-            out.iter()
+        let (copies, after_ack) = {
+            let mut state = self.lock();
+            let copies = out
+                .iter()
                 .filter(|d| state.copies.contains_key(&d.id))
-                .count()
+                .count();
+            let after_ack = out.iter().filter(|d| state.released.remove(&d.id)).count();
+            (copies, after_ack)
         };
         self.copies_delivered
             .fetch_add(copies as u64, Ordering::SeqCst);
+        self.copies_after_ack
+            .fetch_add(after_ack as u64, Ordering::SeqCst);
         Ok(out)
     }
 
@@ -139,7 +178,9 @@ impl Source for TripleSource {
         if real.is_empty() {
             return Ok(());
         }
-        self.inner.ack(&real).await
+        self.inner.ack(&real).await?;
+        self.release(&real);
+        Ok(())
     }
 
     async fn retry_later(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
@@ -177,7 +218,9 @@ impl Source for TripleSource {
         if self.lock().copies.contains_key(id) {
             return Ok(());
         }
-        self.inner.dead_letter(id, letters).await
+        self.inner.dead_letter(id, letters).await?;
+        self.release(std::slice::from_ref(id));
+        Ok(())
     }
 }
 

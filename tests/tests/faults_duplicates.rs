@@ -183,6 +183,11 @@ async fn a_duplicate_storm_leaves_rollups_equal_to_the_single_delivery_run() {
     assert!(single_verdict.is_clean(), "{single_verdict}");
     assert!(triple_verdict.is_clean(), "{triple_verdict}");
     assert_eq!(triple_source.copies_delivered(), 2 * messages);
+    assert_eq!(
+        triple_source.copies_after_ack(),
+        messages,
+        "one copy of each message came after its ack"
+    );
     assert_eq!(triple.received, 3 * messages, "every message three times");
     assert_eq!(
         triple.written,
