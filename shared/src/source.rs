@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+/// Most message attributes SQS and SNS take per message (the replay of a letter and the SQS
+/// adapter both keep within it).
+pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
 /// Attribute carrying the dead-letter reason code.
 pub const ATTR_ERROR_CODE: &str = "spillway-error-code";
 /// Attribute carrying the dead-letter reason message.

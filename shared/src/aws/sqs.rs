@@ -42,8 +42,7 @@ pub const MAX_DELAY_SECS: u64 = 900;
 pub const MAX_VISIBILITY_SECS: u64 = 43_200;
 /// SQS caps a message attribute value (and we keep reasons short).
 const MAX_REASON_BYTES: usize = 1_024;
-/// SQS takes at most this many message attributes per message.
-pub const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+pub use crate::source::MAX_MESSAGE_ATTRIBUTES;
 /// Calls per receipt for a delete or visibility change that SQS failed on its side.
 const MAX_RECEIPT_ATTEMPTS: u32 = 3;
 /// Pause before the second call for such receipts; doubled before each further one.

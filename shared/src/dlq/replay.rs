@@ -1022,9 +1022,6 @@ pub async fn import(
     })
 }
 
-/// Most message attributes SQS and SNS take.
-const MAX_MESSAGE_ATTRIBUTES: usize = 10;
-
 /// Frees a place for [`ATTR_REPLAY_COUNT`] in a letter that has none and is full: the
 /// previous failure's message, then its code, go (should it fail again, its new letter gets
 /// fresh ones). A letter already holding 10 attributes got an 11th, which SQS refuses: it
@@ -1034,7 +1031,9 @@ fn make_room_for_the_replay_count(attributes: &mut BTreeMap<String, String>) {
         crate::source::ATTR_ERROR_MESSAGE,
         crate::source::ATTR_ERROR_CODE,
     ] {
-        if attributes.contains_key(ATTR_REPLAY_COUNT) || attributes.len() < MAX_MESSAGE_ATTRIBUTES {
+        if attributes.contains_key(ATTR_REPLAY_COUNT)
+            || attributes.len() < crate::source::MAX_MESSAGE_ATTRIBUTES
+        {
             return;
         }
         attributes.remove(stale);
