@@ -13,7 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use shared::{DeadLetter, Delivery, DeliveryId, Source, SourceError};
+use shared::envelope::{Envelope, EnvelopeConfig, PackedEvent, Packer};
+use shared::synthetic::SyntheticEvents;
+use shared::{
+    AdEvent, DeadLetter, Delivery, DeliveryId, Source, SourceError, SystemClock, ValidationPolicy,
+};
+use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -432,4 +437,34 @@ pub async fn post_load(client: &reqwest::Client, plan: &LoadPlan) -> PostedLoad 
         }
     }
     out
+}
+
+/// `n` valid events over the last 10 minutes, 3 advertisers with 5 ads each, so each rollup
+/// row sums several events; packed 100 to an envelope.
+pub fn synthetic_envelopes(n: usize) -> anyhow::Result<(Vec<AdEvent>, Vec<Envelope>)> {
+    let mut g = SyntheticEvents::new(rand::random(), 3);
+    let now = OffsetDateTime::now_utc();
+    let events = (0..n)
+        .map(|i| {
+            let at = now - time::Duration::seconds(i64::try_from(i * 13 % 600)?);
+            let mut ev = g.event_at(at);
+            ev["campaign_id"] = "cmp-1".into();
+            ev["ad_id"] = format!("ad-{}", i % 5).into();
+            AdEvent::from_json(ev, &ValidationPolicy::default(), &SystemClock)
+                .map_err(|e| anyhow::anyhow!("a synthetic event is invalid: {e:?}"))
+        })
+        .collect::<anyhow::Result<Vec<AdEvent>>>()?;
+    let packer = Packer::new(EnvelopeConfig {
+        split_by_type: false,
+        ..EnvelopeConfig::default()
+    });
+    let mut envs = Vec::new();
+    for chunk in events.chunks(100) {
+        let packed = chunk
+            .iter()
+            .map(PackedEvent::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        envs.extend(packer.pack("faults", &packed)?);
+    }
+    Ok((events, envs))
 }

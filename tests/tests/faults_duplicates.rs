@@ -15,15 +15,14 @@ use std::time::{Duration, Instant};
 
 use ingest_api::IngestConfig;
 use shared::embedded::{Broker, QueueSource, TopicPublisher};
-use shared::envelope::{EnvelopeConfig, PackedEvent, Packer};
-use shared::synthetic::SyntheticEvents;
-use shared::{AdEvent, PostgresConfig, PostgresSink, Source, SystemClock, ValidationPolicy};
+use shared::{PostgresConfig, PostgresSink, Source};
 use tests::checker::{check, PostgresStoreView, StoreView};
-use tests::faults::{post_load, DroppingProxy, LoadPlan, TripleSource};
+use tests::faults::{
+    post_load, synthetic_envelopes as envelopes, DroppingProxy, LoadPlan, TripleSource,
+};
 use tests::pipeline::{declare_topology, wait_drained, QUEUE, TOPIC};
 use tests::postgres::TestDb;
 use tests::{spawn_ingest, TEST_KEY};
-use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use workers::{Metrics, MetricsSnapshot, Poller, PollerConfig};
@@ -82,34 +81,6 @@ async fn drain(
     (metrics.snapshot(), took)
 }
 
-/// `n` valid events over the last 10 minutes, 3 advertisers with 5 ads each, so each rollup
-/// row sums several events; 100 per envelope.
-fn envelopes(n: usize) -> (Vec<AdEvent>, Vec<shared::envelope::Envelope>) {
-    let mut g = SyntheticEvents::new(rand::random(), 3);
-    let now = OffsetDateTime::now_utc();
-    let events: Vec<AdEvent> = (0..n)
-        .map(|i| {
-            let at = now - time::Duration::seconds(i64::try_from(i * 13 % 600).unwrap());
-            let mut ev = g.event_at(at);
-            ev["campaign_id"] = "cmp-1".into();
-            ev["ad_id"] = format!("ad-{}", i % 5).into();
-            AdEvent::from_json(ev, &ValidationPolicy::default(), &SystemClock).unwrap()
-        })
-        .collect();
-    let packer = Packer::new(EnvelopeConfig {
-        split_by_type: false,
-        ..EnvelopeConfig::default()
-    });
-    let envs = events
-        .chunks(100)
-        .flat_map(|c| {
-            let packed: Vec<PackedEvent> = c.iter().map(|e| PackedEvent::new(e).unwrap()).collect();
-            packer.pack("faults", &packed).unwrap()
-        })
-        .collect();
-    (events, envs)
-}
-
 async fn broker_with(dir: &std::path::Path, envs: &[shared::envelope::Envelope]) -> Broker {
     let broker = declare_topology(dir, Duration::from_secs(10), 5)
         .await
@@ -124,7 +95,7 @@ async fn a_duplicate_storm_leaves_rollups_equal_to_the_single_delivery_run() {
     else {
         return;
     };
-    let (events, envs) = envelopes(3_000 * scale());
+    let (events, envs) = envelopes(3_000 * scale()).unwrap();
     let messages = envs.len() as u64;
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.as_uuid()).collect();
 
