@@ -168,6 +168,11 @@ impl AppState {
         }))
     }
 
+    /// The publisher requests are published with.
+    pub fn publisher(&self) -> &Arc<dyn Publisher> {
+        &self.0.publisher
+    }
+
     /// The live counters (what `GET /metrics` shows of this API).
     pub fn metrics(&self) -> Arc<IngestMetrics> {
         Arc::clone(&self.0.metrics)
@@ -189,6 +194,48 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// The router of the Lambda function: [`router`], and with `emf` one Embedded Metric Format
+/// line on stdout per answer to `POST /v1/events` (CloudWatch extracts the metrics; a
+/// function cannot be scraped). One request at a time per execution environment, so the
+/// counters' difference around a request is that request's.
+pub fn lambda_router(state: AppState, emf: Option<shared::emf::EmfTarget>) -> Router {
+    let Some(target) = emf else {
+        return router(state);
+    };
+    let emf = Arc::new(EmfState {
+        metrics: state.metrics(),
+        target,
+        first: std::sync::atomic::AtomicBool::new(true),
+    });
+    router(state).layer(axum::middleware::from_fn_with_state(emf, emf_line))
+}
+
+#[derive(Debug)]
+struct EmfState {
+    metrics: Arc<IngestMetrics>,
+    target: shared::emf::EmfTarget,
+    first: std::sync::atomic::AtomicBool,
+}
+
+async fn emf_line(
+    State(emf): State<Arc<EmfState>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let before = emf.metrics.counts();
+    let resp = next.run(req).await;
+    let after = emf.metrics.counts();
+    if after.responses != before.responses {
+        let first = emf.first.swap(false, std::sync::atomic::Ordering::Relaxed);
+        shared::emf::emit(&shared::emf::line(
+            &emf.target,
+            &after.emf_values(&before, first),
+            std::time::SystemTime::now(),
+        ));
+    }
+    resp
 }
 
 /// Serves the router on `listener` until `shutdown` completes, then lets requests in flight
@@ -426,9 +473,7 @@ async fn publish_within_timeout(
         timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
         "Publish did not finish in time; answering 503"
     );
-    inner
-        .metrics
-        .count_publish(envelopes.len(), false, 0, limit);
+    inner.metrics.count_publish(envelopes.len(), false, limit);
     Err(ApiError::PublishFailed {
         retry_after: inner.config.retry_after,
     })
@@ -445,10 +490,12 @@ async fn publish_with_retries(
         match inner.publisher.publish(envelopes).await {
             Ok(_) => {
                 let m = &inner.metrics;
-                m.count_publish(envelopes.len(), true, attempt - 1, started.elapsed());
+                m.count_publish(envelopes.len(), true, started.elapsed());
                 return Ok(());
             }
             Err(e) if e.is_transient() && attempt < attempts => {
+                // Counted now: a publish given up at the timeout never gets to the end.
+                inner.metrics.count_publish_retry();
                 warn!(attempt, error = %e, "Publish failed; retrying");
                 let jitter = rand::rng().random_range(0.5..1.5);
                 tokio::time::sleep(delay.mul_f64(jitter)).await;
@@ -457,7 +504,7 @@ async fn publish_with_retries(
             Err(e) => {
                 warn!(attempt, error = %e, "Publish failed; answering 503");
                 let m = &inner.metrics;
-                m.count_publish(envelopes.len(), false, attempt - 1, started.elapsed());
+                m.count_publish(envelopes.len(), false, started.elapsed());
                 break;
             }
         }

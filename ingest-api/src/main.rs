@@ -11,7 +11,7 @@ use ingest_api::{serve_with_limits, AppState};
 use shared::lambda_init::{is_lambda, report_init_error};
 use shared::publisher::DiscardPublisher;
 use shared::settings::{
-    run_with_grace, stop_token, BrokerSettings, MetricsSettings, ShutdownSettings,
+    run_with_grace, stop_token, stop_when_broken, BrokerSettings, MetricsSettings, ShutdownSettings,
 };
 use shared::Publisher;
 
@@ -92,9 +92,13 @@ async fn state(cli: &Cli) -> anyhow::Result<AppState> {
 async fn lambda_main() -> anyhow::Result<()> {
     let ready = async {
         let cli = Cli::try_parse().context("reading the settings")?;
-        state(&cli).await
+        if cli.metrics.metrics_listen.is_some() {
+            tracing::warn!("SPILLWAY_METRICS_LISTEN is ignored on Lambda: a function cannot be scraped; set SPILLWAY_EMF_NAMESPACE for per-request metrics");
+        }
+        let emf = shared::emf::EmfTarget::for_function(cli.ingest.emf_namespace.clone());
+        Ok::<_, anyhow::Error>((state(&cli).await?, emf))
     };
-    let state = match ready.await {
+    let (state, emf) = match ready.await {
         Ok(s) => s,
         Err(e) => {
             report_init_error(&format!("{e:#}")).await;
@@ -102,7 +106,7 @@ async fn lambda_main() -> anyhow::Result<()> {
         }
     };
     tracing::info!("Ingest API ready for HTTP events (Lambda)");
-    lambda_http::run(ingest_api::router(state))
+    lambda_http::run(ingest_api::lambda_router(state, emf))
         .await
         .map_err(|e| anyhow::anyhow!(e))
         .context("Lambda runtime")
@@ -116,6 +120,10 @@ async fn server_main() -> anyhow::Result<()> {
     if let Some(addr) = cli.metrics.metrics_listen {
         shared::metrics::spawn(addr, vec![state.metrics()]).await?;
     }
+    let broken = tokio::spawn(stop_when_broken(stop.clone(), {
+        let publisher = Arc::clone(state.publisher());
+        move || publisher.broken()
+    }));
     let listener = tokio::net::TcpListener::bind(cli.ingest.listen)
         .await
         .with_context(|| format!("binding {}", cli.ingest.listen))?;
@@ -134,6 +142,10 @@ async fn server_main() -> anyhow::Result<()> {
     .await;
     if let Some(served) = served {
         served.context("serving HTTP")?;
+    }
+    stop.cancel();
+    if let Ok(Some(reason)) = broken.await {
+        anyhow::bail!("stopped: {reason}; a new process starts a new producer");
     }
     Ok(())
 }

@@ -65,22 +65,103 @@ impl IngestMetrics {
         self.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
     }
 
-    /// Counts one request's publish: its envelopes (when acknowledged), the attempts that
-    /// failed and were retried, and how long it took, retries included.
-    pub fn count_publish(
-        &self,
-        envelopes: usize,
-        acknowledged: bool,
-        retries: u32,
-        took: Duration,
-    ) {
+    /// Counts one request's publish: its envelopes (when acknowledged), and how long it took,
+    /// retries included.
+    pub fn count_publish(&self, envelopes: usize, acknowledged: bool, took: Duration) {
         if acknowledged {
             self.envelopes
                 .fetch_add(envelopes as u64, Ordering::Relaxed);
         }
-        self.publish_retries
-            .fetch_add(u64::from(retries), Ordering::Relaxed);
         self.publish_seconds.observe(took);
+    }
+
+    /// Counts a publish attempt that failed and is tried again.
+    pub fn count_publish_retry(&self) {
+        self.publish_retries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The metrics of the ingest function's EMF line, in order, each a `Count`: the requests
+/// answered, the events accepted and rejected, the envelopes published, the publish retries,
+/// then the answers by kind (401 and 403; 429; 503 `overloaded`; other 503s, which are
+/// publish failures; 400, 413 and 415), and whether it was the execution environment's first.
+pub const EMF_METRICS: [&str; 11] = [
+    "Requests",
+    "EventsAccepted",
+    "EventsRejected",
+    "EnvelopesPublished",
+    "PublishRetries",
+    "Unauthorized",
+    "Throttled",
+    "Overloaded",
+    "PublishFailed",
+    "BadRequests",
+    "ColdStart",
+];
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestCounts {
+    /// Answers by status, in the order of `STATUSES`, then `other`.
+    pub responses: [u64; STATUSES.len() + 1],
+    /// Events accepted.
+    pub accepted: u64,
+    /// Events rejected.
+    pub rejected: u64,
+    /// Envelopes published.
+    pub envelopes: u64,
+    /// Publish attempts retried.
+    pub publish_retries: u64,
+    /// Requests answered `overloaded`.
+    pub overloaded: u64,
+}
+
+impl IngestCounts {
+    fn answered(&self, status: StatusCode) -> u64 {
+        STATUSES
+            .iter()
+            .position(|(s, _)| *s == status)
+            .map_or(0, |i| self.responses[i])
+    }
+
+    /// The values of [`EMF_METRICS`] for what happened between `before` and `self`.
+    pub fn emf_values(&self, before: &Self, cold_start: bool) -> Vec<(&'static str, u64)> {
+        let since = |now: u64, then: u64| now.saturating_sub(then);
+        let answered = |status| since(self.answered(status), before.answered(status));
+        let overloaded = since(self.overloaded, before.overloaded);
+        EMF_METRICS
+            .into_iter()
+            .zip([
+                since(self.responses.iter().sum(), before.responses.iter().sum()),
+                since(self.accepted, before.accepted),
+                since(self.rejected, before.rejected),
+                since(self.envelopes, before.envelopes),
+                since(self.publish_retries, before.publish_retries),
+                answered(StatusCode::UNAUTHORIZED) + answered(StatusCode::FORBIDDEN),
+                answered(StatusCode::TOO_MANY_REQUESTS),
+                overloaded,
+                answered(StatusCode::SERVICE_UNAVAILABLE).saturating_sub(overloaded),
+                answered(StatusCode::BAD_REQUEST)
+                    + answered(StatusCode::PAYLOAD_TOO_LARGE)
+                    + answered(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+                u64::from(cold_start),
+            ])
+            .collect()
+    }
+}
+
+impl IngestMetrics {
+    /// The counters now.
+    pub fn counts(&self) -> IngestCounts {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IngestCounts {
+            responses: std::array::from_fn(|i| get(&self.responses[i])),
+            accepted: get(&self.accepted),
+            rejected: get(&self.rejected),
+            envelopes: get(&self.envelopes),
+            publish_retries: get(&self.publish_retries),
+            overloaded: get(&self.overloaded),
+        }
     }
 }
 

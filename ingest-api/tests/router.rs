@@ -539,6 +539,75 @@ async fn a_stalled_broker_gets_a_503_within_the_publish_timeout() {
     );
 }
 
+/// A broker that refuses the first `failures` calls at once, then stalls.
+#[derive(Debug)]
+struct FailsThenStalls {
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl shared::Publisher for FailsThenStalls {
+    async fn publish(
+        &self,
+        envelopes: &[shared::Envelope],
+    ) -> Result<shared::publisher::PublishReport, shared::publisher::PublishError> {
+        let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.failures
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(shared::publisher::PublishError::Unavailable {
+                destination: "flaky".into(),
+                message: "throttled".into(),
+            });
+        }
+        StalledPublisher.publish(envelopes).await
+    }
+
+    async fn ready(&self) -> Result<(), shared::publisher::PublishError> {
+        Ok(())
+    }
+}
+
+/// The retries of a publish given up at the timeout were counted nowhere: the counter was
+/// added to once the publish ended, which such a publish never does. A broker struggling
+/// that way is what `spillway_ingest_publish_retries_total` is there to show.
+#[tokio::test]
+async fn the_retries_of_a_publish_given_up_at_the_timeout_are_counted() {
+    let keys = ApiKeys::new(vec![ApiKey::from_plain(
+        "key-all",
+        "acme",
+        AdvertiserScope::Any,
+    )]);
+    let config = IngestConfig {
+        publish_timeout: Duration::from_secs(2),
+        publish_attempts: 3,
+        publish_backoff: Duration::from_millis(10),
+        ..IngestConfig::default()
+    };
+    let publisher = Arc::new(FailsThenStalls { failures: 2.into() });
+    let clock = Arc::new(FixedClock::at(
+        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
+    ));
+    let state = AppState::with_clock(publisher, keys, config, clock);
+    let resp = router(state.clone())
+        .oneshot(
+            post(Some("key-all"))
+                .body(Body::from(event(1).to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let mut page = shared::metrics::Exposition::new();
+    shared::metrics::Render::render(state.metrics().as_ref(), &mut page);
+    let page = page.finish();
+    assert_eq!(
+        shared::metrics::value_of(&page, "spillway_ingest_publish_retries_total"),
+        Some(2.0),
+        "{page}"
+    );
+}
+
 /// A readiness check waited as long as the broker client (a minute and more when it
 /// stalls), every other caller queued behind it holding a connection.
 #[tokio::test]

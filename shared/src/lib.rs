@@ -31,6 +31,7 @@ pub mod aws;
 pub mod clock;
 pub mod dlq;
 pub mod embedded;
+pub mod emf;
 pub mod envelope;
 pub mod event;
 mod iso;

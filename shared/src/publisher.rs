@@ -78,6 +78,13 @@ pub trait Publisher: Send + Sync + Debug {
     /// # Errors
     /// [`PublishError::Unavailable`] when it is not.
     async fn ready(&self) -> Result<(), PublishError>;
+
+    /// Why this publisher can never publish again, if it is in such a state (a Kafka
+    /// producer in librdkafka's fatal state): only a new process helps. `None` for
+    /// publishers that recover by themselves, which is all of them but Kafka's.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Keeps published envelopes in memory. It can be told to fail the next calls, which is how

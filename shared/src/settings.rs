@@ -714,6 +714,37 @@ pub fn stop_token() -> tokio_util::sync::CancellationToken {
     stop
 }
 
+/// How often [`stop_when_broken`] asks.
+pub const BROKEN_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Cancels `stop` once `broken` says why the process can never do its work again (a Kafka
+/// producer in librdkafka's fatal state: [`crate::Publisher::broken`],
+/// [`crate::Source::broken`]), asking every [`BROKEN_CHECK_EVERY`], and returns the reason;
+/// `None` once `stop` is cancelled otherwise. The process then stops as it would on SIGTERM
+/// and should exit with an error, so that its supervisor starts a new one: otherwise it
+/// stays up failing every publish or letter until someone restarts it by hand (a failing
+/// readiness probe only takes a pod out of its Service).
+pub async fn stop_when_broken(
+    stop: tokio_util::sync::CancellationToken,
+    broken: impl Fn() -> Option<String> + Send,
+) -> Option<String> {
+    let mut tick = tokio::time::interval(BROKEN_CHECK_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            _ = tick.tick() => {}
+        }
+        if let Some(reason) = broken() {
+            tracing::error!(
+                %reason,
+                "Cannot recover: stopping, so that the process is restarted"
+            );
+            stop.cancel();
+            return Some(reason);
+        }
+    }
+}
+
 /// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
 /// the future is first polled, so a signal that comes while the process is still starting
 /// is caught rather than killing it. Call it inside the runtime.

@@ -169,6 +169,14 @@ pub trait Source: Send + Sync + Debug {
     async fn dead_letter(&self, id: &DeliveryId, letters: &[DeadLetter])
         -> Result<(), SourceError>;
 
+    /// Why this source can never settle messages again, if it is in such a state (Kafka: its
+    /// DLQ producer in librdkafka's fatal state, so no letter can be sent and poison messages
+    /// hold their partitions): only a new process helps. `None` for sources that recover by
+    /// themselves.
+    fn broken(&self) -> Option<String> {
+        None
+    }
+
     /// Writes the source's own metrics (Kafka: the consumer lag per partition) into `page`;
     /// most sources have none (a queue's depth is the broker's to tell).
     fn render_metrics(&self, page: &mut crate::metrics::Exposition) {

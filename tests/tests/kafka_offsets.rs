@@ -366,6 +366,22 @@ async fn a_message_out_of_receives_goes_to_the_dlq_topic_and_its_partition_moves
         dlq[0].headers
     );
     assert_eq!(dlq[0].headers["spillway-original-offset"], "0");
+    // The poller's dead_letters_total never sees this letter: the source counts it (it used
+    // to be counted nowhere).
+    let mut page = shared::metrics::Exposition::new();
+    s.render_metrics(&mut page);
+    let page = page.finish();
+    let value = |series| shared::metrics::value_of(&page, series);
+    assert_eq!(
+        value("spillway_kafka_dlq_redriven_total"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        value("spillway_kafka_dlq_redrive_failures_total"),
+        Some(0.0),
+        "{page}"
+    );
     commit(&s).await;
     assert_eq!(
         committed(&bootstrap, "redrive", 1).await,

@@ -195,6 +195,85 @@ async fn http_to_kafka_to_a_group_of_two_workers_stores_each_valid_unique_event_
     app.shutdown().await.unwrap();
 }
 
+/// Runs `bin` with `args` against a mock cluster that refuses the first producer id asked for
+/// (fatal to an idempotent producer), and returns its stderr once it has exited with 1.
+async fn exit_of_a_process_whose_producer_is_refused(bin: &str, args: &[&str]) -> String {
+    let mock = mock_cluster(1).unwrap();
+    mock.fail_requests(
+        rdkafka::types::RDKafkaApiKey::InitProducerId,
+        vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(tests::pipeline::binary(bin).unwrap())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--broker", "kafka", "--kafka-bootstrap-servers"])
+        .arg(mock.bootstrap_servers())
+        .args(args)
+        .env("SPILLWAY_LOG_FORMAT", "text")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{bin} still running 30 s after its producer id was refused");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{bin}: {stderr}");
+    stderr
+}
+
+/// Not ready was not enough: nothing restarts a pod that is only out of its Service, so
+/// `spillway-ingest` stayed up answering 503 until someone restarted it by hand (and every
+/// replica meets the same refusal). It now stops and exits with an error once its producer
+/// is in the fatal state, so its supervisor starts a new process with a new producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spillway_ingest_exits_with_an_error_once_its_producer_is_in_a_fatal_state() {
+    let stderr = exit_of_a_process_whose_producer_is_refused(
+        "spillway-ingest",
+        &["--topic", TOPIC, "--listen", "127.0.0.1:0"],
+    )
+    .await;
+    assert!(
+        stderr.contains("Kafka producer hit a fatal error"),
+        "{stderr}"
+    );
+}
+
+/// The same for a worker whose DLQ producer is in the fatal state: no letter could be sent
+/// again, so a poison message held its partition, retried for good, with the worker alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spillway_worker_exits_with_an_error_once_its_dlq_producer_is_in_a_fatal_state() {
+    let stderr = exit_of_a_process_whose_producer_is_refused(
+        "spillway-worker",
+        &[
+            "--topic",
+            TOPIC,
+            "--kafka-group",
+            "fatal",
+            "--sink",
+            "sqlite",
+        ],
+    )
+    .await;
+    assert!(
+        stderr.contains("Kafka DLQ producer hit a fatal error"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_goes_to_the_dlq_topic_with_its_reason_and_origin_and_the_offset_moves_on()
 {

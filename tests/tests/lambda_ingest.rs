@@ -362,3 +362,86 @@ async fn api_gateway_v2_function_url_and_rest_events_get_the_servers_answers() {
         );
     }
 }
+
+/// On Lambda nothing can be scraped, and the ingest function had no metrics at all: API
+/// Gateway's 5XX count mixes `overloaded` with publish failures, and publish retries showed
+/// nowhere. With `SPILLWAY_EMF_NAMESPACE` each answer to `POST /v1/events` writes one
+/// Embedded Metric Format line on stdout; other paths write none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_answer_to_a_post_logs_one_embedded_metric_format_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = RuntimeApi::start("spillway-ingest").await.unwrap();
+    let mut env = settings(dir.path().to_str().unwrap());
+    env.push(("SPILLWAY_EMF_NAMESPACE".into(), "SpillwayTest".into()));
+    env.push(("AWS_LAMBDA_FUNCTION_NAME".into(), "spillway-ingest".into()));
+    // One envelope for the request's valid events, whatever their types.
+    env.push(("SPILLWAY_ENVELOPE_SPLIT_BY_TYPE".into(), "false".into()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut function = LambdaFunction::start_capturing(&ingest_bin(), &api, &env_refs).unwrap();
+    function
+        .wait_ready(&api, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let auth = format!("Bearer {KEY}");
+    let json_h = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let mut mixed = events(7, 4);
+    mixed[3]["currency"] = json!("usd");
+    let requests = [
+        case(
+            "3 valid, 1 invalid",
+            "POST",
+            "/v1/events",
+            &json_h,
+            serde_json::to_vec(&mixed).unwrap(),
+            false,
+        ),
+        case(
+            "no key",
+            "POST",
+            "/v1/events",
+            &[("content-type", "application/json")],
+            b"[]".to_vec(),
+            false,
+        ),
+        case("health", "GET", "/healthz", &[], Vec::new(), false),
+    ];
+    let mut statuses = Vec::new();
+    for c in &requests {
+        let out = api
+            .invoke(&function_url(c), Duration::from_secs(10))
+            .await
+            .unwrap()
+            .response()
+            .unwrap();
+        statuses.push(http_answer(&out).unwrap().status);
+    }
+    assert_eq!(statuses, [202, 401, 200]);
+    // The reader thread may still be a line behind the last answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines: Vec<Value> = function
+        .stdout_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("_aws").is_some())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let meta = &lines[0]["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(meta["Namespace"], "SpillwayTest");
+    assert_eq!(meta["Dimensions"], json!([["FunctionName"]]));
+    assert_eq!(lines[0]["FunctionName"], "spillway-ingest");
+    let names: Vec<&str> = meta["Metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ingest_api::metrics::EMF_METRICS);
+    let counts = |v: &Value| -> Vec<u64> { names.iter().map(|n| v[n].as_u64().unwrap()).collect() };
+    // Requests, EventsAccepted, EventsRejected, EnvelopesPublished, PublishRetries,
+    // Unauthorized, Throttled, Overloaded, PublishFailed, BadRequests, ColdStart.
+    assert_eq!(counts(&lines[0]), [1, 3, 1, 1, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(counts(&lines[1]), [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]);
+}

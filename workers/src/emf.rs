@@ -1,21 +1,8 @@
-//! CloudWatch Embedded Metric Format: one JSON log line per Lambda invocation from which
-//! CloudWatch Logs extracts metrics, with no API call and no added latency. A Lambda function
-//! cannot be scraped like the poller's `/metrics`; this is how its counts become metrics.
-//!
-//! <https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/CloudWatch_Embedded_Metric_Format_Specification.html>
+//! The worker's Embedded Metric Format line ([`shared::emf`]): one per Lambda invocation.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use serde_json::{json, Map, Value};
-
-/// Where the metrics go: a CloudWatch namespace, and the function as their one dimension.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EmfTarget {
-    /// The CloudWatch namespace (e.g. `Spillway`).
-    pub namespace: String,
-    /// The `FunctionName` dimension (Lambda's `AWS_LAMBDA_FUNCTION_NAME`).
-    pub function_name: String,
-}
+pub use shared::emf::EmfTarget;
 
 /// What one invocation did, record by record and event by event.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -32,16 +19,23 @@ pub struct InvocationCounts {
     pub records_retried: u64,
     /// Records put back on the queue as new messages while the store was down.
     pub records_requeued: u64,
+    /// Records whose letters the DLQ did not take (no DLQ configured, a failed or late
+    /// send): reported for retry, to reach the DLQ by the queue's redrive, without reason.
+    pub dead_letter_failures: u64,
+    /// Panics while decoding or writing (a bug): their records were reported for retry.
+    pub panics: u64,
 }
 
 /// The metrics of a line, in order, each a `Count`.
-pub const METRICS: [&str; 7] = [
+pub const METRICS: [&str; 9] = [
     "Records",
     "EventsWritten",
     "EventsDuplicate",
     "DeadLetters",
     "RecordsRetried",
     "RecordsRequeued",
+    "DeadLetterFailures",
+    "Panics",
     "ColdStart",
 ];
 
@@ -53,44 +47,28 @@ pub fn line(
     cold_start: bool,
     at: SystemTime,
 ) -> String {
-    let ms = at
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    let values = METRICS.into_iter().zip([
-        counts.records,
-        counts.events_written,
-        counts.events_duplicate,
-        counts.dead_letters,
-        counts.records_retried,
-        counts.records_requeued,
-        u64::from(cold_start),
-    ]);
-    let mut root = Map::new();
-    root.insert(
-        "_aws".into(),
-        json!({
-            "Timestamp": u64::try_from(ms).unwrap_or(u64::MAX),
-            "CloudWatchMetrics": [{
-                "Namespace": target.namespace,
-                "Dimensions": [["FunctionName"]],
-                "Metrics": METRICS
-                    .iter()
-                    .map(|name| json!({"Name": name, "Unit": "Count"}))
-                    .collect::<Vec<_>>(),
-            }],
-        }),
-    );
-    root.insert("FunctionName".into(), json!(target.function_name));
-    for (name, v) in values {
-        root.insert(name.into(), json!(v));
-    }
-    Value::Object(root).to_string()
+    let values: Vec<(&str, u64)> = METRICS
+        .into_iter()
+        .zip([
+            counts.records,
+            counts.events_written,
+            counts.events_duplicate,
+            counts.dead_letters,
+            counts.records_retried,
+            counts.records_requeued,
+            counts.dead_letter_failures,
+            counts.panics,
+            u64::from(cold_start),
+        ])
+        .collect();
+    shared::emf::line(target, &values, at)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use serde_json::{json, Value};
 
     use super::*;
 
@@ -107,6 +85,8 @@ mod tests {
             dead_letters: 1,
             records_retried: 1,
             records_requeued: 0,
+            dead_letter_failures: 3,
+            panics: 4,
         };
         let at = UNIX_EPOCH + Duration::from_millis(1_764_662_400_123);
         let v: Value = serde_json::from_str(&line(&target, &counts, true, at)).unwrap();
@@ -127,6 +107,6 @@ mod tests {
         // Every declared metric has its value at the top level, as EMF requires.
         let values: Vec<u64> = names.iter().map(|n| v[n].as_u64().unwrap()).collect();
         assert_eq!(names, METRICS);
-        assert_eq!(values, [10, 40, 2, 1, 1, 0, 1]);
+        assert_eq!(values, [10, 40, 2, 1, 1, 0, 3, 4, 1]);
     }
 }

@@ -201,6 +201,7 @@ impl SqsHandler {
             match std::panic::catch_unwind(AssertUnwindSafe(|| prepare(d, &self.config.core))) {
                 Ok(p) => prepared.push((i, p)),
                 Err(_) => {
+                    self.metrics.add_write_panics(1);
                     error!(message_id = %d.message_id, "Panic while decoding record; reporting it for retry");
                 }
             }
@@ -246,6 +247,7 @@ impl SqsHandler {
                         self.count_written(outcome);
                     }
                     if matches!(whole, Written::Panicked) {
+                        self.metrics.add_write_panics(1);
                         warn!("Panic while writing the batch; writing records one by one");
                     } else {
                         warn!("Store failed transiently on the batch; writing records one by one");
@@ -298,11 +300,13 @@ impl SqsHandler {
             dead_lettered = counts.dead_letters,
             retried,
             requeued,
+            dead_letter_failures = counts.dead_letter_failures,
+            panics = counts.panics,
             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "Handled SQS batch"
         );
         if let Some(target) = &self.emf {
-            emit(&emf::line(
+            shared::emf::emit(&emf::line(
                 target,
                 &counts,
                 before.batches == 0,
@@ -403,6 +407,7 @@ impl SqsHandler {
                     }
                 }
                 Written::Panicked => {
+                    self.metrics.add_write_panics(1);
                     error!(message_id = %d.message_id, "Panic while writing record; reporting it for retry");
                 }
                 Written::TimedOut => {
@@ -498,10 +503,12 @@ impl SqsHandler {
             Decision::RetryLater(_) => Fate::Held,
             Decision::AckWithLetters(letters) | Decision::DeadLetter(letters) => {
                 let Some(dlq) = &self.dlq else {
+                    self.metrics.add_settle_errors(1);
                     warn!(message_id = %d.message_id, "No DLQ configured; leaving the permanent failure to the queue's redrive");
                     return Fate::Retry;
                 };
                 let Some(sent) = before_deadline(deadline, dlq.send(&letters)).await else {
+                    self.metrics.add_settle_errors(1);
                     warn!(message_id = %d.message_id, "DLQ send did not finish before the invocation deadline; reporting the record for retry");
                     return Fate::Retry;
                 };
@@ -517,6 +524,7 @@ impl SqsHandler {
                         Fate::Done
                     }
                     Err(e) => {
+                        self.metrics.add_settle_errors(1);
                         warn!(message_id = %d.message_id, error = %e, "DLQ send failed; reporting the record for retry");
                         Fate::Retry
                     }
@@ -552,17 +560,9 @@ fn invocation_counts(before: &MetricsSnapshot, after: &MetricsSnapshot) -> Invoc
         dead_letters: after.dead_lettered - before.dead_lettered,
         records_retried: after.retried - before.retried,
         records_requeued: after.requeued - before.requeued,
+        dead_letter_failures: after.settle_errors - before.settle_errors,
+        panics: after.write_panics - before.write_panics,
     }
-}
-
-/// Writes one EMF line to stdout, where Lambda's log capture (and CloudWatch's metric
-/// extraction) reads it.
-#[allow(clippy::print_stdout)]
-fn emit(line: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
 }
 
 /// Whether a record can be sent again exactly as it came: every attribute a string, and room

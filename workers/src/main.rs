@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use shared::lambda_init::{is_lambda, report_init_error};
 use shared::settings::{
-    run_with_grace, stop_token, BrokerSettings, MetricsSettings, ShutdownSettings, SinkSettings,
+    run_with_grace, stop_token, stop_when_broken, BrokerSettings, MetricsSettings,
+    ShutdownSettings, SinkSettings,
 };
 use shared::DeadLetterQueue;
 use workers::lambda::SqsHandler;
@@ -73,6 +74,10 @@ async fn poller_main() -> anyhow::Result<()> {
         poller = start_poller(&cli) => poller?,
     };
     page.set(poller.metrics_page());
+    let broken = tokio::spawn(stop_when_broken(shutdown.clone(), {
+        let source = Arc::clone(poller.source());
+        move || source.broken()
+    }));
     tracing::info!("Worker started");
     let drained = run_with_grace(
         poller.run(shutdown.clone()),
@@ -83,6 +88,10 @@ async fn poller_main() -> anyhow::Result<()> {
     .await;
     if drained.is_some() {
         tracing::info!("Worker drained in-flight batches and stopped");
+    }
+    shutdown.cancel();
+    if let Ok(Some(reason)) = broken.await {
+        anyhow::bail!("stopped: {reason}; a new process starts a new producer");
     }
     Ok(())
 }
@@ -140,11 +149,8 @@ async fn lambda_handler() -> anyhow::Result<SqsHandler> {
         }
     };
     let mut handler = SqsHandler::new(sink, dlq, cli.worker.lambda_config());
-    if let Some(namespace) = cli.worker.emf_namespace.filter(|n| !n.is_empty()) {
-        handler = handler.with_emf(workers::emf::EmfTarget {
-            namespace,
-            function_name: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_default(),
-        });
+    if let Some(target) = shared::emf::EmfTarget::for_function(cli.worker.emf_namespace) {
+        handler = handler.with_emf(target);
     }
     Ok(match (&cli.broker.queue_url, sqs) {
         (Some(url), Some(client)) => handler.with_requeue(Arc::new(

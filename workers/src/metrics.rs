@@ -59,6 +59,7 @@ pub struct Metrics {
     batches: AtomicU64,
     receive_errors: AtomicU64,
     settle_errors: AtomicU64,
+    heartbeat_errors: AtomicU64,
     breaker_opened: AtomicU64,
     write_panics: AtomicU64,
     breaker_state: AtomicU8,
@@ -102,6 +103,8 @@ pub struct MetricsSnapshot {
     pub receive_errors: u64,
     /// Settle calls (ack, retry, dead-letter) that failed.
     pub settle_errors: u64,
+    /// Visibility extensions of a batch being written that failed.
+    pub heartbeat_errors: u64,
     /// Times the breaker opened.
     pub breaker_opened: u64,
     /// Batch writes that panicked (a bug; their deliveries were retried).
@@ -139,6 +142,7 @@ impl Metrics {
         batches => add_batches,
         receive_errors => add_receive_errors,
         settle_errors => add_settle_errors,
+        heartbeat_errors => add_heartbeat_errors,
         breaker_opened => add_breaker_opened,
         write_panics => add_write_panics,
     }
@@ -178,7 +182,7 @@ impl Metrics {
     #[allow(clippy::cast_precision_loss)]
     pub fn render(&self, page: &mut Exposition) {
         let m = self.snapshot();
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "spillway_worker_deliveries_received_total",
                 "Deliveries (queue messages) received, redeliveries included.",
@@ -228,6 +232,11 @@ impl Metrics {
                 "spillway_worker_settle_errors_total",
                 "Ack, retry or dead-letter calls that failed.",
                 m.settle_errors,
+            ),
+            (
+                "spillway_worker_heartbeat_errors_total",
+                "Visibility extensions of batches being written that failed (their messages may be delivered again meanwhile, to be written once more: duplicates the store absorbs).",
+                m.heartbeat_errors,
             ),
             (
                 "spillway_worker_breaker_opened_total",
@@ -288,6 +297,7 @@ impl Metrics {
             batches: get(&self.batches),
             receive_errors: get(&self.receive_errors),
             settle_errors: get(&self.settle_errors),
+            heartbeat_errors: get(&self.heartbeat_errors),
             breaker_opened: get(&self.breaker_opened),
             write_panics: get(&self.write_panics),
             breaker_state: self.breaker_state(),

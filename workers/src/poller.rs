@@ -228,6 +228,11 @@ impl Poller {
         Arc::clone(&self.ctx.metrics)
     }
 
+    /// The source it drains.
+    pub fn source(&self) -> &Arc<dyn Source> {
+        &self.ctx.source
+    }
+
     /// What `GET /metrics` shows of this poller: its counters, the batches in flight, and the
     /// store's own metrics (PostgreSQL: the pool and the write paths).
     pub fn metrics_page(&self) -> Arc<dyn Render> {
@@ -387,6 +392,7 @@ async fn process(ctx: &Ctx, batch: Batch) {
     let stop = CancellationToken::new();
     let beat = tokio::spawn(heartbeat(
         Arc::clone(&ctx.source),
+        Arc::clone(&ctx.metrics),
         ids.clone(),
         batch.first_received + ctx.config.heartbeat_every,
         ctx.config.heartbeat_every,
@@ -404,11 +410,13 @@ async fn process(ctx: &Ctx, batch: Batch) {
     let started = Instant::now();
     let write = core::write_prepared(batch.prepared, ctx.sink.as_ref(), &ctx.config.core);
     let written = AssertUnwindSafe(write).catch_unwind().await;
-    // "Written" when the store took the batch's writes: not when it refused them all, nor
-    // for a batch with nothing to write (undecodable messages only).
+    // "Written" when the store took the batch's writes: not when it refused them all (it
+    // answered, so the sink is healthy, yet nothing was stored), nor for a batch with
+    // nothing to write (undecodable messages only).
     ctx.metrics.observe_batch_write(
         started.elapsed(),
-        matches!(&written, Ok(o) if o.sink_health == core::SinkHealth::Healthy),
+        matches!(&written, Ok(o) if o.sink_health == core::SinkHealth::Healthy
+            && o.written.inserted + o.written.duplicates > 0),
     );
     let (outcomes, panicked) = match (written, spare) {
         (Ok(outcome), _) => (vec![outcome], Vec::new()),
@@ -489,6 +497,7 @@ async fn retry_after_panic(ctx: &Ctx, panicked: Vec<(DeliveryId, u32)>) {
 
 async fn heartbeat(
     source: Arc<dyn Source>,
+    metrics: Arc<Metrics>,
     ids: Vec<DeliveryId>,
     first: Instant,
     every: Duration,
@@ -508,7 +517,10 @@ async fn heartbeat(
                 by_ms = by.as_millis(),
                 "Extended visibility"
             ),
-            Err(e) => warn!(deliveries = ids.len(), error = %e, "Visibility heartbeat failed"),
+            Err(e) => {
+                metrics.add_heartbeat_errors(1);
+                warn!(deliveries = ids.len(), error = %e, "Visibility heartbeat failed");
+            }
         }
         next += every;
     }

@@ -216,13 +216,14 @@ async fn a_panic_in_one_record_fails_that_record_and_not_its_neighbours() {
     let sink = TestSink::new();
     sink.panic_for.lock().unwrap().insert(evs[8][0].event_id);
     let dlq = Arc::new(TestDlq::default());
-    let resp = handler(sink.clone(), Some(dlq.clone()))
-        .handle(event, in_a_minute())
-        .await
-        .unwrap();
+    let h = handler(sink.clone(), Some(dlq.clone()));
+    let resp = h.handle(event, in_a_minute()).await.unwrap();
     assert_eq!(failures(&resp), ["m-8"]);
     assert_eq!(sink.stored(), 24);
     assert_eq!(dlq.letters.lock().unwrap().len(), 1);
+    // The batch's write and the record's own: both panicked, both counted (the EMF line's
+    // `Panics`; they used to be counted nowhere).
+    assert_eq!(h.metrics().snapshot().write_panics, 2);
 }
 
 #[tokio::test]
@@ -349,20 +350,20 @@ async fn a_permanent_failure_whose_dlq_send_fails_is_retried_instead_of_lost() {
         refuse: true,
         ..TestDlq::default()
     });
-    let resp = handler(sink.clone(), Some(dlq))
-        .handle(event, in_a_minute())
-        .await
-        .unwrap();
+    let h = handler(sink.clone(), Some(dlq));
+    let resp = h.handle(event, in_a_minute()).await.unwrap();
     assert_eq!(failures(&resp), ["m-3"]);
-    let resp = handler(sink, None)
-        .handle(batch().0, in_a_minute())
-        .await
-        .unwrap();
+    // The EMF line's `DeadLetterFailures`: without it the record was only one of the
+    // `RecordsRetried`, like a store timeout.
+    assert_eq!(h.metrics().snapshot().settle_errors, 1);
+    let h = handler(sink, None);
+    let resp = h.handle(batch().0, in_a_minute()).await.unwrap();
     assert_eq!(
         failures(&resp),
         ["m-3"],
         "no DLQ: left to the queue's redrive"
     );
+    assert_eq!(h.metrics().snapshot().settle_errors, 1);
 }
 
 #[tokio::test]

@@ -296,6 +296,41 @@ async fn an_undecodable_message_is_dead_lettered_on_its_first_receive() {
     );
 }
 
+/// A batch whose every event the store refused (a constraint added to `ad_events`, say)
+/// used to move the "store last took a batch" gauge: the store had answered. With all the
+/// traffic going to the DLQ, the staleness alert README "Metrics" builds on it stayed quiet.
+#[tokio::test(start_paused = true)]
+async fn a_batch_the_store_refused_whole_does_not_count_as_written() {
+    let src = source(Some(5));
+    let refused = events(1_400, 3);
+    src.send_envelope(&envelope(&refused));
+    let sink = TestSink::new();
+    sink.reject
+        .lock()
+        .unwrap()
+        .extend(refused.iter().map(|e| e.event_id));
+    let (metrics, token, handle) = start(&src, sink.clone(), config());
+    until("dead-lettered", Duration::from_secs(60), || {
+        !src.dead_letters().is_empty()
+    })
+    .await;
+    let gauge = || {
+        let mut page = shared::metrics::Exposition::new();
+        metrics.render(&mut page);
+        shared::metrics::value_of(
+            &page.finish(),
+            "spillway_worker_last_batch_written_timestamp_seconds",
+        )
+        .unwrap()
+    };
+    assert_eq!(gauge(), 0.0, "every event of the batch was refused");
+    fill(&src, 1_410, 1, 2);
+    until("stored", Duration::from_secs(60), || sink.stored() == 2).await;
+    token.cancel();
+    handle.await.unwrap();
+    assert!(gauge() > 1.7e9, "a batch was stored");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_message_failing_transiently_is_retried_with_growing_delays_then_redriven_by_max_receives(
 ) {
@@ -548,6 +583,41 @@ async fn the_heartbeat_keeps_a_slow_batch_invisible_until_it_is_acked() {
     assert!(src.extend_calls() >= 8, "{} extensions", src.extend_calls());
     assert_eq!(src.stale_receipts(), 0);
     assert_eq!(src.deleted(), vec![id]);
+}
+
+/// A failed extension was only a log line: the messages of the batch being written may come
+/// back meanwhile and be written again, and nothing counted that it was happening.
+#[tokio::test(start_paused = true)]
+async fn failed_heartbeats_are_counted() {
+    let src = Arc::new(MemorySource::new(MemorySourceConfig {
+        visibility_timeout: Duration::from_secs(30),
+        max_receive_count: Some(5),
+        ..MemorySourceConfig::default()
+    }));
+    src.send_envelope(&envelope(&events(402, 3)));
+    let sink = TestSink::with_delay(Duration::from_secs(10));
+    let cfg = PollerConfig {
+        loops: 1,
+        visibility_timeout: Duration::from_secs(30),
+        heartbeat_every: Duration::from_secs(1),
+        ..config()
+    };
+    let (metrics, token, handle) = start(&src, sink.clone(), cfg);
+    until("received", Duration::from_secs(60), || src.in_flight() == 1).await;
+    src.set_unavailable(true);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    src.set_unavailable(false);
+    until("acked", Duration::from_secs(60), || src.is_empty()).await;
+    token.cancel();
+    handle.await.unwrap();
+    let failed = metrics.snapshot().heartbeat_errors;
+    assert!((2..=4).contains(&failed), "{failed} failed extensions");
+    let mut page = shared::metrics::Exposition::new();
+    metrics.render(&mut page);
+    assert_eq!(
+        shared::metrics::value_of(&page.finish(), "spillway_worker_heartbeat_errors_total"),
+        Some(failed as f64)
+    );
 }
 
 #[tokio::test(start_paused = true)]

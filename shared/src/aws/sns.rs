@@ -168,7 +168,12 @@ impl SnsPublisher {
                             | "BatchRequestTooLong"
                             | "TooManyEntriesInBatchRequest"
                     );
-                    let detail = format!("{code}: {}", e.message().unwrap_or(&e.to_string()));
+                    // The whole chain: a dispatch failure or a timeout has no code and no
+                    // message, and the error's own text says only "dispatch failure".
+                    let detail = match e.message() {
+                        Some(m) => format!("{code}: {m}"),
+                        None => format!("{code}: {}", aws_sdk_sns::error::DisplayErrorContext(&e)),
+                    };
                     if permanent {
                         return Err(self.rejected(detail));
                     }
@@ -287,6 +292,35 @@ mod tests {
             attributes: BTreeMap::new(),
             event_count: 1,
         }
+    }
+
+    /// A failure without an AWS error code (here: nothing listens) was logged and answered
+    /// as "unknown: dispatch failure", without its cause.
+    #[tokio::test]
+    async fn a_publish_that_cannot_connect_says_why() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = aws_sdk_sns::Config::builder()
+            .behavior_version(aws_sdk_sns::config::BehaviorVersion::latest())
+            .http_client(crate::aws::https_client())
+            .region(aws_sdk_sns::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sns::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .endpoint_url(format!("http://{closed}"))
+            .build();
+        let publisher = SnsPublisher::new(
+            Client::from_conf(config),
+            SnsConfig {
+                max_attempts: 1,
+                ..SnsConfig::new("arn:aws:sns:us-east-1:000000000000:events")
+            },
+        );
+        let err = publisher.publish(&[env(10)]).await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(err.to_string().contains("Connection refused"), "{err}");
     }
 
     #[test]

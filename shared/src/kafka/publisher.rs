@@ -218,13 +218,10 @@ impl Publisher for KafkaPublisher {
         // An idempotent producer in librdkafka's fatal state (a producer id the cluster
         // refused, a fenced epoch) fails every publish from then on, while metadata still
         // answers: the process was "ready" and answered 503 for good, and nothing replaced it.
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
+        if let Some(reason) = self.broken() {
             return Err(PublishError::Unavailable {
                 destination: self.topic.to_string(),
-                message: format!(
-                    "the Kafka producer hit a fatal error ({code:?}: {reason}) and cannot \
-                     publish again; restart the process"
-                ),
+                message: format!("{reason}; restart the process"),
             });
         }
         let producer = self.producer.clone();
@@ -247,6 +244,12 @@ impl Publisher for KafkaPublisher {
                 message: "topic has no partitions (does it exist?)".into(),
             }),
         }
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.producer.client().fatal_error().map(|(code, reason)| {
+            format!("the Kafka producer hit a fatal error ({code:?}: {reason}) and cannot publish again")
+        })
     }
 }
 

@@ -30,6 +30,7 @@
 //!   the eager protocol the whole group) for as long as the slowest batch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -40,7 +41,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
@@ -393,6 +394,11 @@ pub struct KafkaSource {
     shared: Arc<Shared>,
     dlq_topic: String,
     max_receives: u32,
+    /// Letters this source moved to the DLQ topic itself (out of receives, or sent again
+    /// after a failed produce), which the poller's `dead_letters_total` does not see.
+    redriven: AtomicU64,
+    /// Its attempts at that which failed (each is tried again later).
+    redrive_failures: AtomicU64,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -454,6 +460,8 @@ impl KafkaSource {
             shared,
             dlq_topic: config.dlq_topic.clone(),
             max_receives: config.max_receives.max(1),
+            redriven: AtomicU64::new(0),
+            redrive_failures: AtomicU64::new(0),
         })
     }
 
@@ -618,10 +626,15 @@ impl KafkaSource {
     async fn redrive(&self, id: &DeliveryId, letters: &[DeadLetter]) {
         match self.dead_letter(id, letters).await {
             Ok(()) => {
+                self.redriven
+                    .fetch_add(letters.len() as u64, Ordering::Relaxed);
                 let reasons: Vec<&str> = letters.iter().map(|l| l.reason.code.as_str()).collect();
                 warn!(delivery = %id.0, ?reasons, "Moved to the DLQ topic");
             }
-            Err(e) => warn!(delivery = %id.0, error = %e, "Moving to the DLQ topic failed"),
+            Err(e) => {
+                self.redrive_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(delivery = %id.0, error = %e, "Moving to the DLQ topic failed");
+            }
         }
     }
 
@@ -660,7 +673,9 @@ impl KafkaSource {
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
                 Ok(Ok(msg)) => out.extend(self.accept(&msg)),
                 Ok(Err(e)) => {
-                    debug!(error = %e, "Consumer error while draining ready messages");
+                    // Not returned: the messages already taken must reach the poller. Seen
+                    // by the operator all the same (an offset reset past retention is one).
+                    warn!(error = %e, "Consumer error while draining ready messages");
                     break;
                 }
                 Err(_) => break,
@@ -879,6 +894,15 @@ impl Source for KafkaSource {
         self.ack(std::slice::from_ref(id)).await
     }
 
+    fn broken(&self) -> Option<String> {
+        self.dlq.client().fatal_error().map(|(code, reason)| {
+            format!(
+                "the Kafka DLQ producer hit a fatal error ({code:?}: {reason}) and cannot send \
+                 a letter again"
+            )
+        })
+    }
+
     fn render_metrics(&self, page: &mut Exposition) {
         #[allow(clippy::cast_precision_loss)]
         let samples: Vec<(String, f64)> = self
@@ -893,6 +917,16 @@ impl Source for KafkaSource {
             "Messages of each partition this worker owns past the group's committed offset, or past the log start before the group's first commit there (librdkafka statistics, refreshed every statistics.interval.ms).",
             "partition",
             &samples,
+        );
+        page.counter(
+            "spillway_kafka_dlq_redriven_total",
+            "Letters this worker's Kafka source moved to the DLQ topic itself: messages out of receives (--kafka-max-receives), and letters sent again after a failed produce. spillway_worker_dead_letters_total counts the others.",
+            self.redriven.load(Ordering::Relaxed),
+        );
+        page.counter(
+            "spillway_kafka_dlq_redrive_failures_total",
+            "Failed attempts of this worker's Kafka source to move a message to the DLQ topic (each is tried again 5 s later while the partition stays here).",
+            self.redrive_failures.load(Ordering::Relaxed),
         );
     }
 }
