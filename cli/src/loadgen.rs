@@ -98,6 +98,11 @@ struct Options {
     #[arg(long)]
     ids_out: Option<PathBuf>,
 
+    /// Write every event acknowledged in a 202 (minus the rejected ones) as sent, one JSON
+    /// object per line: what a check of the store's content compares with.
+    #[arg(long)]
+    events_out: Option<PathBuf>,
+
     /// Print the report as JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -248,6 +253,8 @@ struct Shared {
     deadline: Instant,
     next_batch: AtomicU64,
     ids: Option<mpsc::UnboundedSender<Vec<String>>>,
+    /// Where the acknowledged events go, as JSON lines.
+    events: Option<mpsc::UnboundedSender<Vec<String>>>,
     /// Cancelled by Ctrl-C or SIGTERM: no new batch starts, retries stop, and the requests in
     /// flight finish so their answers (and acknowledged ids) are kept.
     stop: CancellationToken,
@@ -263,6 +270,8 @@ struct Stats {
     rejected: u64,
     retries: u64,
     duplicate_batches: u64,
+    /// 202s whose body was not the API's report: their events are all counted accepted.
+    unreadable_202: u64,
     by_status: BTreeMap<u16, u64>,
     connection_errors: u64,
     timeouts: u64,
@@ -278,6 +287,7 @@ impl Stats {
         self.rejected += other.rejected;
         self.retries += other.retries;
         self.duplicate_batches += other.duplicate_batches;
+        self.unreadable_202 += other.unreadable_202;
         for (status, n) in other.by_status {
             *self.by_status.entry(status).or_default() += n;
         }
@@ -348,18 +358,8 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .build()
         .context("building the HTTP client")?;
 
-    let (ids_tx, ids_writer) = match &args.ids_out {
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            let (tx, rx) = mpsc::unbounded_channel();
-            (
-                Some(tx),
-                Some(tokio::task::spawn_blocking(move || write_ids(file, rx))),
-            )
-        }
-        None => (None, None),
-    };
+    let (ids_tx, ids_writer) = line_writer(args.ids_out.as_deref())?;
+    let (events_tx, events_writer) = line_writer(args.events_out.as_deref())?;
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
     let start = Instant::now();
     let shared = Arc::new(Shared {
@@ -376,6 +376,7 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         deadline: start + args.duration,
         next_batch: AtomicU64::new(0),
         ids: ids_tx,
+        events: events_tx,
         stop: CancellationToken::new(),
     });
     let stop = shared.stop.clone();
@@ -404,11 +405,13 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let stopped_early = shared.stop.is_cancelled();
     // Dropping the last sender lets the id writer finish.
     drop(shared);
-    if let Some(writer) = ids_writer {
-        writer
-            .await
-            .context("the id writer panicked")?
-            .context("writing --ids-out")?;
+    for (writer, flag) in [(ids_writer, "--ids-out"), (events_writer, "--events-out")] {
+        if let Some(writer) = writer {
+            writer
+                .await
+                .with_context(|| format!("the writer of {flag} panicked"))?
+                .with_context(|| format!("writing {flag}"))?;
+        }
     }
     report(&args, seed, &mut stats, elapsed)?;
     signals.abort();
@@ -433,18 +436,47 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_ids(
+/// A channel whose lines a blocking task writes to `path`, when given.
+type LineWriter = (
+    Option<mpsc::UnboundedSender<Vec<String>>>,
+    Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+);
+
+fn line_writer(path: Option<&std::path::Path>) -> anyhow::Result<LineWriter> {
+    let Some(path) = path else {
+        return Ok((None, None));
+    };
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    Ok((
+        Some(tx),
+        Some(tokio::task::spawn_blocking(move || write_lines(file, rx))),
+    ))
+}
+
+fn write_lines(
     file: std::fs::File,
     mut rx: mpsc::UnboundedReceiver<Vec<String>>,
 ) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(file);
-    while let Some(ids) = rx.blocking_recv() {
-        for id in ids {
-            out.write_all(id.as_bytes())?;
+    while let Some(lines) = rx.blocking_recv() {
+        for line in lines {
+            out.write_all(line.as_bytes())?;
             out.write_all(b"\n")?;
         }
     }
     out.flush()
+}
+
+/// Keeps the items whose position is not in `rejected` (sorted).
+fn without_rejected(items: &mut Vec<String>, rejected: &[usize]) {
+    let mut index = 0;
+    items.retain(|_| {
+        let keep = rejected.binary_search(&index).is_err();
+        index += 1;
+        keep
+    });
 }
 
 async fn worker(shared: Arc<Shared>, seed: u64, advertisers: u64) -> Stats {
@@ -472,30 +504,24 @@ async fn worker(shared: Arc<Shared>, seed: u64, advertisers: u64) -> Stats {
             None if Instant::now() >= shared.deadline => break,
             None => {}
         }
-        let (body, ids) = build_batch(&shared, &mut events, &mut rng, &mut stats);
+        let (body, ids, sent) = build_batch(&shared, &mut events, &mut rng, &mut stats);
         let outcome = send(&shared, &body, &mut stats).await;
         let acknowledged =
             matches!(outcome, Outcome::Answered { status, .. } if status == StatusCode::ACCEPTED);
-        if let (
-            Some(tx),
-            Some(mut ids),
-            Outcome::Answered {
-                report: Some(report),
-                ..
-            },
-        ) = (&shared.ids, ids, outcome)
-        {
-            if acknowledged {
-                let mut rejected: Vec<usize> = report.rejected.iter().map(|r| r.index).collect();
-                rejected.sort_unstable();
-                let mut index = 0;
-                ids.retain(|_| {
-                    let keep = rejected.binary_search(&index).is_err();
-                    index += 1;
-                    keep
-                });
-                // The writer only stops when every sender is gone; a send cannot fail before.
-                let _ = tx.send(ids);
+        if let (true, Outcome::Answered { report, .. }) = (acknowledged, outcome) {
+            // A 202 whose body is not the API's report (a proxy's page): every event counts
+            // as acknowledged, so a check of the store can only see too much lost, not too
+            // little.
+            let mut rejected: Vec<usize> = report
+                .map(|r| r.rejected.iter().map(|r| r.index).collect())
+                .unwrap_or_default();
+            rejected.sort_unstable();
+            // The writers only stop when every sender is gone; a send cannot fail before.
+            for (tx, mut lines) in [(&shared.ids, ids), (&shared.events, sent)] {
+                if let (Some(tx), Some(lines)) = (tx, lines.as_mut()) {
+                    without_rejected(lines, &rejected);
+                    let _ = tx.send(std::mem::take(lines));
+                }
             }
         }
         if acknowledged && !shared.stop.is_cancelled() && rng.random_bool(shared.duplicate_fraction)
@@ -507,13 +533,14 @@ async fn worker(shared: Arc<Shared>, seed: u64, advertisers: u64) -> Stats {
     stats
 }
 
-/// A JSON array body and, when `--ids-out` is set, the ids in it by position.
+/// A JSON array body and, when `--ids-out` or `--events-out` is set, the ids and the events
+/// (JSON) in it by position.
 fn build_batch(
     shared: &Shared,
     events: &mut SyntheticEvents,
     rng: &mut StdRng,
     stats: &mut Stats,
-) -> (Bytes, Option<Vec<String>>) {
+) -> (Bytes, Option<Vec<String>>, Option<Vec<String>>) {
     let mut batch = Vec::with_capacity(shared.batch_size);
     let mut ids = shared
         .ids
@@ -536,9 +563,13 @@ fn build_batch(
         }
         batch.push(event);
     }
+    let sent = shared
+        .events
+        .as_ref()
+        .map(|_| batch.iter().map(Value::to_string).collect());
     // Serialising plain JSON values into a Vec cannot fail.
     let body = serde_json::to_vec(&batch).unwrap_or_default();
-    (Bytes::from(body), ids)
+    (Bytes::from(body), ids, sent)
 }
 
 /// Posts one body, retrying 429/503 after their `Retry-After`.
@@ -601,9 +632,16 @@ async fn send(shared: &Shared, body: &Bytes, stats: &mut Stats) -> Outcome {
             }
         }
         let report = serde_json::from_slice::<IngestReport>(&bytes).ok();
-        if let Some(r) = &report {
-            stats.accepted += r.accepted;
-            stats.rejected += r.rejected.len() as u64;
+        match &report {
+            Some(r) => {
+                stats.accepted += r.accepted;
+                stats.rejected += r.rejected.len() as u64;
+            }
+            None if status == StatusCode::ACCEPTED => {
+                stats.unreadable_202 += 1;
+                stats.accepted += shared.batch_size as u64;
+            }
+            None => {}
         }
         return Outcome::Answered { status, report };
     }
@@ -647,6 +685,7 @@ fn report(args: &Options, seed: u64, stats: &mut Stats, elapsed: Duration) -> an
             "requests": stats.requests,
             "retries": stats.retries,
             "duplicate_batches": stats.duplicate_batches,
+            "unreadable_202": stats.unreadable_202,
             "events_sent": stats.events_sent,
             "invalid_sent": stats.invalid_sent,
             "accepted": stats.accepted,
@@ -693,6 +732,13 @@ fn report(args: &Options, seed: u64, stats: &mut Stats, elapsed: Duration) -> an
         stats.events_sent, stats.invalid_sent
     )?;
     writeln!(out, "accepted          {}", stats.accepted)?;
+    if stats.unreadable_202 > 0 {
+        writeln!(
+            out,
+            "unreadable 202s   {} (not the API's report: all their events counted accepted)",
+            stats.unreadable_202
+        )?;
+    }
     writeln!(out, "rejected          {}", stats.rejected)?;
     writeln!(out, "responses         {statuses}")?;
     writeln!(

@@ -36,6 +36,10 @@ struct Cli {
     /// HTTP path only; never in production).
     #[arg(long, env = "SPILLWAY_MEMORY_PUBLISHER")]
     memory_publisher: bool,
+    /// Lambda: CloudWatch namespace of the metrics each request logs in Embedded Metric
+    /// Format (README "Metrics"); off when unset or empty. A function cannot be scraped.
+    #[arg(long, env = "SPILLWAY_EMF_NAMESPACE")]
+    emf_namespace: Option<String>,
 }
 
 /// With it set, API Gateway REST (v1) paths lose their stage prefix (`/prod/v1/events` →
@@ -95,7 +99,7 @@ async fn lambda_main() -> anyhow::Result<()> {
         if cli.metrics.metrics_listen.is_some() {
             tracing::warn!("SPILLWAY_METRICS_LISTEN is ignored on Lambda: a function cannot be scraped; set SPILLWAY_EMF_NAMESPACE for per-request metrics");
         }
-        let emf = shared::emf::EmfTarget::for_function(cli.ingest.emf_namespace.clone());
+        let emf = shared::emf::EmfTarget::for_function(cli.emf_namespace.clone());
         Ok::<_, anyhow::Error>((state(&cli).await?, emf))
     };
     let (state, emf) = match ready.await {

@@ -117,11 +117,6 @@ pub struct IngestSettings {
     /// keyed broker. Default: 32 with --broker kafka, none (0) otherwise.
     #[arg(long, env = "SPILLWAY_ENVELOPE_KEY_BUCKETS")]
     pub envelope_key_buckets: Option<u32>,
-
-    /// Lambda: CloudWatch namespace of the metrics each request logs in Embedded Metric
-    /// Format (README "Metrics"); off when unset or empty. A function cannot be scraped.
-    #[arg(long, env = "SPILLWAY_EMF_NAMESPACE")]
-    pub emf_namespace: Option<String>,
 }
 
 impl IngestSettings {

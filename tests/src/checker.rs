@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use serde::Serialize;
+use shared::AdEvent;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -241,20 +242,7 @@ pub async fn check(
     let distinct = i64::try_from(stored.len()).unwrap_or(i64::MAX);
     let extra_rollup_events = u64::try_from(rollup_events - distinct).unwrap_or(0);
 
-    let mismatches: Vec<RollupMismatch> = rollups
-        .keys()
-        .chain(recomputed.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .filter_map(|key| {
-            let (s, r) = (rollups.get(key).copied(), recomputed.get(key).copied());
-            (s != r).then(|| RollupMismatch {
-                key: key.clone(),
-                stored: s,
-                recomputed: r,
-            })
-        })
-        .collect();
+    let mismatches = differences(&rollups, &recomputed);
 
     Ok(CheckReport {
         attempted: attempted.as_ref().map(HashSet::len),
@@ -274,6 +262,94 @@ pub async fn check(
             .unwrap_or_default(),
         inconsistent_sample: mismatches.into_iter().take(SAMPLE_LEN).collect(),
     })
+}
+
+/// The keys where `stored` and `recomputed` differ, or where either has no row.
+fn differences(stored: &Rollups, recomputed: &Rollups) -> Vec<RollupMismatch> {
+    stored
+        .keys()
+        .chain(recomputed.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|key| {
+            let (s, r) = (stored.get(key).copied(), recomputed.get(key).copied());
+            (s != r).then(|| RollupMismatch {
+                key: key.clone(),
+                stored: s,
+                recomputed: r,
+            })
+        })
+        .collect()
+}
+
+/// The rollups `sent` should produce, computed here from the events as the client sent them,
+/// independently of any store: each `event_id` once (its first occurrence), grouped like the
+/// stores group (minute in UTC, absent currency as `""`).
+pub fn rollups_of<'a>(sent: impl IntoIterator<Item = &'a AdEvent>) -> anyhow::Result<Rollups> {
+    let mut seen = HashSet::new();
+    let mut rollups = Rollups::new();
+    for ev in sent {
+        if !seen.insert(ev.event_id) {
+            continue;
+        }
+        let at = ev.occurred_at.to_offset(time::UtcOffset::UTC);
+        let key = RollupKey {
+            minute: at.replace_second(0)?.replace_nanosecond(0)?,
+            advertiser_id: ev.advertiser_id.as_str().to_owned(),
+            campaign_id: ev.campaign_id.as_str().to_owned(),
+            ad_id: ev.ad_id.as_str().to_owned(),
+            event_type: ev.event_type.as_str().to_owned(),
+            currency: ev
+                .currency
+                .as_ref()
+                .map_or_else(String::new, |c| c.as_str().to_owned()),
+        };
+        let totals = rollups.entry(key).or_default();
+        totals.events += 1;
+        totals.cost_micros += i64::try_from(ev.cost_micros.get())?;
+        totals.revenue_micros += i64::try_from(ev.revenue_micros.map_or(0, |m| m.get()))?;
+    }
+    Ok(rollups)
+}
+
+/// Where the store's rollups differ from those of `sent` (the acknowledged events as the
+/// client sent them; see [`rollups_of`]), in [`RollupMismatch::recomputed`]. The check above
+/// compares the store with itself (its rollups with its raw rows, both written by the same
+/// sink), so a field lost or altered on the way (packing, decoding, the encoder) would leave
+/// it consistent and wrong; this compares it with what left the client.
+///
+/// # Errors
+/// When the store cannot be read, or an amount does not fit an `i64`.
+pub async fn content_mismatches(
+    store: &dyn StoreView,
+    sent: &[AdEvent],
+) -> anyhow::Result<Vec<RollupMismatch>> {
+    let stored = store.rollups().await.context("reading rollups")?;
+    Ok(differences(&stored, &rollups_of(sent)?))
+}
+
+/// Reads the events `spillway loadgen --events-out` wrote (one JSON object per line),
+/// validated as the ingest API validates them.
+///
+/// # Errors
+/// When the file cannot be read, or a line is not a valid event.
+pub fn read_events(path: &Path) -> anyhow::Result<Vec<AdEvent>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read events {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let value: serde_json::Value = serde_json::from_str(l)
+                .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+            AdEvent::from_json(
+                value,
+                &shared::ValidationPolicy::structural(),
+                &shared::SystemClock,
+            )
+            .map_err(|e| anyhow::anyhow!("{} line {}: {e:?}", path.display(), i + 1))
+        })
+        .collect()
 }
 
 /// A [`StoreView`] of the PostgreSQL schema of `shared::postgres_sink`, over its own
@@ -414,6 +490,48 @@ mod tests {
             cost_micros: 10 * events,
             revenue_micros: 0,
         }
+    }
+
+    /// The content check: rollups computed from the events sent, each id once, and any
+    /// difference from the store's rows found.
+    #[tokio::test]
+    async fn the_content_check_compares_the_store_with_what_was_sent() {
+        let mut g = shared::synthetic::SyntheticEvents::new(5, 2);
+        let sent: Vec<AdEvent> = (0..50)
+            .map(|_| {
+                AdEvent::from_json(
+                    g.event(),
+                    &shared::ValidationPolicy::structural(),
+                    &shared::SystemClock,
+                )
+                .unwrap()
+            })
+            .collect();
+        let expected = rollups_of(&sent).unwrap();
+        assert_eq!(expected.values().map(|t| t.events).sum::<i64>(), 50);
+        let cost: u64 = sent.iter().map(|e| e.cost_micros.get()).sum();
+        let summed: i64 = expected.values().map(|t| t.cost_micros).sum();
+        assert_eq!(u64::try_from(summed).unwrap(), cost);
+        for key in expected.keys() {
+            assert_eq!(key.minute.second(), 0);
+            assert_eq!(key.minute.nanosecond(), 0);
+        }
+        let twice: Vec<AdEvent> = sent.iter().chain(&sent).cloned().collect();
+        assert_eq!(rollups_of(&twice).unwrap(), expected, "an id counts once");
+
+        let mut store = FakeStore {
+            rollups: expected.clone(),
+            ..FakeStore::default()
+        };
+        assert!(content_mismatches(&store, &sent).await.unwrap().is_empty());
+        let first = store.rollups.keys().next().unwrap().clone();
+        store.rollups.get_mut(&first).unwrap().cost_micros += 1;
+        let last = store.rollups.keys().last().unwrap().clone();
+        store.rollups.remove(&last);
+        let found = content_mismatches(&store, &sent).await.unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].key, first);
+        assert_eq!(found[1].stored, None);
     }
 
     #[tokio::test]

@@ -340,6 +340,8 @@ pub struct PostedLoad {
     pub attempted: Vec<uuid::Uuid>,
     /// Every event id answered with a 202, once.
     pub acked: Vec<uuid::Uuid>,
+    /// The events answered with a 202, as sent: what the store's content must add up to.
+    pub acked_events: Vec<AdEvent>,
     /// Requests sent, retries included.
     pub requests: u64,
     /// Requests sent again after no answer (or a 429/503).
@@ -384,6 +386,12 @@ pub async fn post_load(client: &reqwest::Client, plan: &LoadPlan) -> PostedLoad 
             .filter_map(|e| e["event_id"].as_str().and_then(|s| s.parse().ok()))
             .collect();
         attempted.extend(&ids);
+        let valid: Vec<AdEvent> = events
+            .iter()
+            .filter_map(|e| {
+                AdEvent::from_json(e.clone(), &ValidationPolicy::structural(), &SystemClock).ok()
+            })
+            .collect();
         if plan.rate > 0 {
             let due = Duration::from_secs_f64((k * plan.batch_size) as f64 / plan.rate as f64);
             tokio::time::sleep_until(start + due).await;
@@ -409,7 +417,7 @@ pub async fn post_load(client: &reqwest::Client, plan: &LoadPlan) -> PostedLoad 
                     Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
                         // Drain the body; every event is valid, so all are acknowledged.
                         let _ = r.bytes().await;
-                        return (Some(ids), requests);
+                        return (Some((ids, valid)), requests);
                     }
                     Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {
                         return (None, requests);
@@ -432,7 +440,10 @@ pub async fn post_load(client: &reqwest::Client, plan: &LoadPlan) -> PostedLoad 
         out.requests += requests;
         out.retries += requests.saturating_sub(1);
         match acked {
-            Some(ids) => out.acked.extend(ids),
+            Some((ids, valid)) => {
+                out.acked.extend(ids);
+                out.acked_events.extend(valid);
+            }
             None => out.given_up += 1,
         }
     }

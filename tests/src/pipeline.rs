@@ -253,14 +253,21 @@ pub struct Loadgen {
     child: Child,
     /// Where the acknowledged ids go.
     pub ids_out: PathBuf,
+    /// Where the acknowledged events go, as sent (`--events-out`: the ids file's name plus
+    /// `.events`).
+    pub events_out: PathBuf,
 }
 
 impl Loadgen {
-    /// Starts `spillway loadgen --json --api-key KEY --url <url> --ids-out <ids_out> <extra>`.
+    /// Starts `spillway loadgen --json --api-key KEY --url <url> --ids-out <ids_out>
+    /// --events-out <ids_out>.events <extra>`.
     ///
     /// # Errors
     /// When it cannot be spawned.
     pub fn start(url: &str, ids_out: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut events_out = ids_out.as_os_str().to_owned();
+        events_out.push(".events");
+        let events_out = PathBuf::from(events_out);
         let child = Command::new(binary("spillway")?)
             .args([
                 "loadgen",
@@ -272,6 +279,8 @@ impl Loadgen {
                 "--ids-out",
             ])
             .arg(ids_out)
+            .arg("--events-out")
+            .arg(&events_out)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -280,6 +289,7 @@ impl Loadgen {
         Ok(Self {
             child,
             ids_out: ids_out.to_path_buf(),
+            events_out,
         })
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use shared::embedded::Broker;
 use shared::metrics::value_of;
 use shared::{PostgresConfig, PostgresSink};
-use tests::checker::{check, read_ids, PostgresStoreView};
+use tests::checker::{check, content_mismatches, read_events, read_ids, PostgresStoreView};
 use tests::faults::synthetic_envelopes;
 use tests::localstack::{self, create_topology, queue_depth};
 use tests::pipeline::{
@@ -133,10 +133,15 @@ async fn kill_run(
         let pause = Duration::from_millis(1_500 + rand::random::<u64>() % 3_000);
         tokio::time::sleep(pause).await;
         load_done = load.finished().unwrap();
-        worker.take().unwrap().kill().unwrap();
+        let mut running = worker.take().unwrap();
+        // A kill counts only if it hits a running worker (one that died by itself would
+        // make the kills vacuous, and `kill` succeeds on an exited process).
+        running.ensure_running().unwrap();
+        running.kill().unwrap();
         kills += 1;
         worker = Some(start());
     }
+    let events_out = load.events_out.clone();
     let report = load.wait().unwrap();
     let load_took = started.elapsed();
 
@@ -165,6 +170,10 @@ async fn kill_run(
     let verdict = check(&view, &acked, all_answered.then_some(&acked[..]))
         .await
         .unwrap();
+    // What the store adds up to, against the events as loadgen sent them.
+    let sent = read_events(&events_out).unwrap();
+    assert_eq!(sent.len(), acked.len());
+    let content = content_mismatches(&view, &sent).await.unwrap();
     eprintln!(
         "worker SIGKILL ({name}): {kills} kills over {:.1} s of load at {rate} events/s, {} \
          events acknowledged, backlog drained {:.1} s after the load, DLQ depth {dlq}\n{verdict}",
@@ -179,6 +188,12 @@ async fn kill_run(
     assert_eq!(verdict.duplicated, 0, "{verdict}");
     assert!(verdict.rollups_consistent, "{verdict}");
     assert_eq!(verdict.stored, acked.len(), "{verdict}");
+    assert!(
+        content.is_empty(),
+        "{} rollup keys differ from what was sent: {:?}",
+        content.len(),
+        &content[..content.len().min(5)]
+    );
     assert_eq!(dlq, 0, "no valid message reached the DLQ");
 }
 
@@ -353,6 +368,11 @@ async fn a_worker_killed_between_its_commit_and_its_ack_counts_nothing_twice() {
     let acked: Vec<Uuid> = events.iter().map(|e| e.event_id.as_uuid()).collect();
     let view = PostgresStoreView::connect(&db.url).await.unwrap();
     let verdict = check(&view, &acked, Some(&acked)).await.unwrap();
+    let content = content_mismatches(&view, &events).await.unwrap();
+    assert!(
+        content.is_empty(),
+        "differs from what was sent: {content:?}"
+    );
     let dlq = broker.queue_stats(DLQ).await.unwrap();
     eprintln!(
         "killed between commit and ack: {committed} of {} events committed before the kill, \

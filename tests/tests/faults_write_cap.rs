@@ -19,7 +19,10 @@
 use std::time::{Duration, Instant};
 
 use shared::metrics::value_of;
-use tests::checker::{check, read_ids, CheckReport, PostgresStoreView};
+use tests::checker::{
+    check, content_mismatches, read_events, read_ids, CheckReport, PostgresStoreView,
+    RollupMismatch,
+};
 use tests::dev_process::DevProcess;
 use tests::pipeline::{
     declare_topology, start_ingest_on, start_worker, wait_drained, LoadReport, Loadgen, QUEUE,
@@ -90,6 +93,8 @@ struct Burst {
     acked: usize,
     stored: i64,
     verdict: CheckReport,
+    /// Where the store's rollups differ from those of the events loadgen sent.
+    content: Vec<RollupMismatch>,
     burst_secs: u64,
     took: Duration,
     /// The worker's `/metrics` page once everything was drained.
@@ -171,6 +176,7 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
     )
     .unwrap();
     let started = Instant::now();
+    let events_out = load.events_out.clone();
     let (mut samples, load) = sample_until_drained(&admin, &broker, load, started).await;
     let took = started.elapsed();
     wait_drained(&broker, QUEUE, Duration::from_secs(10))
@@ -188,7 +194,15 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
         .get(0);
     let acked = read_ids(&ids_out).unwrap();
     let view = PostgresStoreView::connect(&db.url).await.unwrap();
-    let verdict = check(&view, &acked, None).await.unwrap();
+    // Every request answered 202: the acknowledged ids are every id sent, so a stored id
+    // outside them is unexpected.
+    let all_answered = load.connection_errors == 0 && load.accepted == load.events_sent;
+    let verdict = check(&view, &acked, all_answered.then_some(&acked[..]))
+        .await
+        .unwrap();
+    let content = content_mismatches(&view, &read_events(&events_out).unwrap())
+        .await
+        .unwrap();
     samples.rows.push((started.elapsed().as_secs_f64(), stored));
     Burst {
         samples,
@@ -196,6 +210,7 @@ async fn burst(db: &TestDb, worker_args: &[&str], slow_insert_secs: Option<f64>)
         acked: acked.len(),
         stored,
         verdict,
+        content,
         burst_secs,
         took,
         metrics,
@@ -306,7 +321,15 @@ impl Burst {
         assert_eq!(self.stored as usize, self.acked);
         assert_eq!(self.verdict.lost, 0, "{}", self.verdict);
         assert_eq!(self.verdict.duplicated, 0, "{}", self.verdict);
+        // Known only when every request was answered 202 at its first try.
+        assert_eq!(self.verdict.unexpected.unwrap_or(0), 0, "{}", self.verdict);
         assert!(self.verdict.rollups_consistent, "{}", self.verdict);
+        assert!(
+            self.content.is_empty(),
+            "{} rollup keys differ from what was sent: {:?}",
+            self.content.len(),
+            &self.content[..self.content.len().min(5)]
+        );
         // The processes' own accounts, scraped from `--metrics-listen`, agree with the
         // client's and the store's.
         let accepted = value_of(

@@ -22,10 +22,11 @@ use tests::kafka::{mock_cluster, producer_config, TOPIC};
 use tests::sqlite_view::SqliteStoreView;
 use uuid::Uuid;
 
-struct WorkerProcess(Child);
+struct WorkerProcess(Child, std::net::SocketAddr);
 
 impl WorkerProcess {
     fn start(bootstrap: &str, store: &Path, data_dir: &Path) -> Self {
+        let metrics = tests::dev_process::DevProcess::free_addr().unwrap();
         let bin = bin_dir().unwrap().join("spillway-worker");
         assert!(
             bin.exists(),
@@ -41,6 +42,7 @@ impl WorkerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--write-cap-eps", "1500", "--write-burst", "500"])
+            .args(["--metrics-listen", &metrics.to_string()])
             .args(["--receive-wait-secs", "1", "--batch-max-wait-ms", "200"])
             .env(
                 "RUST_LOG",
@@ -50,12 +52,39 @@ impl WorkerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        Self(child)
+        Self(child, metrics)
     }
 
     fn kill(&mut self) {
+        assert!(
+            self.0.try_wait().unwrap().is_none(),
+            "the worker to kill is running"
+        );
         self.0.kill().unwrap();
         self.0.wait().unwrap();
+    }
+
+    /// A counter of its `/metrics` page.
+    async fn counter(&self, series: &str) -> f64 {
+        let page = reqwest::get(format!("http://{}/metrics", self.1))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        shared::metrics::value_of(&page, series)
+            .unwrap_or_else(|| panic!("{series} missing from\n{page}"))
+    }
+
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        let pid = self.0.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the survivor did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -83,6 +112,7 @@ async fn a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice_after_th
     });
     let mut g = SyntheticEvents::new(77, 9);
     let mut ids = Vec::with_capacity(EVENTS);
+    let mut sent = Vec::with_capacity(EVENTS);
     for _ in 0..EVENTS / 100 {
         let events: Vec<Value> = (0..100).map(|_| g.event()).collect();
         let packed: Vec<PackedEvent> = events
@@ -91,7 +121,9 @@ async fn a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice_after_th
                 let e = AdEvent::from_json(v.clone(), &ValidationPolicy::default(), &SystemClock)
                     .unwrap();
                 ids.push(e.event_id.as_uuid());
-                PackedEvent::new(&e).unwrap()
+                let packed = PackedEvent::new(&e).unwrap();
+                sent.push(e);
+                packed
             })
             .collect();
         publisher
@@ -101,7 +133,7 @@ async fn a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice_after_th
     }
 
     let mut a = WorkerProcess::start(&bootstrap, &store_path, dir.path());
-    let _b = WorkerProcess::start(&bootstrap, &store_path, dir.path());
+    let b = WorkerProcess::start(&bootstrap, &store_path, dir.path());
 
     // Kill one member once both are well into the work.
     let started = Instant::now();
@@ -114,6 +146,11 @@ async fn a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice_after_th
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let at_kill = store.events_stored().await.unwrap();
+    // The member killed was doing its share: without this the survivor could have drained
+    // everything alone (a worker that never started, or owned no partition) and the test
+    // would prove nothing about the rebalance.
+    let written_by_a = a.counter("spillway_worker_events_written_total").await;
+    assert!(written_by_a > 0.0, "the killed worker wrote nothing");
     a.kill();
     let killed_at = Instant::now();
     println!("killed one worker at {at_kill} stored events");
@@ -139,8 +176,16 @@ async fn a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice_after_th
         (at_kill as usize) < EVENTS,
         "the kill came before the end of the work"
     );
-    // Let redelivered batches of the dead member's partitions land before counting.
+    // Let redelivered batches of the dead member's partitions land before counting, then
+    // stop the survivor, so the store holds still while it is checked.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let written_by_b = b.counter("spillway_worker_events_written_total").await;
+    let duplicates_b = b.counter("spillway_worker_events_duplicate_total").await;
+    println!(
+        "the killed worker had written {written_by_a} events; the survivor wrote \
+         {written_by_b} and found {duplicates_b} already stored"
+    );
+    b.stop();
     let report = check(&SqliteStoreView::new(&store_path), &ids, Some(&ids))
         .await
         .unwrap();
@@ -149,6 +194,13 @@ async fn a_worker_killed_mid_run_loses_nothing_and_counts_nothing_twice_after_th
     assert_eq!(report.duplicated, 0, "{report:?}");
     assert_eq!(report.unexpected, Some(0), "{report:?}");
     assert!(report.rollups_consistent, "{report:?}");
+    let content = tests::checker::content_mismatches(&SqliteStoreView::new(&store_path), &sent)
+        .await
+        .unwrap();
+    assert!(
+        content.is_empty(),
+        "differs from what was sent: {content:?}"
+    );
     let unique: std::collections::HashSet<Uuid> = ids.iter().copied().collect();
     assert_eq!(report.stored, unique.len());
 }
