@@ -1071,7 +1071,10 @@ async fn copy_batch(client: &mut Object, events: &[&AdEvent]) -> Result<usize, C
     let deltas = RollupDeltas::new(events).map_err(CopyError::Sink)?;
     let tx = client.transaction().await?;
     let rollup = tx.prepare_cached(ROLLUP_SQL).await?;
-    let copied = copy_rows(tx.copy_in(COPY_SQL).await?, events).await?;
+    // Prepared once per connection like the others: given as text, the COPY was parsed and
+    // described in a round trip of its own on every batch, and closed after it.
+    let copy = tx.prepare_cached(COPY_SQL).await?;
+    let copied = copy_rows(tx.copy_in(&copy).await?, events).await?;
     tx.execute(&rollup, &deltas.params()).await?;
     tx.commit().await?;
     Ok(usize::try_from(copied).unwrap_or_default())
