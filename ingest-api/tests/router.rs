@@ -55,6 +55,19 @@ fn harness() -> Harness {
     harness_with(IngestConfig::default())
 }
 
+/// State over `publisher` with `config`, the one key `key-all` and the fixed clock.
+fn state_over(publisher: Arc<dyn shared::Publisher>, config: IngestConfig) -> AppState {
+    let keys = ApiKeys::new(vec![ApiKey::from_plain(
+        "key-all",
+        "acme",
+        AdvertiserScope::Any,
+    )]);
+    let clock = Arc::new(FixedClock::at(
+        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
+    ));
+    AppState::with_clock(publisher, keys, config, clock)
+}
+
 fn event(n: u32) -> Value {
     json!({
         "event_id": format!("00000000-0000-4000-8000-{n:012}"),
@@ -508,19 +521,11 @@ impl shared::Publisher for StalledPublisher {
 /// AWS SDK's): the client, or Lambda's timeout, gave up without the 503 it is owed.
 #[tokio::test]
 async fn a_stalled_broker_gets_a_503_within_the_publish_timeout() {
-    let keys = ApiKeys::new(vec![ApiKey::from_plain(
-        "key-all",
-        "acme",
-        AdvertiserScope::Any,
-    )]);
     let config = IngestConfig {
         publish_timeout: Duration::from_millis(300),
         ..IngestConfig::default()
     };
-    let clock = Arc::new(FixedClock::at(
-        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
-    ));
-    let state = AppState::with_clock(Arc::new(StalledPublisher), keys, config, clock);
+    let state = state_over(Arc::new(StalledPublisher), config);
     let started = std::time::Instant::now();
     let resp = router(state)
         .oneshot(
@@ -573,11 +578,6 @@ impl shared::Publisher for FailsThenStalls {
 /// that way is what `spillway_ingest_publish_retries_total` is there to show.
 #[tokio::test]
 async fn the_retries_of_a_publish_given_up_at_the_timeout_are_counted() {
-    let keys = ApiKeys::new(vec![ApiKey::from_plain(
-        "key-all",
-        "acme",
-        AdvertiserScope::Any,
-    )]);
     let config = IngestConfig {
         publish_timeout: Duration::from_secs(2),
         publish_attempts: 3,
@@ -585,10 +585,7 @@ async fn the_retries_of_a_publish_given_up_at_the_timeout_are_counted() {
         ..IngestConfig::default()
     };
     let publisher = Arc::new(FailsThenStalls { failures: 2.into() });
-    let clock = Arc::new(FixedClock::at(
-        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
-    ));
-    let state = AppState::with_clock(publisher, keys, config, clock);
+    let state = state_over(publisher, config);
     let resp = router(state.clone())
         .oneshot(
             post(Some("key-all"))
@@ -864,19 +861,11 @@ async fn a_request_past_the_memory_budget_is_refused_with_503_overloaded_and_pas
         calls: 0.into(),
         kept: MemoryPublisher::new(),
     });
-    let keys = ApiKeys::new(vec![ApiKey::from_plain(
-        "key-all",
-        "acme",
-        AdvertiserScope::Any,
-    )]);
     let config = IngestConfig {
         max_inflight_bytes: 2_800,
         ..IngestConfig::default()
     };
-    let clock = Arc::new(FixedClock::at(
-        OffsetDateTime::parse(NOW, &Rfc3339).unwrap(),
-    ));
-    let state = AppState::with_clock(publisher.clone(), keys, config, clock);
+    let state = state_over(publisher.clone(), config);
     let request = |body: String| {
         post(Some("key-all"))
             .header("content-length", body.len())

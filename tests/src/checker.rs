@@ -328,6 +328,21 @@ pub async fn content_mismatches(
     Ok(differences(&stored, &rollups_of(sent)?))
 }
 
+/// [`content_mismatches`] as an error naming the first differences, when there are any.
+///
+/// # Errors
+/// As [`content_mismatches`], and when the store differs from what was sent.
+pub async fn ensure_content(store: &dyn StoreView, sent: &[AdEvent]) -> anyhow::Result<()> {
+    let found = content_mismatches(store, sent).await?;
+    anyhow::ensure!(
+        found.is_empty(),
+        "{} rollup keys differ from what was sent; the first: {:?}",
+        found.len(),
+        &found[..found.len().min(5)]
+    );
+    Ok(())
+}
+
 /// Reads the events `spillway loadgen --events-out` wrote (one JSON object per line),
 /// validated as the ingest API validates them.
 ///

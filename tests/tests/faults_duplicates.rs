@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ingest_api::IngestConfig;
 use shared::embedded::{Broker, QueueSource, TopicPublisher};
 use shared::{PostgresConfig, PostgresSink, Source};
-use tests::checker::{check, content_mismatches, PostgresStoreView, StoreView};
+use tests::checker::{check, ensure_content, PostgresStoreView, StoreView};
 use tests::faults::{
     post_load, synthetic_envelopes as envelopes, DroppingProxy, LoadPlan, TripleSource,
 };
@@ -177,11 +177,7 @@ async fn a_duplicate_storm_leaves_rollups_equal_to_the_single_delivery_run() {
     );
     assert_eq!(single_rollups, triple_rollups, "rollups identical");
     // And equal to what the events sent add up to, not only to each other.
-    let content = content_mismatches(&triple_view, &events).await.unwrap();
-    assert!(
-        content.is_empty(),
-        "differs from what was sent: {content:?}"
-    );
+    ensure_content(&triple_view, &events).await.unwrap();
     assert_eq!(
         single_view.stored_ids().await.unwrap().len(),
         triple_view.stored_ids().await.unwrap().len()
@@ -264,13 +260,7 @@ async fn requests_resent_after_a_dropped_answer_are_stored_once_per_event_id() {
     assert_eq!(rows.len(), distinct.len(), "one row per event_id");
     assert_eq!(rows.len(), plan.batches * PER_REQUEST);
     assert_eq!(posted.acked_events.len(), posted.acked.len());
-    let content = content_mismatches(&view, &posted.acked_events)
-        .await
-        .unwrap();
-    assert!(
-        content.is_empty(),
-        "differs from what was sent: {content:?}"
-    );
+    ensure_content(&view, &posted.acked_events).await.unwrap();
     assert_eq!(verdict.lost, 0, "{verdict}");
     assert_eq!(verdict.unexpected, Some(0), "{verdict}");
     assert_eq!(verdict.duplicated, 0, "{verdict}");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ingest_api::IngestConfig;
 use shared::embedded::{QueueSource, TopicPublisher};
 use shared::{PostgresConfig, PostgresSink};
-use tests::checker::{check, content_mismatches, PostgresStoreView};
+use tests::checker::{check, ensure_content, PostgresStoreView};
 use tests::faults::{post_load, LoadPlan};
 use tests::pipeline::{declare_topology, wait_drained, DLQ, QUEUE, TOPIC};
 use tests::postgres::PrivatePostgres;
@@ -181,13 +181,7 @@ async fn postgres_crashing_and_staying_down_past_the_redrive_sends_no_valid_mess
         .await
         .unwrap();
     assert_eq!(posted.acked_events.len(), posted.acked.len());
-    let content = content_mismatches(&view, &posted.acked_events)
-        .await
-        .unwrap();
-    assert!(
-        content.is_empty(),
-        "differs from what was sent: {content:?}"
-    );
+    ensure_content(&view, &posted.acked_events).await.unwrap();
     eprintln!(
         "PostgreSQL outage: crash+restart at {:.1} s, stopped at {:.1} s for {:.0} s \
          (max_receive_count {MAX_RECEIVES} × visibility {} s = {} s); {} events acknowledged \
