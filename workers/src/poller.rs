@@ -465,6 +465,7 @@ async fn write_alone(
         match AssertUnwindSafe(write).catch_unwind().await {
             Ok(outcome) => outcomes.push(outcome),
             Err(_) => {
+                ctx.metrics.add_write_panics(1);
                 error!(
                     message_id,
                     "Panic while writing a delivery alone; retrying it later"
@@ -543,18 +544,20 @@ async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
             }
         }
     }
+    let mut acked = 0_usize;
     if !acks.is_empty() {
         match ctx.source.ack(&acks).await {
-            Ok(()) => m.add_acked(acks.len() as u64),
+            Ok(()) => acked += acks.len(),
             Err(e) => {
                 m.add_settle_errors(1);
                 warn!(deliveries = acks.len(), error = %e, "Ack failed; they will be redelivered as duplicates");
             }
         }
     }
+    let mut retried = 0_usize;
     if !retries.is_empty() {
         match ctx.source.retry_later(&retries).await {
-            Ok(()) => m.add_retried(retries.len() as u64),
+            Ok(()) => retried = retries.len(),
             Err(e) => {
                 m.add_settle_errors(1);
                 warn!(deliveries = retries.len(), error = %e, "Retry-later failed; they return after their visibility lapses");
@@ -578,7 +581,7 @@ async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
                 letters_sent += letters.len();
                 m.add_dead_lettered(letters.len() as u64);
                 if matches!(s.decision, Decision::AckWithLetters(_)) {
-                    m.add_acked(1);
+                    acked += 1;
                 }
                 for l in letters.iter() {
                     warn!(
@@ -598,13 +601,15 @@ async fn settle(ctx: &Ctx, outcome: &BatchOutcome, events: usize) {
             }
         }
     }
+    m.add_acked(acked as u64);
+    m.add_retried(retried as u64);
     info!(
         deliveries = outcome.settlements.len(),
         events,
         inserted = outcome.written.inserted,
         duplicates = outcome.written.duplicates,
-        acked = acks.len(),
-        retried = retries.len(),
+        acked,
+        retried,
         dead_lettered = letters_sent,
         sink_error = outcome.sink_error.as_deref().unwrap_or(""),
         "Settled batch"
