@@ -369,10 +369,12 @@ async fn open(common: &Common) -> anyhow::Result<Opened> {
         }
         BrokerKind::Kafka => {
             let k = &common.kafka;
-            let client = k.client_config()?;
+            // Replays and imports produce with the operator's producer flags (delivery
+            // timeout, compression, linger, batch size), as ingest does.
+            let producer = k.producer_config("-")?;
             Ok(Opened {
-                port: Arc::new(shared::kafka::dlq::KafkaDlq::new(
-                    client,
+                port: Arc::new(shared::kafka::dlq::KafkaDlq::with_producer(
+                    &producer,
                     k.kafka_replay_group.clone(),
                     Some(common.topic.clone()),
                 )?),

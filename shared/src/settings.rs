@@ -199,6 +199,31 @@ impl KafkaSettings {
         }
         Ok(client)
     }
+
+    /// The producer settings for `topic`: the connection, and the compression, linger, batch
+    /// size and delivery timeout flags.
+    ///
+    /// # Errors
+    /// As [`KafkaSettings::client_config`].
+    #[cfg(feature = "kafka")]
+    pub fn producer_config(
+        &self,
+        topic: &str,
+    ) -> Result<crate::kafka::publisher::ProducerConfig, SettingsError> {
+        use crate::kafka::Compression;
+        Ok(crate::kafka::publisher::ProducerConfig {
+            compression: match self.kafka_compression {
+                KafkaCompressionArg::None => Compression::None,
+                KafkaCompressionArg::Snappy => Compression::Snappy,
+                KafkaCompressionArg::Lz4 => Compression::Lz4,
+                KafkaCompressionArg::Zstd => Compression::Zstd,
+            },
+            linger: Duration::from_millis(self.kafka_linger_ms),
+            batch_bytes: self.kafka_batch_bytes,
+            delivery_timeout: Duration::from_millis(self.kafka_delivery_timeout_ms),
+            ..crate::kafka::publisher::ProducerConfig::new(self.client_config()?, topic)
+        })
+    }
 }
 
 /// Producer compression codec, as a flag value.
@@ -374,20 +399,7 @@ impl BrokerSettings {
         &self,
         topic: &str,
     ) -> Result<crate::kafka::publisher::ProducerConfig, SettingsError> {
-        use crate::kafka::Compression;
-        let k = &self.kafka;
-        Ok(crate::kafka::publisher::ProducerConfig {
-            compression: match k.kafka_compression {
-                KafkaCompressionArg::None => Compression::None,
-                KafkaCompressionArg::Snappy => Compression::Snappy,
-                KafkaCompressionArg::Lz4 => Compression::Lz4,
-                KafkaCompressionArg::Zstd => Compression::Zstd,
-            },
-            linger: Duration::from_millis(k.kafka_linger_ms),
-            batch_bytes: k.kafka_batch_bytes,
-            delivery_timeout: Duration::from_millis(k.kafka_delivery_timeout_ms),
-            ..crate::kafka::publisher::ProducerConfig::new(self.kafka_client_config()?, topic)
-        })
+        self.kafka.producer_config(topic)
     }
 
     /// The Kafka source settings.

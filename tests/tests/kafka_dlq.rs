@@ -180,6 +180,60 @@ async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_n
     );
 }
 
+/// The replay producer ignored the producer flags (it ran on the defaults): with the main
+/// topic refusing every produce, a replay waited the default 10 s delivery timeout whatever
+/// `--kafka-delivery-timeout-ms` said. It now produces with the operator's flags, as ingest
+/// does, and a refused send leaves its letter in the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_produces_with_the_delivery_timeout_it_was_given() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let port = KafkaDlq::new(KafkaClientConfig::new(&bootstrap), "replay", None).unwrap();
+    let letters = dead_letters(20, 2, None);
+    assert!(port
+        .publish(DLQ_TOPIC, &letters)
+        .await
+        .unwrap()
+        .failed
+        .is_empty());
+    // Every produce from now on is refused with a retriable error.
+    mock.fail_requests(
+        rdkafka::types::RDKafkaApiKey::Produce,
+        vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20_000],
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let mut args = vec![
+        "replay",
+        "--to",
+        "source",
+        "--json",
+        "--kafka-replay-group",
+        "replay",
+        "--kafka-delivery-timeout-ms",
+        "1000",
+    ];
+    let k = kafka_args(&bootstrap);
+    args.extend(k.iter().map(String::as_str));
+    let out = run_dlq(&args, &[]).unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("replay took {took:?}: {stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["moved"], 0, "{report}");
+    assert!(
+        took < Duration::from_secs(7),
+        "the send gave up after {took:?}: not the 1 s delivery timeout given"
+    );
+    assert!(
+        stderr.contains("timed out") || stdout.contains("timed out"),
+        "the refusal says the delivery timed out: {stdout}\n{stderr}"
+    );
+    assert_eq!(port.stats(DLQ_TOPIC).await.unwrap().visible, 20);
+}
+
 /// A letter whose payload is not UTF-8 (a producer's Latin-1, say) can only be read lossily;
 /// replaying or exporting that copy would launder the bad bytes into U+FFFD and delete the
 /// original. Both leave it in the DLQ, bytes intact, and say why.

@@ -325,7 +325,22 @@ impl KafkaDlq {
         group: impl Into<String>,
         source_topic: Option<String>,
     ) -> Result<Self, DlqError> {
-        let producer = ProducerConfig::new(client.clone(), "-")
+        Self::with_producer(&ProducerConfig::new(client, "-"), group, source_topic)
+    }
+
+    /// As [`KafkaDlq::new`], with the producer (replays and imports) set by `producer`
+    /// (compression, linger, batch size, delivery timeout; its topic is not used) and the
+    /// consumers on `producer.client`.
+    ///
+    /// # Errors
+    /// [`DlqError::Invalid`] when librdkafka refuses the producer configuration.
+    pub fn with_producer(
+        producer: &ProducerConfig,
+        group: impl Into<String>,
+        source_topic: Option<String>,
+    ) -> Result<Self, DlqError> {
+        let client = producer.client.clone();
+        let producer = producer
             .client_config()
             .create_with_context(TracingContext)
             .map_err(|e| {
