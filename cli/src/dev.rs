@@ -66,6 +66,14 @@ pub(crate) async fn run(mut args: DevArgs) -> anyhow::Result<()> {
         );
         Box::leak(Box::new(mock));
     }
+    // A developer's shell may hold a DATABASE_URL or AWS settings meant for something else:
+    // dev says it ignores them rather than refusing to start.
+    for ignored in [args.broker.ignored_settings(), args.sink.ignored_settings()]
+        .into_iter()
+        .flatten()
+    {
+        tracing::warn!("{ignored}");
+    }
     let data_dir = &args.broker.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;

@@ -36,6 +36,8 @@ struct Stats {
 
 /// Prints the figures.
 pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
+    args.broker.refuse_ignored_settings()?;
+    args.sink.refuse_ignored_settings()?;
     if args.broker.broker == BrokerKind::Kafka {
         return crate::stats_kafka::run(args).await;
     }

@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
 /// Keys, publisher and state from the settings: built once per process (or per Lambda
 /// execution environment).
 async fn state(cli: &Cli) -> anyhow::Result<AppState> {
+    cli.broker.refuse_ignored_settings()?;
     cli.ingest
         .check_for(cli.broker.broker)
         .map_err(|e| anyhow::anyhow!(e))?;

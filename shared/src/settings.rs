@@ -19,6 +19,9 @@ pub const BROKER_DB: &str = "broker.db";
 /// File name of the SQLite store under the data directory.
 pub const STORE_DB: &str = "store.db";
 
+/// The PostgreSQL store `--sink postgres` writes to without `DATABASE_URL`.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
 /// Which broker carries the envelopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BrokerKind {
@@ -273,6 +276,9 @@ pub enum SettingsError {
     /// The store to read is not there.
     #[error("{0}")]
     NoStore(String),
+    /// Settings of another broker or store than the chosen one, which it would ignore.
+    #[error("{0}")]
+    Ignored(String),
 }
 
 impl BrokerSettings {
@@ -388,6 +394,48 @@ impl BrokerSettings {
     #[cfg(feature = "kafka")]
     pub fn kafka_client_config(&self) -> Result<crate::kafka::KafkaClientConfig, SettingsError> {
         self.kafka.client_config()
+    }
+
+    /// What is wrong when AWS or Kafka settings are given while the broker is the embedded
+    /// one (the default): ingest would answer 202 for events kept in a SQLite file on its
+    /// own disk (in a container or a Lambda's `/tmp`, gone with it), not sent to the
+    /// broker the operator meant.
+    pub fn ignored_settings(&self) -> Option<String> {
+        if self.broker != BrokerKind::Embedded {
+            return None;
+        }
+        let given: Vec<&str> = [
+            (self.topic_arn.is_some(), "SPILLWAY_TOPIC_ARN (--topic-arn)"),
+            (self.queue_url.is_some(), "SPILLWAY_QUEUE_URL (--queue-url)"),
+            (self.dlq_url.is_some(), "SPILLWAY_DLQ_URL (--dlq-url)"),
+            (
+                self.kafka.kafka_bootstrap_servers.is_some(),
+                "SPILLWAY_KAFKA_BOOTSTRAP_SERVERS (--kafka-bootstrap-servers)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        if given.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "{} set, but the broker is the embedded one (--broker embedded, the default): \
+             events would be kept in SQLite under {}, not sent to AWS or Kafka. Set --broker \
+             aws or --broker kafka (SPILLWAY_BROKER), or unset {}",
+            given.join(" and "),
+            self.data_dir.display(),
+            if given.len() == 1 { "it" } else { "them" }
+        ))
+    }
+
+    /// Refuses the settings [`BrokerSettings::ignored_settings`] finds.
+    ///
+    /// # Errors
+    /// [`SettingsError::Ignored`].
+    pub fn refuse_ignored_settings(&self) -> Result<(), SettingsError> {
+        self.ignored_settings()
+            .map_or(Ok(()), |e| Err(SettingsError::Ignored(e)))
     }
 
     /// The Kafka producer settings for `topic`.
@@ -523,14 +571,10 @@ pub struct SinkSettings {
     #[arg(long, env = "SPILLWAY_SQLITE_PATH")]
     pub sqlite_path: Option<PathBuf>,
 
-    /// PostgreSQL connection URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    pub database_url: String,
+    /// PostgreSQL connection URL (default with --sink postgres:
+    /// postgres://postgres@127.0.0.1:5432/postgres).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 
     /// PostgreSQL: most pooled connections (the store's connection cap).
     #[arg(long, env = "SPILLWAY_PG_MAX_CONNECTIONS", default_value_t = 8)]
@@ -593,13 +637,38 @@ impl Store {
 }
 
 impl SinkSettings {
+    /// What is wrong when a PostgreSQL URL is given while the store is SQLite (the default):
+    /// a worker would acknowledge every message into a file of its own, not the database
+    /// the operator meant.
+    pub fn ignored_settings(&self) -> Option<String> {
+        (self.sink == SinkKind::Sqlite && self.database_url.is_some()).then(|| {
+            "DATABASE_URL (--database-url) is set, but the store is SQLite (--sink sqlite, \
+             the default): events would be written to a SQLite file, not to that database. \
+             Set --sink postgres (SPILLWAY_SINK=postgres), or unset DATABASE_URL"
+                .to_owned()
+        })
+    }
+
+    /// Refuses the settings [`SinkSettings::ignored_settings`] finds.
+    ///
+    /// # Errors
+    /// [`SettingsError::Ignored`].
+    pub fn refuse_ignored_settings(&self) -> Result<(), SettingsError> {
+        self.ignored_settings()
+            .map_or(Ok(()), |e| Err(SettingsError::Ignored(e)))
+    }
+
     /// The PostgreSQL configuration.
     pub fn postgres_config(&self) -> PostgresConfig {
         PostgresConfig {
             max_connections: self.pg_max_connections.max(1),
             statement_timeout: Duration::from_secs(self.pg_statement_timeout_secs),
             ca_file: self.pg_ca_file.clone(),
-            ..PostgresConfig::new(self.database_url.clone())
+            ..PostgresConfig::new(
+                self.database_url
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            )
         }
     }
 

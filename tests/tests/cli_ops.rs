@@ -269,3 +269,121 @@ async fn stats_refuses_a_missing_store_and_migrates_nothing() {
         .get(0);
     assert_eq!(migrated, None, "stats migrated the database");
 }
+
+/// A deployment that sets the AWS, Kafka or PostgreSQL settings but forgets
+/// `SPILLWAY_BROKER` / `SPILLWAY_SINK` got the embedded defaults without a word: ingest
+/// answered 202 for events kept in a SQLite file on the container's own disk, and a worker
+/// acknowledged messages into a SQLite file instead of the database. Both binaries now refuse
+/// to start and say which setting to add; `spillway dev` warns and runs.
+#[test]
+fn settings_of_a_broker_or_store_that_was_not_chosen_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bins = tests::dev_process::bin_dir().unwrap();
+    let run = |bin: &str, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(bins.join(bin));
+        cmd.env("SPILLWAY_DATA_DIR", dir.path())
+            .env("SPILLWAY_LISTEN", "127.0.0.1:0")
+            .stdin(Stdio::null());
+        for var in [
+            "SPILLWAY_BROKER",
+            "SPILLWAY_SINK",
+            "SPILLWAY_TOPIC_ARN",
+            "SPILLWAY_QUEUE_URL",
+            "SPILLWAY_DLQ_URL",
+            "SPILLWAY_KAFKA_BOOTSTRAP_SERVERS",
+            "DATABASE_URL",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let arn = (
+        "SPILLWAY_TOPIC_ARN",
+        "arn:aws:sns:us-east-1:000000000000:events",
+    );
+    let (code, stderr) = run("spillway-ingest", &[arn]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("SPILLWAY_TOPIC_ARN (--topic-arn) set, but the broker is the embedded one")
+            && stderr.contains("Set --broker aws"),
+        "{stderr}"
+    );
+    let kafka = ("SPILLWAY_KAFKA_BOOTSTRAP_SERVERS", "kafka-1:9092");
+    let (code, stderr) = run("spillway-worker", &[kafka]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("SPILLWAY_KAFKA_BOOTSTRAP_SERVERS"),
+        "{stderr}"
+    );
+    // The broker is chosen; the store is not.
+    let url = ("DATABASE_URL", "postgres://spillway@db:5432/spillway");
+    let (code, stderr) = run(
+        "spillway-worker",
+        &[
+            ("SPILLWAY_BROKER", "aws"),
+            ("SPILLWAY_QUEUE_URL", "http://127.0.0.1:9/q"),
+            url,
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("DATABASE_URL (--database-url) is set, but the store is SQLite")
+            && stderr.contains("Set --sink postgres"),
+        "{stderr}"
+    );
+    // Read-only too: stats would read a store the operator did not mean.
+    let out = Command::new(spillway_bin().unwrap())
+        .args(["stats", "--data-dir"])
+        .arg(dir.path())
+        .env("DATABASE_URL", url.1)
+        .env_remove("SPILLWAY_SINK")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("Set --sink postgres"),
+        "{stderr}"
+    );
+}
+
+/// `spillway dev` is run from a developer's shell, which may hold a DATABASE_URL meant for
+/// something else: it says it ignores it, and serves.
+#[test]
+fn dev_warns_about_a_database_url_it_ignores_and_serves() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(spillway_bin().unwrap())
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("DATABASE_URL", "postgres://spillway@db:5432/spillway")
+        .env("RUST_LOG", "warn")
+        .env_remove("SPILLWAY_SINK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let serving = stdout
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("listening on http://"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(serving, "dev did not serve: {stderr}");
+    assert!(
+        stderr.contains("DATABASE_URL (--database-url) is set, but the store is SQLite"),
+        "{stderr}"
+    );
+}

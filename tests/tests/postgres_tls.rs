@@ -42,6 +42,32 @@ async fn a_server_that_requires_tls_is_written_to_over_a_verified_connection() {
     .unwrap_err();
     assert!(matches!(err, PostgresError::Tls { .. }), "{err}");
 
+    // `spillway migrate`, as a Lambda deploy runs it against RDS: it used to take no CA
+    // file, so it could only fail the certificate check.
+    let migrate = |ca: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(tests::dev_process::spillway_bin().unwrap());
+        cmd.arg("migrate")
+            .env("DATABASE_URL", &tls_url)
+            .env_remove("SPILLWAY_PG_CA_FILE");
+        if let Some(ca) = ca {
+            cmd.env("SPILLWAY_PG_CA_FILE", ca);
+        }
+        cmd.output().unwrap()
+    };
+    let out = migrate(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("certificate"),
+        "{stderr}"
+    );
+    let out = migrate(Some(&ca));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Applied migrations"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // With the CA: migrated and written, over TLS.
     let sink = PostgresSink::new(&PostgresConfig {
         ca_file: Some(ca),

@@ -98,6 +98,7 @@ async fn poller_main() -> anyhow::Result<()> {
 
 /// The source, the store and the poller over them.
 async fn start_poller(cli: &Cli) -> anyhow::Result<Poller> {
+    cli.broker.refuse_ignored_settings()?;
     let config = cli.worker.poller_config();
     let source = cli.broker.source(config.visibility_timeout).await;
     let source = source.context("opening the source")?;
@@ -107,6 +108,7 @@ async fn start_poller(cli: &Cli) -> anyhow::Result<Poller> {
 
 /// The store the settings name (migrated first when `--migrate`).
 async fn open_store(cli: &Cli) -> anyhow::Result<Arc<dyn shared::Sink>> {
+    cli.sink.refuse_ignored_settings()?;
     let store = cli.sink.open(&cli.broker.data_dir).await;
     Ok(store.context("opening the store")?.sink())
 }
