@@ -937,6 +937,50 @@ mod kafka_tests {
         assert!(err.contains("entry 2 of --kafka-config-list"), "{err}");
         assert!(!err.contains("secret-part"), "{err}");
     }
+
+    /// Extra properties were applied last, so `acks=1`, `enable.auto.offset.store=true` or a
+    /// `linger.ms` beside `--kafka-linger-ms` won without a word, under a 202 that promises
+    /// `acks=all` and offsets stored only for stored messages. They are refused, named.
+    #[test]
+    fn a_property_spillway_sets_itself_is_refused_and_named() {
+        for (entry, expected) in [
+            (
+                "acks=1",
+                "acks is set by Spillway and cannot be overridden: a 202 promises acks=all",
+            ),
+            (
+                "enable.auto.offset.store=true",
+                "enable.auto.offset.store is set by Spillway",
+            ),
+            (
+                " linger.ms =50",
+                "linger.ms is set by Spillway and cannot be overridden: use --kafka-linger-ms",
+            ),
+            ("group.id=other", "use --kafka-group"),
+        ] {
+            let cli = Cli::parse_from([
+                "x",
+                "--kafka-bootstrap-servers",
+                "a:1",
+                "--kafka-config-list",
+                &format!("client.id=w1;{entry}"),
+            ]);
+            let err = cli.broker.kafka_client_config().unwrap_err().to_string();
+            assert!(err.contains("entry 2 of --kafka-config-list"), "{err}");
+            assert!(err.contains(expected), "{entry}: {err}");
+        }
+        let cli = Cli::parse_from([
+            "x",
+            "--kafka-bootstrap-servers",
+            "a:1",
+            "--kafka-config",
+            "statistics.interval.ms=1000",
+        ]);
+        assert!(
+            cli.broker.kafka_client_config().is_ok(),
+            "tuning is still open"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -128,13 +128,51 @@ impl KafkaClientConfig {
     }
 }
 
+/// librdkafka properties Spillway sets itself, and why an extra property may not change
+/// them: what a 202 and an acknowledged message rely on, or what a flag of its own sets.
+/// An override applied last used to win without a word (`acks=1` under a 202 that promises
+/// `acks=all`, `enable.auto.offset.store=true` committing offsets of messages not yet stored,
+/// `linger.ms` silently beating `--kafka-linger-ms`).
+const OWNED_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use --kafka-bootstrap-servers"),
+    ("metadata.broker.list", "use --kafka-bootstrap-servers"),
+    ("group.id", "use --kafka-group (spillway dlq: --kafka-replay-group)"),
+    ("acks", "a 202 promises acks=all"),
+    ("request.required.acks", "a 202 promises acks=all"),
+    ("enable.idempotence", "a retried publish must not duplicate or reorder"),
+    ("enable.auto.offset.store", "an offset is stored only once its message is stored or dead-lettered"),
+    ("enable.auto.commit", "stored offsets are committed in the background, by design"),
+    ("auto.offset.reset", "a new group reads the topic from its start, or messages published before it joined are skipped"),
+    ("enable.partition.eof", "the source does not handle end-of-partition events"),
+    ("linger.ms", "use --kafka-linger-ms"),
+    ("queue.buffering.max.ms", "use --kafka-linger-ms"),
+    ("compression.type", "use --kafka-compression"),
+    ("compression.codec", "use --kafka-compression"),
+    ("batch.size", "use --kafka-batch-bytes"),
+    ("message.timeout.ms", "use --kafka-delivery-timeout-ms"),
+    ("delivery.timeout.ms", "use --kafka-delivery-timeout-ms"),
+    ("session.timeout.ms", "use --kafka-session-timeout-ms"),
+    ("max.poll.interval.ms", "use --kafka-max-poll-interval-ms"),
+];
+
 /// Parses `KEY=VALUE` (a `--kafka-config` entry).
 ///
 /// # Errors
-/// When there is no `=` or the key is empty; the message does not quote the entry, which may
-/// hold a password.
+/// When there is no `=` or the key is empty, or the key is one Spillway sets itself
+/// (`acks`, `group.id`, a property with a flag of its own…); the message does not quote the
+/// value, which may hold a secret.
 pub fn parse_property(raw: &str) -> Result<(String, String), String> {
     match raw.split_once('=') {
+        Some((k, _)) if OWNED_PROPERTIES.iter().any(|(owned, _)| *owned == k.trim()) => {
+            let (key, why) = OWNED_PROPERTIES
+                .iter()
+                .find(|(owned, _)| *owned == k.trim())
+                .copied()
+                .unwrap_or_default();
+            Err(format!(
+                "{key} is set by Spillway and cannot be overridden: {why}"
+            ))
+        }
         Some((k, v)) if !k.trim().is_empty() => {
             Ok((k.trim().to_owned(), v.trim_start().to_owned()))
         }
