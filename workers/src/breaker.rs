@@ -129,6 +129,16 @@ impl CircuitBreaker {
         }
     }
 
+    /// Opens a closed breaker now, whatever the count of failures: the poller found the
+    /// store not answering after a failed write.
+    pub fn trip(&self) {
+        let mut inner = self.lock();
+        if inner.state == BreakerState::Closed {
+            inner.cooldown = self.config.cooldown;
+            self.open(&mut inner);
+        }
+    }
+
     /// Returns once the breaker is closed; while open, waits and probes `sink` after each
     /// cool-down. Cancel-safe: a probe dropped half-way reopens the breaker.
     pub async fn ready(&self, sink: &dyn Sink) {

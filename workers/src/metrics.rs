@@ -66,6 +66,7 @@ pub struct Metrics {
     write_seconds: Histogram,
     last_settled_unix_ms: AtomicU64,
     in_flight: AtomicU64,
+    held: AtomicU64,
 }
 
 /// One batch being written and settled; counted in flight until dropped.
@@ -75,6 +76,16 @@ pub struct InFlight<'a>(&'a Metrics);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A batch held while the store is down, counted until dropped.
+#[derive(Debug)]
+pub struct Held<'a>(&'a Metrics);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -111,6 +122,8 @@ pub struct MetricsSnapshot {
     pub write_panics: u64,
     /// The breaker's state now.
     pub breaker_state: BreakerState,
+    /// Batches held now, their messages in flight, until the store is back.
+    pub held: u64,
 }
 
 macro_rules! adders {
@@ -161,6 +174,12 @@ impl Metrics {
     pub fn batch_in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self)
+    }
+
+    /// Counts a batch held while the store is down until the guard is dropped.
+    pub fn batch_held(&self) -> Held<'_> {
+        self.held.fetch_add(1, Ordering::Relaxed);
+        Held(self)
     }
 
     /// Counts how long one batch took to write (write-cap waits and per-event retries
@@ -269,6 +288,11 @@ impl Metrics {
             "Batches being written or settled now.",
             self.in_flight.load(Ordering::Relaxed) as f64,
         );
+        page.gauge(
+            "spillway_worker_batches_held",
+            "Batches whose write failed while the store is down, held (their messages in flight, receive counts unchanged) until it is back.",
+            self.held.load(Ordering::Relaxed) as f64,
+        );
         page.histogram(
             "spillway_worker_batch_write_seconds",
             "Time to write one batch to the store, write-cap waits included.",
@@ -301,6 +325,7 @@ impl Metrics {
             breaker_opened: get(&self.breaker_opened),
             write_panics: get(&self.write_panics),
             breaker_state: self.breaker_state(),
+            held: get(&self.held),
         }
     }
 }

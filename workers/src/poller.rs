@@ -30,6 +30,9 @@ pub const MAX_RECEIVE_MESSAGES: usize = 10;
 /// Longest wait before retrying a receive that failed.
 const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long the store has to answer the ping after a failed write before it counts as down.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How the poller runs.
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
@@ -306,7 +309,7 @@ async fn receive_loop(ctx: Arc<Ctx>, shutdown: CancellationToken, n: usize) {
         };
         receive_backoff = Duration::from_millis(100);
         // Not cancellable: a batch received is finished and settled, shutdown or not.
-        process(&ctx, batch).await;
+        process(&ctx, batch, &shutdown).await;
         drop(permit);
     }
     debug!(loop_no = n, "Receive loop stopped");
@@ -376,7 +379,7 @@ async fn receive_batch(
     Ok(batch)
 }
 
-async fn process(ctx: &Ctx, batch: Batch) {
+async fn process(ctx: &Ctx, batch: Batch, shutdown: &CancellationToken) {
     let ids: Vec<DeliveryId> = batch.prepared.iter().map(|p| p.id().clone()).collect();
     let receive_counts: Vec<u32> = batch
         .prepared
@@ -384,6 +387,8 @@ async fn process(ctx: &Ctx, batch: Batch) {
         .map(PreparedDelivery::receive_count)
         .collect();
     let events = batch.events;
+    let deliveries = ids.len();
+    let redelivered = receive_counts.iter().any(|&n| n > 1);
     let _in_flight = ctx.metrics.batch_in_flight();
     // Once per batch, however many outcomes its deliveries end up with (after a panic each
     // is written alone).
@@ -437,17 +442,80 @@ async fn process(ctx: &Ctx, batch: Batch) {
             (Vec::new(), ids.into_iter().zip(receive_counts).collect())
         }
     };
+    for outcome in &outcomes {
+        ctx.breaker.record(outcome);
+    }
+    if outcomes
+        .iter()
+        .any(|o| o.sink_health == core::SinkHealth::Unavailable)
+    {
+        hold_while_the_store_is_down(ctx, deliveries, redelivered, shutdown).await;
+    }
     // No extension may follow a settlement: stop the heartbeat and wait for it.
     drop(stop_on_drop);
     if let Err(e) = beat.await {
         error!(error = %e, "Heartbeat task died");
     }
     for outcome in &outcomes {
-        ctx.breaker.record(outcome);
         settle(ctx, outcome, events).await;
     }
     if !panicked.is_empty() {
         retry_after_panic(ctx, panicked).await;
+    }
+}
+
+/// After a write that failed because the store is unavailable: when the store counts as
+/// down, keeps the batch, its heartbeat running so its messages stay in flight, until the
+/// breaker's probes find the store taking writes again (or shutdown), and only then lets the
+/// caller settle it (retry later, as decided).
+///
+/// The store counts as down when the breaker is already open, when it does not answer a
+/// ping, or when the batch had been received before (`redelivered`): a message failing a
+/// second time, here or on another replica, is not a passing hiccup. The breaker is opened at
+/// once then; its probe tells a store that fails every write (it stays open, the batch held)
+/// from one message that fails on its own (it closes, the message is retried and its receive
+/// count decides, as before).
+///
+/// Settled at once, a failed batch came back within seconds (the retry delay), to this
+/// worker or another, and every failed attempt used up one of the message's receives: with
+/// two replicas, each needing `failure_threshold` failed batches before its breaker opened,
+/// the few messages of a quiet queue reached the redrive policy's `maxReceiveCount` during
+/// one outage and were moved to the DLQ, valid as they were. Held, a message is received at
+/// most twice during an outage and once after it, however many replicas run.
+async fn hold_while_the_store_is_down(
+    ctx: &Ctx,
+    deliveries: usize,
+    redelivered: bool,
+    shutdown: &CancellationToken,
+) {
+    let down = redelivered
+        || ctx.breaker.state() != crate::metrics::BreakerState::Closed
+        || !matches!(
+            tokio::time::timeout(PING_TIMEOUT, ctx.sink.ping()).await,
+            Ok(Ok(()))
+        );
+    if !down {
+        return;
+    }
+    ctx.breaker.trip();
+    let _held = ctx.metrics.batch_held();
+    warn!(
+        deliveries,
+        "Store down: holding the batch, its messages in flight, until the store takes writes again"
+    );
+    let started = Instant::now();
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {
+            info!(deliveries, "Shutdown: releasing a held batch for a later retry");
+        }
+        () = ctx.breaker.ready(ctx.sink.as_ref()) => {
+            info!(
+                deliveries,
+                held_ms = started.elapsed().as_millis(),
+                "Store back: releasing the held batch for a retry"
+            );
+        }
     }
 }
 

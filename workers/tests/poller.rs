@@ -876,7 +876,11 @@ async fn the_metrics_page_shows_the_breaker_open_during_an_outage_and_the_drain_
     );
     assert!(v(&during, "spillway_worker_breaker_opened_total") >= 1.0);
     assert_eq!(v(&during, "spillway_worker_events_written_total"), 0.0);
-    assert!(v(&during, "spillway_worker_batch_write_seconds_count") >= 2.0);
+    assert!(v(&during, "spillway_worker_batch_write_seconds_count") >= 1.0);
+    assert!(
+        v(&during, "spillway_worker_batches_held") >= 1.0,
+        "the failed batch is held while the store is down"
+    );
     assert_eq!(
         v(
             &during,
@@ -898,6 +902,7 @@ async fn the_metrics_page_shows_the_breaker_open_during_an_outage_and_the_drain_
     assert_eq!(v(&after, "spillway_worker_events_written_total"), 50.0);
     assert_eq!(v(&after, "spillway_worker_deliveries_acked_total"), 10.0);
     assert_eq!(v(&after, "spillway_worker_dead_letters_total"), 0.0);
+    assert_eq!(v(&after, "spillway_worker_batches_held"), 0.0);
     assert_eq!(v(&after, "spillway_worker_max_concurrent_batches"), 3.0);
     assert_eq!(v(&after, "spillway_worker_batches_in_flight"), 0.0);
     assert!(
@@ -906,4 +911,57 @@ async fn the_metrics_page_shows_the_breaker_open_during_an_outage_and_the_drain_
             "spillway_worker_last_batch_written_timestamp_seconds"
         ) > 1.7e9
     );
+}
+
+/// A store outage with the shipped defaults (breaker after 3 failed batches, two receive
+/// loops, a redrive policy of 5 receives) on two worker replicas, while the queue holds less
+/// than a batch: every failed batch is the same few messages again. Settled at once, each
+/// failure used up a receive, and the messages reached the DLQ during the outage (each
+/// replica's breaker needed 3 failures of its own). Now a failed batch is held, in flight,
+/// while the store is down: for an outage in which the store does not answer at all, and for
+/// one in which it answers but fails every write.
+#[tokio::test(start_paused = true)]
+async fn an_outage_with_the_default_settings_and_two_replicas_sends_no_valid_message_to_the_dlq() {
+    for answers in [false, true] {
+        let src = source(Some(5));
+        let ids = fill(&src, 3_000, 3, 4);
+        let sink = TestSink::new();
+        if answers {
+            sink.transient_for.lock().unwrap().extend(
+                (0..3)
+                    .flat_map(|i| events(3_000 + i, 4))
+                    .map(|e| e.event_id),
+            );
+        } else {
+            sink.inner.set_fail_always(true);
+        }
+        let replicas: Vec<_> = (0..2)
+            .map(|_| start(&src, sink.clone(), PollerConfig::default()))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let most = ids
+            .iter()
+            .filter_map(|id| src.receive_count(id))
+            .max()
+            .unwrap_or(0);
+        assert!(
+            src.dead_letters().is_empty(),
+            "answers {answers}: valid messages dead-lettered by the outage (most receives {most})"
+        );
+        assert!(
+            most <= 2,
+            "answers {answers}: a message was received {most} times"
+        );
+        let held: u64 = replicas.iter().map(|(m, _, _)| m.snapshot().held).sum();
+        assert_eq!(held, 1, "answers {answers}: the failed batch is held");
+        sink.inner.set_fail_always(false);
+        sink.transient_for.lock().unwrap().clear();
+        until("queue drained", Duration::from_secs(600), || src.is_empty()).await;
+        for (_, token, handle) in replicas {
+            token.cancel();
+            handle.await.unwrap();
+        }
+        assert!(src.dead_letters().is_empty());
+        assert_eq!(sink.stored(), 12, "answers {answers}");
+    }
 }
