@@ -694,6 +694,18 @@ fn to_i64(micros: u64) -> Result<i64, SinkError> {
 }
 
 /// The events of a batch once each, sorted by `event_id`; the first occurrence of an id wins.
+/// The longest a ping waits for `SELECT 1`.
+const PING_BOUND: Duration = Duration::from_secs(10);
+
+/// How long a write may wait for the server's answers: its statements (`BEGIN`, the COPY
+/// or the upsert, the rollups, `COMMIT`) are each cancelled by the server after
+/// `statement_timeout`, and the slow ones are the one or two that write; twice the timeout
+/// and 5 s more means the server is gone. None with no statement timeout (no limit asked).
+fn answer_bound(statement_timeout: Duration) -> Option<Duration> {
+    (!statement_timeout.is_zero())
+        .then(|| statement_timeout.saturating_mul(2) + Duration::from_secs(5))
+}
+
 fn unique_sorted(events: &[AdEvent]) -> Vec<&AdEvent> {
     let mut unique: Vec<&AdEvent> = events.iter().collect();
     // Stable sort: equal ids keep batch order, so dedup keeps the first occurrence.
@@ -707,6 +719,10 @@ fn unique_sorted(events: &[AdEvent]) -> Vec<&AdEvent> {
 pub struct PostgresSink {
     pool: Pool,
     target: String,
+    /// Longest a write may wait for the server's answers (None without a statement timeout):
+    /// the server cancels a statement itself after `statement_timeout`, so past this bound
+    /// it is not there any more.
+    answer_bound: Option<Duration>,
     /// Which path batches take and took; shared by the clones of the sink.
     paths: Arc<Paths>,
 }
@@ -783,6 +799,18 @@ impl PostgresSink {
         };
         pg.options(options);
         pg.connect_timeout(config.connect_timeout);
+        // An idle pooled connection whose server vanished (a failover, a dropped network
+        // path) is found out in about a minute instead of the operating system's two hours;
+        // the URL's own `keepalives_*` settings win.
+        if pg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            pg.keepalives_idle(Duration::from_secs(30));
+        }
+        if pg.get_keepalives_interval().is_none() {
+            pg.keepalives_interval(Duration::from_secs(10));
+        }
+        if pg.get_keepalives_retries().is_none() {
+            pg.keepalives_retries(3);
+        }
         if pg.get_application_name().is_none() {
             pg.application_name(APPLICATION_NAME);
         }
@@ -818,6 +846,7 @@ impl PostgresSink {
         Ok(Self {
             pool,
             target: redact_password(&config.url),
+            answer_bound: answer_bound(config.statement_timeout),
             paths: Arc::default(),
         })
     }
@@ -895,6 +924,53 @@ impl PostgresSink {
     async fn client(&self) -> Result<Object, SinkError> {
         self.pool.get().await.map_err(|e| classify_pool(&e))
     }
+
+    /// One batch's transaction on `client`: the events newly stored, or the error and
+    /// whether the connection must leave the pool.
+    async fn write_on(
+        &self,
+        client: &mut Object,
+        unique: &[&AdEvent],
+    ) -> Result<usize, (SinkError, bool)> {
+        let paths = &self.paths;
+        if !paths.in_redelivery_run() {
+            match copy_batch(client, unique).await {
+                Ok(copied) => {
+                    Paths::count(&paths.copied);
+                    return Ok(copied);
+                }
+                // A COPY the server refused before entering COPY mode (a lock or statement
+                // timeout, a missing table) leaves a second ReadyForQuery on the wire,
+                // tokio-postgres having sent a Sync with the COPY's Execute
+                // (rust-postgres#789); the connection's next query would fail.
+                Err(CopyError::Sink(e)) => return Err((e, true)),
+                Err(CopyError::AlreadyStored) => {
+                    Paths::count(&paths.refused_copies);
+                    paths.run_left.store(REDELIVERY_RUN, Ordering::Relaxed);
+                    tracing::debug!(
+                        events = unique.len(),
+                        "Batch holds an event already stored; writing it with ON CONFLICT"
+                    );
+                }
+            }
+        }
+        let inserted = upsert_batch(client, unique).await.map_err(|e| (e, false))?;
+        Paths::count(&paths.upserted);
+        Ok(inserted)
+    }
+
+    /// The error for a server that did not answer `what` within `bound`: unreachable (a
+    /// dropped network path, a failover that left the connection half open), so transient.
+    fn no_answer(&self, what: &str, bound: Duration) -> SinkError {
+        SinkError::Unavailable {
+            store: self.target.clone(),
+            message: format!(
+                "no answer to {what} within {} ms: the server or the network path to it is gone; \
+                 the connection is dropped",
+                bound.as_millis()
+            ),
+        }
+    }
 }
 
 #[async_trait]
@@ -905,41 +981,21 @@ impl Sink for PostgresSink {
         }
         let unique = unique_sorted(events);
         let mut client = self.client().await?;
-        let paths = &self.paths;
-        let copied = if paths.in_redelivery_run() {
-            None
-        } else {
-            match copy_batch(&mut client, &unique).await {
-                Ok(copied) => {
-                    Paths::count(&paths.copied);
-                    Some(copied)
-                }
-                Err(CopyError::Sink(e)) => {
-                    // A COPY the server refused before entering COPY mode (a lock or
-                    // statement timeout, a missing table) leaves a second ReadyForQuery on
-                    // the wire, tokio-postgres having sent a Sync with the COPY's Execute
-                    // (rust-postgres#789); the connection's next query would fail. It
-                    // leaves the pool instead of going back to it.
-                    drop(Object::take(client));
-                    return Err(e);
-                }
-                Err(CopyError::AlreadyStored) => {
-                    Paths::count(&paths.refused_copies);
-                    paths.run_left.store(REDELIVERY_RUN, Ordering::Relaxed);
-                    tracing::debug!(
-                        events = unique.len(),
-                        "Batch holds an event already stored; writing it with ON CONFLICT"
-                    );
-                    None
-                }
-            }
+        let written = match self.answer_bound {
+            None => self.write_on(&mut client, &unique).await,
+            Some(bound) => tokio::time::timeout(bound, self.write_on(&mut client, &unique))
+                .await
+                .unwrap_or_else(|_| Err((self.no_answer("the write", bound), true))),
         };
-        let inserted = match copied {
-            Some(copied) => copied,
-            None => {
-                let inserted = upsert_batch(&client, &unique).await?;
-                Paths::count(&paths.upserted);
-                inserted
+        let inserted = match written {
+            Ok(inserted) => inserted,
+            Err((e, discard)) => {
+                if discard {
+                    // Its state is unknown (a stray ReadyForQuery, or a request the server
+                    // never answered): it leaves the pool instead of going back to it.
+                    drop(Object::take(client));
+                }
+                return Err(e);
             }
         };
         let report = WriteReport {
@@ -956,11 +1012,14 @@ impl Sink for PostgresSink {
 
     async fn ping(&self) -> Result<(), SinkError> {
         let client = self.client().await?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map(drop)
-            .map_err(|e| classify(&e))
+        let bound = self.answer_bound.unwrap_or(PING_BOUND).min(PING_BOUND);
+        match tokio::time::timeout(bound, client.simple_query("SELECT 1")).await {
+            Ok(answer) => answer.map(drop).map_err(|e| classify(&e)),
+            Err(_) => {
+                drop(Object::take(client));
+                Err(self.no_answer("SELECT 1", bound))
+            }
+        }
     }
 
     fn render_metrics(&self, page: &mut Exposition) {

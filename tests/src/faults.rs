@@ -297,6 +297,78 @@ impl Drop for DroppingProxy {
     }
 }
 
+/// A TCP proxy in front of `upstream` that can go silent: while frozen it keeps every
+/// connection open and swallows the bytes of both sides, as a network path that died after
+/// the server took the request (a failover, a dropped route) looks to the client.
+#[derive(Debug)]
+pub struct FreezingProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    /// Listens on 127.0.0.1 port 0 and relays to `upstream` until frozen.
+    ///
+    /// # Errors
+    /// When the socket cannot be bound.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = Arc::clone(&frozen);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let f = Arc::clone(&f);
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pass_unless_frozen(client_read, server_write, &f),
+                        pass_unless_frozen(server_read, client_write, &f),
+                    );
+                });
+            }
+        });
+        Ok(Self { addr, frozen, task })
+    }
+
+    /// Goes silent (`true`) or relays again (`false`; connections frozen meanwhile stay
+    /// broken, their bytes lost).
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pass_unless_frozen(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: &std::sync::atomic::AtomicBool,
+) {
+    let mut buf = vec![0_u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) if !frozen.load(Ordering::SeqCst) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
 async fn relay(mut client: TcpStream, mut server: TcpStream) {
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }

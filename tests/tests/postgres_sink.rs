@@ -567,6 +567,62 @@ async fn a_statement_timeout_is_a_transient_error_and_stores_nothing() {
     assert_eq!(sink.write(&batch).await.unwrap().inserted, 50);
 }
 
+/// A server gone silent after taking the request (a failover, a dropped network path): the
+/// write used to wait for TCP to give up, two hours with the default keepalive, while the
+/// worker's heartbeat kept the batch hidden and the breaker saw nothing wrong. It now fails
+/// as transient once twice the statement timeout and 5 s have passed without an answer (the
+/// server would have cancelled the statement itself), the connection leaves the pool, and
+/// the next write, on a new connection, stores the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_mid_write_fails_it_as_transient_within_the_bound() {
+    let db = test_db!();
+    db.sink().await; // migrate
+    let pg: tokio_postgres::Config = db.url.parse().unwrap();
+    let tokio_postgres::config::Host::Tcp(host) = &pg.get_hosts()[0] else {
+        panic!("the test server is not on TCP: {}", db.url);
+    };
+    let server = format!("{host}:{}", pg.get_ports()[0]);
+    let upstream = tokio::net::lookup_host(&server)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = tests::faults::FreezingProxy::start(upstream).await.unwrap();
+    let url = db.url.replacen(&server, &proxy.addr.to_string(), 1);
+    let sink = PostgresSink::new(&PostgresConfig {
+        statement_timeout: Duration::from_millis(500),
+        max_connections: 1,
+        ..PostgresConfig::new(url)
+    })
+    .unwrap();
+    assert_eq!(sink.write(&events(21, 50)).await.unwrap().inserted, 50);
+
+    proxy.freeze(true);
+    let batch = events(22, 50);
+    let started = std::time::Instant::now();
+    let err = sink.write(&batch).await.unwrap_err();
+    let took = started.elapsed();
+    println!("silent server: {err} after {took:?}");
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no answer to the write within 6000 ms"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let started = std::time::Instant::now();
+    let err = sink.ping().await.unwrap_err();
+    assert!(
+        err.is_transient() && started.elapsed() < Duration::from_secs(15),
+        "{err}"
+    );
+
+    proxy.freeze(false);
+    let report = sink.write(&batch).await.unwrap();
+    assert_eq!(report.inserted + report.duplicates, 50, "{report:?}");
+    assert_eq!(sink.events_stored().await.unwrap(), 100);
+}
+
 /// A COPY the server refuses before it enters COPY mode (here a lock wait past the statement
 /// timeout) leaves a stray `ReadyForQuery` on its connection: tokio-postgres sends a Sync
 /// with the COPY's Execute (rust-postgres#789). Were that connection returned to the pool,
