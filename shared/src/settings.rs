@@ -367,8 +367,41 @@ impl BrokerSettings {
                     .await?,
             )),
             BrokerKind::Aws => self.aws_source(visibility_timeout).await,
-            BrokerKind::Kafka => self.kafka_source(),
+            BrokerKind::Kafka => {
+                self.check_kafka_topics().await?;
+                self.kafka_source()
+            }
         }
+    }
+
+    /// Refuses to start a Kafka worker whose topic or DLQ topic does not exist; starts it
+    /// (with a warning) when the cluster does not answer in time.
+    #[cfg(feature = "kafka")]
+    async fn check_kafka_topics(&self) -> Result<(), SettingsError> {
+        let k = &self.kafka;
+        let checked = crate::kafka::check_topics_exist(
+            &self.kafka_client_config()?,
+            &[
+                (self.topic.as_str(), "--topic"),
+                (k.kafka_dlq_topic.as_str(), "--kafka-dlq-topic"),
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(SettingsError::Kafka)?;
+        if !checked {
+            tracing::warn!(
+                topic = %self.topic,
+                dlq_topic = %k.kafka_dlq_topic,
+                "The Kafka cluster did not answer within 10 s; starting without checking that the topics exist"
+            );
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    async fn check_kafka_topics(&self) -> Result<(), SettingsError> {
+        Ok(())
     }
 
     #[cfg(feature = "kafka")]

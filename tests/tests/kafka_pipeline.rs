@@ -195,6 +195,52 @@ async fn http_to_kafka_to_a_group_of_two_workers_stores_each_valid_unique_event_
     app.shutdown().await.unwrap();
 }
 
+/// A worker whose DLQ topic does not exist (a typo in `--kafka-dlq-topic`, or a cluster that
+/// creates no topics on demand) used to start: each poison message's letter then failed and
+/// was retried every few seconds for good, holding its partition's committed offset and
+/// stalling a receive loop for the delivery timeout each time. It is refused at start,
+/// naming the topic and the flag; so is a missing `--topic`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_topic_or_dlq_topic_does_not_exist_is_refused_at_start() {
+    let mock = mock_cluster(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |topic: &str, dlq: &str| {
+        let out = std::process::Command::new(tests::pipeline::binary("spillway-worker").unwrap())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--broker", "kafka", "--kafka-bootstrap-servers"])
+            .arg(mock.bootstrap_servers())
+            .args([
+                "--topic",
+                topic,
+                "--kafka-dlq-topic",
+                dlq,
+                "--sink",
+                "sqlite",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(TOPIC, "events-dlg");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(r#"topic "events-dlg" (--kafka-dlq-topic) does not exist on the cluster"#),
+        "{stderr}"
+    );
+    let (code, stderr) = run("evnets", DLQ_TOPIC);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(r#"topic "evnets" (--topic) does not exist"#),
+        "{stderr}"
+    );
+}
+
 /// Runs `bin` with `args` against a mock cluster that refuses the first producer id asked for
 /// (fatal to an idempotent producer), and returns its stderr once it has exited with 1.
 async fn exit_of_a_process_whose_producer_is_refused(bin: &str, args: &[&str]) -> String {

@@ -155,6 +155,64 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("max.poll.interval.ms", "use --kafka-max-poll-interval-ms"),
 ];
 
+/// Checks that each of `topics` exists on the cluster, asking with a consumer's metadata
+/// request (which never creates a topic): `Err` names the first missing one. A cluster that
+/// does not answer within `timeout` is not an error here (`Ok(false)`): it may be starting,
+/// and the clients retry on their own.
+///
+/// A worker whose DLQ topic did not exist (the cluster creating no topics on demand) ran
+/// anyway: each poison message's letter failed, was retried every few seconds forever,
+/// pinned its partition's committed offset and stalled a receive loop for the delivery
+/// timeout each time.
+///
+/// # Errors
+/// The topic that does not exist, and what to do.
+pub async fn check_topics_exist(
+    client: &KafkaClientConfig,
+    topics: &[(&str, &str)],
+    timeout: std::time::Duration,
+) -> Result<bool, String> {
+    let config = client.client_config(&[
+        ("group.id", "spillway-topic-check".into()),
+        ("allow.auto.create.topics", "false".into()),
+    ]);
+    let topics: Vec<(String, String)> = topics
+        .iter()
+        .map(|(t, flag)| ((*t).to_owned(), (*flag).to_owned()))
+        .collect();
+    let checked = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+        use rdkafka::consumer::Consumer as _;
+        let consumer: rdkafka::consumer::BaseConsumer = config
+            .create()
+            .map_err(|e| format!("Kafka client configuration: {}", config_error(&e)))?;
+        for (topic, flag) in &topics {
+            let Ok(metadata) = consumer.fetch_metadata(Some(topic), timeout) else {
+                return Ok(false);
+            };
+            let missing =
+                match metadata.topics().first() {
+                    None => true,
+                    Some(t) => {
+                        matches!(
+                    t.error().map(rdkafka::types::RDKafkaRespErr::from),
+                    Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+                ) || (t.error().is_none() && t.partitions().is_empty())
+                    }
+                };
+            if missing {
+                return Err(format!(
+                    "topic {topic:?} ({flag}) does not exist on the cluster: create it \
+                     (`spillway setup --broker kafka` prints the commands) or name the right one"
+                ));
+            }
+        }
+        Ok(true)
+    });
+    checked
+        .await
+        .map_err(|e| format!("checking the topics: {e}"))?
+}
+
 /// Parses `KEY=VALUE` (a `--kafka-config` entry).
 ///
 /// # Errors
