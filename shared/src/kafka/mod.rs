@@ -194,7 +194,7 @@ pub async fn check_topics_exist(
                     None => true,
                     Some(t) => {
                         matches!(
-                    t.error().map(rdkafka::types::RDKafkaRespErr::from),
+                    t.error(),
                     Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
                 ) || (t.error().is_none() && t.partitions().is_empty())
                     }
