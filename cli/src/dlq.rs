@@ -218,7 +218,7 @@ struct ExportArgs {
     max: Option<u64>,
 
     /// How long messages stay hidden while the export runs (seconds).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = shared::settings::at_least_one::<u64>)]
     lease_secs: u64,
 }
 
@@ -264,7 +264,7 @@ struct ReplayArgs {
 
     /// Concurrent lease → send → delete loops (default: 4, or 1 for a FIFO queue, which keeps
     /// the order within a message group).
-    #[arg(long)]
+    #[arg(long, value_parser = shared::settings::at_least_one::<usize>)]
     concurrency: Option<usize>,
 
     /// Change nothing: report what would move (messages are leased and released).
@@ -272,12 +272,12 @@ struct ReplayArgs {
     dry_run: bool,
 
     /// Refuse messages already replayed this many times (spillway-replay-count).
-    #[arg(long, default_value_t = DEFAULT_MAX_REPLAYS)]
+    #[arg(long, default_value_t = DEFAULT_MAX_REPLAYS, value_parser = shared::settings::at_least_one::<u32>)]
     max_replays: u32,
 
     /// How long messages stay hidden while the run decides and moves them (seconds); unmoved
     /// ones are released at the end, or come back by themselves after this.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = shared::settings::at_least_one::<u64>)]
     lease_secs: u64,
 
     /// Topic replay: check the event schema only, not the occurred_at window (for events

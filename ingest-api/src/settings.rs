@@ -23,11 +23,11 @@ pub struct IngestSettings {
     /// Longest wait, in seconds, for a request's headers (also how long an idle keep-alive
     /// connection stays open) and for its body: a slower client is disconnected (headers) or
     /// answered 400 (body), so slow or idle clients cannot hold connections forever.
-    #[arg(long, env = "SPILLWAY_CLIENT_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "SPILLWAY_CLIENT_TIMEOUT_SECS", default_value_t = 30, value_parser = shared::settings::at_least_one::<u64>)]
     pub client_timeout_secs: u64,
 
     /// Most client connections open at once; more wait in the listen backlog.
-    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS", default_value_t = 4_096)]
+    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS", default_value_t = 4_096, value_parser = shared::settings::at_least_one::<usize>)]
     pub max_connections: usize,
 
     /// File with API keys: a JSON array of {"sha256": hex, "tenant": name, "advertisers": [ids] | "*"}.
@@ -46,7 +46,7 @@ pub struct IngestSettings {
     pub max_inflight_bytes: usize,
 
     /// Largest request body on the wire, in bytes (413 past it).
-    #[arg(long, env = "SPILLWAY_MAX_WIRE_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "SPILLWAY_MAX_WIRE_BYTES", default_value_t = 1024 * 1024, value_parser = shared::settings::at_least_one::<usize>)]
     pub max_wire_bytes: usize,
 
     /// Largest request body after decompression, in bytes (413 past it; enforced while decompressing).
@@ -54,7 +54,7 @@ pub struct IngestSettings {
     pub max_decoded_bytes: usize,
 
     /// Most events in one request (413 past it).
-    #[arg(long, env = "SPILLWAY_MAX_EVENTS", default_value_t = 1_000)]
+    #[arg(long, env = "SPILLWAY_MAX_EVENTS", default_value_t = 1_000, value_parser = shared::settings::at_least_one::<usize>)]
     pub max_events: usize,
 
     /// Largest single event, in bytes of JSON (the item is rejected past it).
@@ -78,7 +78,7 @@ pub struct IngestSettings {
     pub rate_limit_burst: u32,
 
     /// Publish attempts per request before answering 503 (at least 1).
-    #[arg(long, env = "SPILLWAY_PUBLISH_ATTEMPTS", default_value_t = 3)]
+    #[arg(long, env = "SPILLWAY_PUBLISH_ATTEMPTS", default_value_t = 3, value_parser = shared::settings::at_least_one::<u32>)]
     pub publish_attempts: u32,
 
     /// First delay between publish attempts, in milliseconds (doubles each time, with jitter).
@@ -91,12 +91,12 @@ pub struct IngestSettings {
         long,
         env = "SPILLWAY_PUBLISH_TIMEOUT_MS",
         default_value_t = 8_000,
-        value_parser = clap::value_parser!(u64).range(1..)
+        value_parser = shared::settings::at_least_one::<u64>
     )]
     pub publish_timeout_ms: u64,
 
     /// `Retry-After` sent with a 503 when publishing failed, in seconds.
-    #[arg(long, env = "SPILLWAY_RETRY_AFTER_SECS", default_value_t = 5)]
+    #[arg(long, env = "SPILLWAY_RETRY_AFTER_SECS", default_value_t = 5, value_parser = shared::settings::at_least_one::<u64>)]
     pub retry_after_secs: u64,
 
     /// Largest envelope body, in bytes (default: an SNS message minus room for attributes).

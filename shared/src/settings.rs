@@ -22,6 +22,24 @@ pub const STORE_DB: &str = "store.db";
 /// The PostgreSQL store `--sink postgres` writes to without `DATABASE_URL`.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
+/// A count that must be at least 1 (a flag's value parser, e.g.
+/// `value_parser = at_least_one::<u64>`): `0` is refused, named, instead of being raised to
+/// 1 without a word (`--max-connections 0` served one connection at a time).
+///
+/// # Errors
+/// Not a whole number, or 0.
+pub fn at_least_one<T>(raw: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialEq + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    match raw.trim().parse::<T>() {
+        Ok(n) if n == T::from(0) => Err("must be at least 1 (0 is not \"off\" here)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
 /// Which broker carries the envelopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BrokerKind {
@@ -139,12 +157,12 @@ pub struct KafkaSettings {
         long,
         env = "SPILLWAY_KAFKA_MAX_RECEIVES",
         default_value_t = 5,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = at_least_one::<u32>
     )]
     pub kafka_max_receives: u32,
 
     /// Kafka: partitions of the topics the in-process mock cluster of `spillway dev` creates.
-    #[arg(long, env = "SPILLWAY_KAFKA_MOCK_PARTITIONS", default_value_t = 4)]
+    #[arg(long, env = "SPILLWAY_KAFKA_MOCK_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..))]
     pub kafka_mock_partitions: i32,
 
     /// Kafka: extra librdkafka properties for every client, `KEY=VALUE;KEY=VALUE` (`;`, since
@@ -610,7 +628,7 @@ pub struct SinkSettings {
     pub database_url: Option<String>,
 
     /// PostgreSQL: most pooled connections (the store's connection cap).
-    #[arg(long, env = "SPILLWAY_PG_MAX_CONNECTIONS", default_value_t = 8)]
+    #[arg(long, env = "SPILLWAY_PG_MAX_CONNECTIONS", default_value_t = 8, value_parser = at_least_one::<usize>)]
     pub pg_max_connections: usize,
 
     /// PostgreSQL: statement timeout in seconds (a timed-out write is retried later).

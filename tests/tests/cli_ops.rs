@@ -387,3 +387,48 @@ fn dev_warns_about_a_database_url_it_ignores_and_serves() {
         "{stderr}"
     );
 }
+
+/// A zero where at least 1 is needed was raised to 1 without a word (`--max-connections 0`
+/// served one client connection at a time, `--write-burst 0` wrote every event alone), where
+/// elsewhere 0 means "off". It is refused, naming the flag.
+#[test]
+fn a_zero_count_is_refused_naming_the_flag() {
+    let bins = tests::dev_process::bin_dir().unwrap();
+    for (bin, args) in [
+        ("spillway-ingest", &["--max-connections", "0"][..]),
+        ("spillway-ingest", &["--max-events", "0"]),
+        ("spillway-ingest", &["--client-timeout-secs", "0"]),
+        ("spillway-ingest", &["--publish-attempts", "0"]),
+        ("spillway-worker", &["--write-burst", "0"]),
+        ("spillway-worker", &["--retry-min-secs", "0"]),
+        ("spillway-worker", &["--pg-max-connections", "0"]),
+        (
+            "spillway",
+            &["dlq", "replay", "--to", "source", "--concurrency", "0"],
+        ),
+        (
+            "spillway",
+            &["dlq", "replay", "--to", "source", "--max-replays", "0"],
+        ),
+        (
+            "spillway",
+            &["dlq", "replay", "--to", "source", "--lease-secs", "0"],
+        ),
+    ] {
+        let out = Command::new(bins.join(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let flag = args
+            .iter()
+            .find(|a| a.starts_with("--") && **a != "--to")
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value '0' for '{flag}")),
+            "{bin} {args:?}: {stderr}"
+        );
+    }
+}

@@ -45,7 +45,7 @@ pub struct WorkerSettings {
     pub write_cap_eps: u32,
 
     /// Events the write cap lets through at once after a quiet spell.
-    #[arg(long, env = "SPILLWAY_WRITE_BURST", default_value_t = 1_000)]
+    #[arg(long, env = "SPILLWAY_WRITE_BURST", default_value_t = 1_000, value_parser = shared::settings::at_least_one::<u32>)]
     pub write_burst: u32,
 
     /// Consecutive transient store failures that open the circuit breaker (stop receiving).
@@ -61,11 +61,11 @@ pub struct WorkerSettings {
     pub breaker_max_cooldown_secs: u64,
 
     /// First retry delay of a transient failure, in seconds (doubles per receive, jittered).
-    #[arg(long, env = "SPILLWAY_RETRY_MIN_SECS", default_value_t = 1)]
+    #[arg(long, env = "SPILLWAY_RETRY_MIN_SECS", default_value_t = 1, value_parser = shared::settings::at_least_one::<u64>)]
     pub retry_min_secs: u64,
 
     /// Longest retry delay, in seconds.
-    #[arg(long, env = "SPILLWAY_RETRY_MAX_SECS", default_value_t = 300)]
+    #[arg(long, env = "SPILLWAY_RETRY_MAX_SECS", default_value_t = 300, value_parser = shared::settings::at_least_one::<u64>)]
     pub retry_max_secs: u64,
 
     /// Lambda: a record is started only while this much time (ms) is left before the
