@@ -237,6 +237,49 @@ fn presented_keys(headers: &HeaderMap) -> [Option<&str>; 2] {
     [x_api_key, bearer]
 }
 
+/// Why a request that presented no matching key was refused, for its 401: the header's
+/// shape, never the key itself. A valid key sent as `Authorization: <key>` or
+/// `Token <key>`, or a header sent twice, all got the same "missing or invalid API key".
+pub fn why_unauthorized(headers: &HeaderMap) -> String {
+    let authorization = axum::http::header::AUTHORIZATION.as_str();
+    for name in ["x-api-key", authorization] {
+        if headers.get_all(name).iter().count() > 1 {
+            return format!("the {name} header was sent more than once; send it once");
+        }
+    }
+    let [x_api_key, bearer] = presented_keys(headers);
+    if x_api_key.is_some_and(|k| !k.is_empty()) || bearer.is_some_and(|k| !k.is_empty()) {
+        return "the key presented matches none configured (keys are read when the server \
+                starts)"
+            .into();
+    }
+    match headers
+        .get(authorization)
+        .map(|v| v.to_str().map(str::trim))
+    {
+        Some(Ok(value)) if value.eq_ignore_ascii_case("bearer") => {
+            "the bearer token is empty".into()
+        }
+        Some(Ok(value)) if !value.is_empty() => match value.split_once(' ') {
+            Some((scheme, _)) => format!(
+                "the Authorization header uses the {scheme:?} scheme; send `Authorization: \
+                 Bearer <key>` or `x-api-key: <key>`",
+                scheme = scheme.chars().take(20).collect::<String>()
+            ),
+            None => "the Authorization header has no scheme; send `Authorization: Bearer <key>` \
+                     or `x-api-key: <key>`"
+                .into(),
+        },
+        Some(_) => "the Authorization header is empty or not ASCII; send `Authorization: \
+                    Bearer <key>` or `x-api-key: <key>`"
+            .into(),
+        None if headers.contains_key("x-api-key") => {
+            "the x-api-key header is empty or not ASCII".into()
+        }
+        None => "no API key; send `Authorization: Bearer <key>` or `x-api-key: <key>`".into(),
+    }
+}
+
 /// Hex SHA-256 of a plain key, as the key configuration expects it.
 pub fn hash_key(key: &str) -> String {
     hex::encode(sha256(key))
@@ -385,5 +428,51 @@ mod tests {
         )
         .unwrap();
         assert_eq!(keys.len(), 1);
+    }
+
+    /// A valid key sent the wrong way, or a header sent twice, got the same "missing or
+    /// invalid API key" as no key at all; the 401 now says which, never quoting the key.
+    #[test]
+    fn a_refusal_says_what_was_wrong_with_the_header_and_never_quotes_the_key() {
+        let why = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            assert!(keys().authenticate(&h).is_none());
+            why_unauthorized(&h)
+        };
+        for (pairs, expected) in [
+            (&[][..], "no API key; send `Authorization: Bearer <key>`"),
+            (
+                &[("authorization", "secret-1")],
+                "the Authorization header has no scheme",
+            ),
+            (
+                &[("authorization", "Token secret-1")],
+                "uses the \"Token\" scheme",
+            ),
+            (&[("authorization", "Bearer ")], "the bearer token is empty"),
+            (&[("x-api-key", "")], "the x-api-key header is empty"),
+            (
+                &[("x-api-key", "secret-1"), ("x-api-key", "secret-1")],
+                "the x-api-key header was sent more than once",
+            ),
+            (
+                &[("x-api-key", "wrong")],
+                "the key presented matches none configured",
+            ),
+            (
+                &[("authorization", "Bearer wrong")],
+                "matches none configured",
+            ),
+        ] {
+            let got = why(pairs);
+            assert!(got.contains(expected), "{pairs:?}: {got}");
+            assert!(!got.contains("secret-1") && !got.contains("wrong"), "{got}");
+        }
     }
 }

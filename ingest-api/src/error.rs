@@ -11,9 +11,9 @@ use serde_json::json;
 /// A request-level failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No key, or a key that matches none configured.
-    #[error("missing or invalid API key")]
-    Unauthorized,
+    /// No key, or a key that matches none configured; why, without the key.
+    #[error("missing or invalid API key: {0}")]
+    Unauthorized(String),
     /// The key may not do this.
     #[error("{0}")]
     Forbidden(String),
@@ -51,7 +51,7 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -64,7 +64,7 @@ impl ApiError {
     /// The stable machine code in the body.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Unauthorized => "unauthorized",
+            Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -96,7 +96,7 @@ impl IntoResponse for ApiError {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            Self::Unauthorized => {
+            Self::Unauthorized(_) => {
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }

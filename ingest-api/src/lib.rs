@@ -353,7 +353,7 @@ async fn ingest_request(
     let (key_index, key) = inner
         .keys
         .authenticate(headers)
-        .ok_or(ApiError::Unauthorized)?;
+        .ok_or_else(|| ApiError::Unauthorized(auth::why_unauthorized(headers)))?;
     // Refuse an exhausted key before reading its body; the real charge comes after parsing.
     inner
         .limiter
