@@ -53,15 +53,11 @@ struct Options {
     url: String,
 
     /// API key, sent as `Authorization: Bearer <key>`.
-    #[arg(
-        long,
-        env = "SPILLWAY_API_KEY",
-        hide_env_values = true,
-        conflicts_with = "api_key_file"
-    )]
+    #[arg(long, env = "SPILLWAY_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
 
-    /// File holding the API key (surrounding whitespace is ignored).
+    /// File holding the API key (surrounding whitespace is ignored); wins over --api-key and
+    /// SPILLWAY_API_KEY.
     #[arg(long)]
     api_key_file: Option<PathBuf>,
 
@@ -324,12 +320,14 @@ enum Outcome {
 /// Runs the load and prints the report.
 pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let args = *args.options;
+    // The file wins: with SPILLWAY_API_KEY exported (as a shell set up for the API often
+    // is), `--api-key-file` used to be refused as conflicting with it.
     let key = match (&args.api_key, &args.api_key_file) {
-        (Some(key), _) => key.trim().to_owned(),
-        (None, Some(path)) => std::fs::read_to_string(path)
+        (_, Some(path)) => std::fs::read_to_string(path)
             .with_context(|| format!("reading the API key from {}", path.display()))?
             .trim()
             .to_owned(),
+        (Some(key), None) => key.trim().to_owned(),
         (None, None) => {
             bail!("an API key is required: --api-key, --api-key-file or SPILLWAY_API_KEY")
         }

@@ -51,6 +51,30 @@ async fn loadgen_fails_a_run_in_which_no_event_was_accepted() {
         "{}",
         String::from_utf8_lossy(&accepted.stderr)
     );
+    // `--api-key-file` wins over SPILLWAY_API_KEY: with the variable exported it used to be
+    // refused as conflicting with `--api-key`.
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, format!("{}\n", dev.key)).unwrap();
+    let from_file = Command::new(spillway_bin().unwrap())
+        .args([
+            "loadgen",
+            "--url",
+            &url,
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+        ])
+        .arg("--api-key-file")
+        .arg(&key_file)
+        .env("SPILLWAY_API_KEY", "not-the-key")
+        .output()
+        .unwrap();
+    assert!(
+        from_file.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
     dev.terminate(Duration::from_secs(30)).unwrap();
 }
 
