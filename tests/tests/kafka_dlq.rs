@@ -234,6 +234,49 @@ async fn a_replay_produces_with_the_delivery_timeout_it_was_given() {
     assert_eq!(port.stats(DLQ_TOPIC).await.unwrap().visible, 20);
 }
 
+/// A DLQ topic that sends nothing for a while (a partition without a leader, a broker
+/// restarting) used to end a replay as finished: an empty lease ends a run, so the report
+/// said nothing was left to do and had no error, while letters were still unread. The lease
+/// now fails, saying which partitions were not read to their end, and once the topic answers
+/// again the letters are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_topic_that_stops_sending_fails_the_lease_instead_of_ending_the_run() {
+    let mock = mock_cluster(1).unwrap();
+    let bootstrap = mock.bootstrap_servers().to_owned();
+    let port = KafkaDlq::new(KafkaClientConfig::new(&bootstrap), "stall", None).unwrap();
+    let letters = dead_letters(20, 2, None);
+    assert!(port
+        .publish(DLQ_TOPIC, &letters)
+        .await
+        .unwrap()
+        .failed
+        .is_empty());
+    mock.fail_requests(
+        rdkafka::types::RDKafkaApiKey::Fetch,
+        vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 30],
+    )
+    .unwrap();
+    let err = port
+        .lease(DLQ_TOPIC, 10, Duration::from_secs(60))
+        .await
+        .unwrap_err()
+        .to_string();
+    println!("stalled lease: {err}");
+    assert!(
+        err.contains("no letter arrived for 5 s before the end of this run's window"),
+        "{err}"
+    );
+    // The errors run out; the letters were never lost.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut leased = 0;
+    while leased < 20 && Instant::now() < deadline {
+        if let Ok(batch) = port.lease(DLQ_TOPIC, 10, Duration::from_secs(60)).await {
+            leased += batch.len();
+        }
+    }
+    assert_eq!(leased, 20);
+}
+
 /// A letter whose payload is not UTF-8 (a producer's Latin-1, say) can only be read lossily;
 /// replaying or exporting that copy would launder the bad bytes into U+FFFD and delete the
 /// original. Both leave it in the DLQ, bytes intact, and say why.

@@ -570,6 +570,7 @@ impl KafkaDlq {
             }
         }
         let mut waited_since = Instant::now();
+        let mut last_error = None;
         while out.len() < max && state.parts.values().any(|l| !l.at_end && !l.full) {
             if waited_since.elapsed() > LEASE_WAIT {
                 break;
@@ -577,7 +578,15 @@ impl KafkaDlq {
             let Some(msg) = state.consumer.poll(Duration::from_millis(100)) else {
                 continue;
             };
-            let msg = msg.map_err(|e| Self::error("read", &state.topic, &e))?;
+            // librdkafka reports passing trouble (a broker disconnect in a rolling restart) as
+            // error events too: it reconnects by itself, and a run used to abort on the first.
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) => {
+                    last_error = Some(e.to_string());
+                    continue;
+                }
+            };
             waited_since = Instant::now();
             let (p, o) = (msg.partition(), msg.offset());
             let end = state.ends.get(&p).copied().unwrap_or(0);
@@ -612,7 +621,52 @@ impl KafkaDlq {
                 message: m,
             });
         }
+        if out.is_empty() {
+            Self::stalled(state, last_error)?;
+        }
         Ok(out)
+    }
+
+    /// After a lease that found nothing: `Err` when letters of this run's window are still
+    /// unread, because the topic sent nothing for [`LEASE_WAIT`]. An empty lease ends a run,
+    /// so a stall (a partition without a leader, a broker restarting) used to end it as
+    /// finished, with no error and letters left, which the operator read as "all replayed".
+    fn stalled(state: &mut LeaseState, last_error: Option<String>) -> Result<(), DlqError> {
+        // A fetch position at the end means the rest of the window held no message (a
+        // transaction marker, say), not that it is missing.
+        if let Ok(positions) = state.consumer.position() {
+            for e in positions.elements_for_topic(&state.topic) {
+                let end = state.ends.get(&e.partition()).copied().unwrap_or(0);
+                if let (Offset::Offset(at), Some(part)) =
+                    (e.offset(), state.parts.get_mut(&e.partition()))
+                {
+                    if at >= end {
+                        part.at_end = true;
+                    }
+                }
+            }
+        }
+        let unread: Vec<i32> = state
+            .parts
+            .iter()
+            .filter(|(_, l)| !l.at_end && !l.full)
+            .map(|(p, _)| *p)
+            .collect();
+        if unread.is_empty() {
+            return Ok(());
+        }
+        Err(DlqError::Unreachable {
+            operation: "read".into(),
+            resource: state.topic.clone(),
+            detail: format!(
+                "no letter arrived for {} s before the end of this run's window (partitions \
+                 {unread:?} not read to their end){}; run again once the topic answers",
+                LEASE_WAIT.as_secs(),
+                last_error
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            ),
+        })
     }
 
     fn key_of(out: &Outgoing) -> Option<&str> {
