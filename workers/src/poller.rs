@@ -106,7 +106,7 @@ pub enum PollerConfigError {
     },
     /// The heartbeat or the batch wait would let the visibility lapse.
     #[error(
-        "{field} ({value_ms} ms) must be shorter than visibility_timeout ({visibility_ms} ms)"
+        "{field} ({value_ms} ms) must be shorter than --visibility-timeout-secs ({visibility_ms} ms), or the batch's messages come back while it is written"
     )]
     NotUnderVisibility {
         /// The setting.
@@ -125,11 +125,17 @@ impl PollerConfig {
     /// The first setting that cannot work.
     pub fn validate(&self) -> Result<(), PollerConfigError> {
         for (field, v) in [
-            ("loops", self.loops),
+            ("--worker-loops (loops)", self.loops),
             ("receive_max_messages", self.receive_max_messages),
-            ("max_batch_events", self.max_batch_events),
+            (
+                "--batch-max-events (max_batch_events)",
+                self.max_batch_events,
+            ),
             ("max_batch_messages", self.max_batch_messages),
-            ("max_concurrent_batches", self.max_concurrent_batches),
+            (
+                "--max-concurrent-batches (max_concurrent_batches)",
+                self.max_concurrent_batches,
+            ),
         ] {
             if v == 0 {
                 return Err(PollerConfigError::Zero { field });
@@ -137,17 +143,17 @@ impl PollerConfig {
         }
         for (field, v, why) in [
             (
-                "receive_wait",
+                "--receive-wait-secs (receive_wait)",
                 self.receive_wait,
                 "an idle worker would ask the broker for messages in a tight loop",
             ),
             (
-                "breaker.cooldown",
+                "--breaker-cooldown-secs (breaker.cooldown)",
                 self.breaker.cooldown,
                 "an open breaker would probe a down store without pause",
             ),
             (
-                "breaker.max_cooldown",
+                "--breaker-max-cooldown-secs (breaker.max_cooldown)",
                 self.breaker.max_cooldown,
                 "an open breaker would probe a down store without pause",
             ),
@@ -157,10 +163,16 @@ impl PollerConfig {
             }
         }
         for (field, v) in [
-            ("heartbeat_every", self.heartbeat_every),
-            ("max_batch_wait", self.max_batch_wait),
+            ("--heartbeat-secs (heartbeat_every)", self.heartbeat_every),
+            ("--batch-max-wait-ms (max_batch_wait)", self.max_batch_wait),
         ] {
-            if v.is_zero() || v >= self.visibility_timeout {
+            if v.is_zero() {
+                return Err(PollerConfigError::NoWait {
+                    field,
+                    why: "it must come before the visibility timeout lapses, and cannot be 0",
+                });
+            }
+            if v >= self.visibility_timeout {
                 return Err(PollerConfigError::NotUnderVisibility {
                     field,
                     value_ms: v.as_millis(),

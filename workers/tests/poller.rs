@@ -801,7 +801,21 @@ fn a_heartbeat_not_under_the_visibility_timeout_is_refused() {
         heartbeat_every: Duration::from_secs(30),
         ..PollerConfig::default()
     };
-    assert!(cfg.validate().is_err());
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("--heartbeat-secs") && err.contains("--visibility-timeout-secs"),
+        "{err}"
+    );
+    // Zero used to read "heartbeat_every (0 ms) must be shorter than visibility_timeout".
+    let zero = PollerConfig {
+        heartbeat_every: Duration::ZERO,
+        ..PollerConfig::default()
+    };
+    let err = zero.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("--heartbeat-secs") && err.contains("longer than zero"),
+        "{err}"
+    );
     assert!(PollerConfig::default().validate().is_ok());
 }
 
