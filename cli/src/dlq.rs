@@ -140,7 +140,7 @@ struct PeekArgs {
     common: Common,
 
     /// How many messages to show (oldest first on the embedded broker).
-    #[arg(short = 'n', long = "count", default_value_t = 10)]
+    #[arg(short = 'n', long = "count", default_value_t = 10, value_parser = shared::settings::at_least_one::<usize>)]
     n: usize,
 }
 
@@ -176,7 +176,31 @@ struct FilterArgs {
 }
 
 impl FilterArgs {
+    /// The filter, refusing one that can match nothing by its own terms: a misspelled type,
+    /// or an age window that is empty. Either used to run and match nothing, without a word.
     fn filter(&self) -> anyhow::Result<Filter> {
+        use shared::event::EventType;
+        if let Some(bad) = self
+            .types
+            .iter()
+            .find(|t| EventType::parse(t.as_str()).is_err())
+        {
+            let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+            bail!(
+                "--type {bad:?} is not an event type; use one of {}",
+                known.join(", ")
+            );
+        }
+        if let (Some(older), Some(newer)) = (self.older_than, self.newer_than) {
+            if older > newer {
+                bail!(
+                    "--older-than {} and --newer-than {} select nothing: a letter cannot be at \
+                     least {0} old and at most {1} old",
+                    humantime_secs(older),
+                    humantime_secs(newer)
+                );
+            }
+        }
         Ok(Filter {
             types: self.types.clone(),
             advertisers: self.advertisers.clone(),
@@ -330,6 +354,18 @@ struct PurgeArgs {
     /// Confirm: delete every message of the DLQ.
     #[arg(long)]
     yes: bool,
+}
+
+/// A duration as the filters take it (`90s`, `15m`, `2h`, `7d`), in its largest whole unit.
+fn humantime_secs(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => "0s".into(),
+        _ if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        _ if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
 }
 
 fn parse_rate(raw: &str) -> Result<f64, String> {
@@ -683,11 +719,13 @@ async fn peek(a: PeekArgs) -> anyhow::Result<()> {
 
 #[allow(clippy::print_stdout)]
 async fn export(a: ExportArgs) -> anyhow::Result<()> {
+    // Refused before anything is opened or leased.
+    let filter = a.filter.filter()?;
     let o = open(&a.common).await?;
     let depth = o.port.stats(&o.dlq).await?.total();
     let bar = progress_bar(a.common.json, Some(depth), "exporting");
     let opts = ReplayOptions {
-        filter: a.filter.filter()?,
+        filter,
         max_messages: a.max,
         lease: Duration::from_secs(a.lease_secs),
         replace_file: a.force,
@@ -778,11 +816,13 @@ async fn import(a: ImportArgs) -> anyhow::Result<()> {
 
 #[allow(clippy::print_stdout)]
 async fn replay_cmd(a: ReplayArgs) -> anyhow::Result<()> {
+    // Refused before anything is opened or leased.
+    let filter = a.filter.filter()?;
     let o = open(&a.common).await?;
     let target = resolve_target(o.port.as_ref(), &o.dlq, &a.to).await?;
     let depth = o.port.stats(&o.dlq).await?.total();
     let opts = ReplayOptions {
-        filter: a.filter.filter()?,
+        filter,
         rate_per_sec: a.rate,
         max_messages: a.max,
         concurrency: a
@@ -937,12 +977,20 @@ async fn redrive(a: RedriveArgs) -> anyhow::Result<()> {
         }
         None => {
             let o = open(&a.common).await?;
+            // SQS takes a whole number of messages per second, 1 to 500; a fraction used to
+            // be rounded without a word (`--rate 0.4` sent as 0).
             let rate = a
                 .rate
                 .map(|r| {
-                    format!("{r:.0}")
-                        .parse::<u32>()
-                        .context("--rate must be a whole number of messages per second")
+                    if r.fract() == 0.0 && (1.0..=500.0).contains(&r) {
+                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                        Ok(r as u32)
+                    } else {
+                        Err(anyhow::anyhow!(
+                            "--rate {r} for a native redrive must be a whole number of messages \
+                             per second from 1 to 500 (SQS takes no fractions)"
+                        ))
+                    }
                 })
                 .transpose()?;
             let t = o.port.start_redrive(&o.dlq, a.to.as_deref(), rate).await?;

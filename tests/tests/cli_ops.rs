@@ -456,3 +456,55 @@ fn a_zero_count_is_refused_naming_the_flag() {
         );
     }
 }
+
+/// `spillway dlq` filters that can match nothing by their own terms (a misspelled `--type`,
+/// an age window that is empty) ran and matched nothing without a word; a fraction of a
+/// native-redrive rate was rounded (`--rate 0.4` sent as 0); `peek -n 0` said the DLQ was
+/// empty. Each is refused before the broker is even opened (here there is none).
+#[test]
+fn dlq_filters_and_rates_that_cannot_work_are_refused_before_anything_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    for (args, expected) in [
+        (
+            &["replay", "--to", "source", "--type", "clik"][..],
+            "--type \"clik\" is not an event type; use one of impression,",
+        ),
+        (
+            &[
+                "export",
+                "--out",
+                "x.ndjson",
+                "--older-than",
+                "7d",
+                "--newer-than",
+                "1h",
+            ],
+            "--older-than 7d and --newer-than 1h select nothing",
+        ),
+        (
+            &[
+                "redrive",
+                "--broker",
+                "aws",
+                "--dlq",
+                "http://127.0.0.1:9/q",
+                "--rate",
+                "0.4",
+            ],
+            "--rate 0.4 for a native redrive must be a whole number",
+        ),
+        (&["peek", "-n", "0"], "invalid value '0' for '--count <N>'"),
+    ] {
+        let out = Command::new(spillway_bin().unwrap())
+            .arg("dlq")
+            .args(args)
+            .args(["--data-dir", data_dir])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("no embedded broker"), "{args:?}: {stderr}");
+    }
+}
