@@ -207,14 +207,28 @@ where
             name: resource.to_owned(),
             detail: format!("{operation}: {detail}"),
         },
+        // The credentials themselves were refused: no grant helps, new credentials do.
+        Some(
+            code @ ("InvalidClientTokenId"
+            | "UnrecognizedClientException"
+            | "SignatureDoesNotMatch"
+            | "ExpiredToken"
+            | "ExpiredTokenException"
+            | "RequestExpired"),
+        ) => DlqError::Forbidden {
+            operation: operation.to_owned(),
+            resource: resource.to_owned(),
+            detail: format!(
+                "{detail}; AWS refused the credentials in use ({code}): they are expired, \
+                 unknown or mistyped (a secret key that does not match its key id), so refresh \
+                 them (aws sso login, a new session token) or fix AWS_PROFILE / the AWS_* \
+                 variables"
+            ),
+        },
         Some(
             "AccessDenied"
             | "AccessDeniedException"
             | "AuthorizationError"
-            | "InvalidClientTokenId"
-            | "UnrecognizedClientException"
-            | "SignatureDoesNotMatch"
-            | "ExpiredToken"
             | "KMS.AccessDeniedException"
             | "KMSAccessDenied",
         ) => DlqError::Forbidden {
@@ -811,6 +825,20 @@ mod tests {
                 && text.contains("grant sqs:ReceiveMessage"),
             "{text}"
         );
+        // Expired or mistyped credentials read as a missing grant, sending the operator to IAM.
+        for code in [
+            "ExpiredToken",
+            "InvalidClientTokenId",
+            "SignatureDoesNotMatch",
+        ] {
+            let text = service_error(code).to_string();
+            assert!(
+                text.contains(&format!("AWS refused the credentials in use ({code})"))
+                    && text.contains("refresh them")
+                    && !text.contains("grant"),
+                "{text}"
+            );
+        }
         let e = service_error("AWS.SimpleQueueService.NonExistentQueue");
         assert!(
             matches!(e, DlqError::NotFound { what: "queue", .. }),
