@@ -376,7 +376,7 @@ fn settings_of_a_broker_or_store_that_was_not_chosen_are_refused_at_start() {
 }
 
 /// `spillway dev` is run from a developer's shell, which may hold a DATABASE_URL meant for
-/// something else: it says it ignores it, and serves.
+/// something else, or a mistyped RUST_LOG: it says what it ignores, and serves.
 #[test]
 fn dev_warns_about_a_database_url_it_ignores_and_serves() {
     use std::io::{BufRead, BufReader, Read};
@@ -385,7 +385,9 @@ fn dev_warns_about_a_database_url_it_ignores_and_serves() {
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("DATABASE_URL", "postgres://spillway@db:5432/spillway")
-        .env("RUST_LOG", "warn")
+        // Unusable logging settings fell back to info / JSON without a word.
+        .env("RUST_LOG", "warn,spillway=bogus")
+        .env("SPILLWAY_LOG_FORMAT", "txt")
         .env_remove("SPILLWAY_SINK")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -408,6 +410,12 @@ fn dev_warns_about_a_database_url_it_ignores_and_serves() {
     assert!(serving, "dev did not serve: {stderr}");
     assert!(
         stderr.contains("DATABASE_URL (--database-url) is set, but the store is SQLite"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#"RUST_LOG \"warn,spillway=bogus\""#)
+            && stderr.contains("logging at info")
+            && stderr.contains(r#"SPILLWAY_LOG_FORMAT \"txt\" is neither text nor json"#),
         "{stderr}"
     );
 }
