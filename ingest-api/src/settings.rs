@@ -17,7 +17,12 @@ use shared::event::{TimeWindow, ValidationPolicy};
 #[derive(Debug, Clone, Args)]
 pub struct IngestSettings {
     /// Address the HTTP server listens on.
-    #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "SPILLWAY_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_parser = shared::settings::listen_addr
+    )]
     pub listen: SocketAddr,
 
     /// Longest wait, in seconds, for a request's headers (also how long an idle keep-alive

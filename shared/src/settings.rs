@@ -40,6 +40,31 @@ where
     }
 }
 
+/// A listen address (a flag's value parser): `IP:PORT`, or a host name and port, which is
+/// resolved (`localhost:8080`). A host name used to be refused as "invalid socket address
+/// syntax", not saying what was expected.
+///
+/// # Errors
+/// No port, or a host that does not resolve.
+pub fn listen_addr(raw: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = raw.trim().parse() {
+        return Ok(addr);
+    }
+    let expected = "an address such as 127.0.0.1:8080, 0.0.0.0:8080, [::]:8080 or localhost:8080";
+    if raw
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        return Err(format!("no port: give {expected}"));
+    }
+    raw.trim()
+        .to_socket_addrs()
+        .map_err(|e| format!("{e}: give {expected}"))?
+        .next()
+        .ok_or_else(|| format!("resolves to no address: give {expected}"))
+}
+
 /// Which broker carries the envelopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BrokerKind {
@@ -782,7 +807,7 @@ impl SinkSettings {
 pub struct MetricsSettings {
     /// Address to serve Prometheus metrics on at `/metrics` (e.g. 127.0.0.1:9464); off when
     /// unset. A listener of its own, so the ingest API's public port never exposes them.
-    #[arg(long, env = "SPILLWAY_METRICS_LISTEN")]
+    #[arg(long, env = "SPILLWAY_METRICS_LISTEN", value_parser = listen_addr)]
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
@@ -1045,6 +1070,21 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         broker: BrokerSettings,
+    }
+
+    /// `--listen localhost:8080` was refused as "invalid socket address syntax".
+    #[test]
+    fn a_listen_address_may_name_a_host_and_a_missing_port_is_said() {
+        assert_eq!(
+            listen_addr("127.0.0.1:9000").unwrap(),
+            "127.0.0.1:9000".parse().unwrap()
+        );
+        let local = listen_addr("localhost:9000").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 9000, "{local}");
+        for raw in ["localhost", "127.0.0.1", "localhost:http"] {
+            let err = listen_addr(raw).unwrap_err();
+            assert!(err.starts_with("no port: give an address such as"), "{raw}: {err}");
+        }
     }
 
     #[tokio::test]
