@@ -144,11 +144,19 @@ fn parse_url(raw: &str) -> Result<String, String> {
     }
 }
 
-/// A run's length: a duration longer than zero (a zero run sends nothing).
+/// The longest run.
+const MAX_RUN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A run's length: a duration longer than zero (a zero run sends nothing), at most 30 days.
 fn parse_run_length(raw: &str) -> Result<Duration, String> {
     let d = parse_duration(raw)?;
     if d.is_zero() {
         return Err(format!("{raw:?}: a run must last longer than zero"));
+    }
+    // The run's deadline is computed from a clock instant: far enough out, that overflowed
+    // and loadgen panicked.
+    if d > MAX_RUN {
+        return Err(format!("{raw:?}: a run lasts at most 30 days"));
     }
     Ok(d)
 }
@@ -759,6 +767,13 @@ fn report(args: &Options, seed: u64, stats: &mut Stats, elapsed: Duration) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_too_long_for_the_clock_is_refused_rather_than_panicking() {
+        assert!(parse_run_length("720h").is_ok());
+        let err = parse_run_length("99999999999999h").unwrap_err();
+        assert!(err.contains("at most 30 days"), "{err}");
+    }
 
     #[test]
     fn durations_fractions_and_bursts_parse() {

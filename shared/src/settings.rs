@@ -1083,7 +1083,10 @@ mod tests {
         assert!(local.ip().is_loopback() && local.port() == 9000, "{local}");
         for raw in ["localhost", "127.0.0.1", "localhost:http"] {
             let err = listen_addr(raw).unwrap_err();
-            assert!(err.starts_with("no port: give an address such as"), "{raw}: {err}");
+            assert!(
+                err.starts_with("no port: give an address such as"),
+                "{raw}: {err}"
+            );
         }
     }
 
