@@ -187,9 +187,13 @@ impl Metrics {
     /// latest batch written.
     pub fn observe_batch_write(&self, took: Duration, stored: bool) {
         self.write_seconds.observe(took);
-        if !stored {
-            return;
+        if stored {
+            self.mark_stored();
         }
+    }
+
+    /// Records that the store took a write now (the latest batch written).
+    pub fn mark_stored(&self) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

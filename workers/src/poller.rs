@@ -543,7 +543,15 @@ async fn write_alone(
         let (id, n, message_id) = (p.id().clone(), p.receive_count(), p.message_id().to_owned());
         let write = core::write_prepared(vec![p], ctx.sink.as_ref(), &ctx.config.core);
         match AssertUnwindSafe(write).catch_unwind().await {
-            Ok(outcome) => outcomes.push(outcome),
+            Ok(outcome) => {
+                // The batch's own write panicked, so only these say the store took writes.
+                if outcome.sink_health == core::SinkHealth::Healthy
+                    && outcome.written.inserted + outcome.written.duplicates > 0
+                {
+                    ctx.metrics.mark_stored();
+                }
+                outcomes.push(outcome);
+            }
             Err(_) => {
                 ctx.metrics.add_write_panics(1);
                 error!(

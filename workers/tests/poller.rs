@@ -115,6 +115,15 @@ async fn a_write_that_panics_is_retried_and_its_neighbours_are_written_alone_on_
     let m = metrics.snapshot();
     assert_eq!(m.write_panics, 4, "{m:?}");
     assert_eq!(m.written, 40);
+    // Every event was stored by a delivery written alone: the "last batch written" gauge
+    // must say the store took writes (it stayed at 0, and the staleness alert fired).
+    let mut page = shared::metrics::Exposition::new();
+    metrics.render(&mut page);
+    let last = shared::metrics::value_of(
+        &page.finish(),
+        "spillway_worker_last_batch_written_timestamp_seconds",
+    );
+    assert!(last.is_some_and(|t| t > 1.7e9), "{last:?}");
 }
 
 /// A source whose first ack panics (a bug outside the write: settling), around a real one.
