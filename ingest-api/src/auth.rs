@@ -237,6 +237,17 @@ fn presented_keys(headers: &HeaderMap) -> [Option<&str>; 2] {
     [x_api_key, bearer]
 }
 
+/// Authorization schemes a 401 may name back to the client.
+const KNOWN_SCHEMES: [&str; 7] = [
+    "Basic",
+    "Token",
+    "Digest",
+    "ApiKey",
+    "Api-Key",
+    "Negotiate",
+    "AWS4-HMAC-SHA256",
+];
+
 /// Why a request that presented no matching key was refused, for its 401: the header's
 /// shape, never the key itself. A valid key sent as `Authorization: <key>` or
 /// `Token <key>`, or a header sent twice, all got the same "missing or invalid API key".
@@ -261,10 +272,18 @@ pub fn why_unauthorized(headers: &HeaderMap) -> String {
             "the bearer token is empty".into()
         }
         Some(Ok(value)) if !value.is_empty() => match value.split_once(' ') {
+            // Named only when it is a scheme everyone knows: what comes before the first
+            // space may be the key itself (`Authorization: <key> …`).
             Some((scheme, _)) => format!(
-                "the Authorization header uses the {scheme:?} scheme; send `Authorization: \
-                 Bearer <key>` or `x-api-key: <key>`",
-                scheme = scheme.chars().take(20).collect::<String>()
+                "the Authorization header uses {}; send `Authorization: Bearer <key>` or \
+                 `x-api-key: <key>`",
+                KNOWN_SCHEMES
+                    .iter()
+                    .find(|known| known.eq_ignore_ascii_case(scheme))
+                    .map_or_else(
+                        || "a scheme other than Bearer".to_owned(),
+                        |known| format!("the {known:?} scheme")
+                    )
             ),
             None => "the Authorization header has no scheme; send `Authorization: Bearer <key>` \
                      or `x-api-key: <key>`"
@@ -454,6 +473,10 @@ mod tests {
             (
                 &[("authorization", "Token secret-1")],
                 "uses the \"Token\" scheme",
+            ),
+            (
+                &[("authorization", "secret-1 x")],
+                "uses a scheme other than Bearer",
             ),
             (&[("authorization", "Bearer ")], "the bearer token is empty"),
             (&[("x-api-key", "")], "the x-api-key header is empty"),

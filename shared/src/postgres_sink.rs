@@ -693,19 +693,19 @@ fn to_i64(micros: u64) -> Result<i64, SinkError> {
     })
 }
 
-/// The events of a batch once each, sorted by `event_id`; the first occurrence of an id wins.
 /// The longest a ping waits for `SELECT 1`.
 const PING_BOUND: Duration = Duration::from_secs(10);
 
 /// How long a write may wait for the server's answers: its statements (`BEGIN`, the COPY
 /// or the upsert, the rollups, `COMMIT`) are each cancelled by the server after
-/// `statement_timeout`, and the slow ones are the one or two that write; twice the timeout
-/// and 5 s more means the server is gone. None with no statement timeout (no limit asked).
+/// `statement_timeout`, and three of them can take that long; three times the timeout and
+/// 10 s more means the server is gone. None with no statement timeout (no limit asked).
 fn answer_bound(statement_timeout: Duration) -> Option<Duration> {
     (!statement_timeout.is_zero())
-        .then(|| statement_timeout.saturating_mul(2) + Duration::from_secs(5))
+        .then(|| statement_timeout.saturating_mul(3) + Duration::from_secs(10))
 }
 
+/// The events of a batch once each, sorted by `event_id`; the first occurrence of an id wins.
 fn unique_sorted(events: &[AdEvent]) -> Vec<&AdEvent> {
     let mut unique: Vec<&AdEvent> = events.iter().collect();
     // Stable sort: equal ids keep batch order, so dedup keeps the first occurrence.

@@ -570,8 +570,8 @@ async fn a_statement_timeout_is_a_transient_error_and_stores_nothing() {
 /// A server gone silent after taking the request (a failover, a dropped network path): the
 /// write used to wait for TCP to give up, two hours with the default keepalive, while the
 /// worker's heartbeat kept the batch hidden and the breaker saw nothing wrong. It now fails
-/// as transient once twice the statement timeout and 5 s have passed without an answer (the
-/// server would have cancelled the statement itself), the connection leaves the pool, and
+/// as transient once three times the statement timeout and 10 s have passed without an answer
+/// (the server would have cancelled its statements itself), the connection leaves the pool, and
 /// the next write, on a new connection, stores the batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_answering_mid_write_fails_it_as_transient_within_the_bound() {
@@ -606,10 +606,10 @@ async fn a_server_that_stops_answering_mid_write_fails_it_as_transient_within_th
     assert!(err.is_transient(), "{err}");
     assert!(
         err.to_string()
-            .contains("no answer to the write within 6000 ms"),
+            .contains("no answer to the write within 11500 ms"),
         "{err}"
     );
-    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
     let started = std::time::Instant::now();
     let err = sink.ping().await.unwrap_err();
     assert!(

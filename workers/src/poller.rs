@@ -30,8 +30,11 @@ pub const MAX_RECEIVE_MESSAGES: usize = 10;
 /// Longest wait before retrying a receive that failed.
 const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(30);
 
-/// How long the store has to answer the ping after a failed write before it counts as down.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the store has to answer the ping after a failed write before it counts as down:
+/// longer than a sink's own bound on its ping (PostgreSQL: the wait for a pooled connection,
+/// up to the statement timeout and the connect timeout, then 10 s), so a slow pool does not
+/// read as a store that is down, and the sink gets to drop a connection that did not answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How the poller runs.
 #[derive(Debug, Clone)]
@@ -461,7 +464,14 @@ async fn process(ctx: &Ctx, batch: Batch, shutdown: &CancellationToken) {
         .iter()
         .any(|o| o.sink_health == core::SinkHealth::Unavailable)
     {
-        hold_while_the_store_is_down(ctx, deliveries, redelivered, shutdown).await;
+        // Two or more messages received before failed together again: not one message's
+        // hiccup or poison (a lone message still reaches its DLQ by receive count).
+        let failed = outcomes
+            .iter()
+            .flat_map(|o| &o.settlements)
+            .filter(|s| matches!(s.decision, Decision::RetryLater(_)))
+            .count();
+        hold_while_the_store_is_down(ctx, deliveries, redelivered && failed >= 2, shutdown).await;
     }
     // No extension may follow a settlement: stop the heartbeat and wait for it.
     drop(stop_on_drop);
@@ -482,11 +492,11 @@ async fn process(ctx: &Ctx, batch: Batch, shutdown: &CancellationToken) {
 /// caller settle it (retry later, as decided).
 ///
 /// The store counts as down when the breaker is already open, when it does not answer a
-/// ping, or when the batch had been received before (`redelivered`): a message failing a
-/// second time, here or on another replica, is not a passing hiccup. The breaker is opened at
-/// once then; its probe tells a store that fails every write (it stays open, the batch held)
-/// from one message that fails on its own (it closes, the message is retried and its receive
-/// count decides, as before).
+/// ping, or when two or more messages received before failed together again
+/// (`failed_again_together`: here or on another replica, not a passing hiccup). The breaker
+/// is opened at once then (unless it already is); its probe tells a store that fails every
+/// write (it stays open, the batch held) from one message that fails on its own (it closes,
+/// the message is retried and its receive count decides, as before).
 ///
 /// Settled at once, a failed batch came back within seconds (the retry delay), to this
 /// worker or another, and every failed attempt used up one of the message's receives: with
@@ -497,19 +507,27 @@ async fn process(ctx: &Ctx, batch: Batch, shutdown: &CancellationToken) {
 async fn hold_while_the_store_is_down(
     ctx: &Ctx,
     deliveries: usize,
-    redelivered: bool,
+    failed_again_together: bool,
     shutdown: &CancellationToken,
 ) {
-    let down = redelivered
-        || ctx.breaker.state() != crate::metrics::BreakerState::Closed
-        || !matches!(
-            tokio::time::timeout(PING_TIMEOUT, ctx.sink.ping()).await,
-            Ok(Ok(()))
-        );
-    if !down {
+    let open = ctx.breaker.state() != crate::metrics::BreakerState::Closed;
+    let down = open
+        || failed_again_together
+        || tokio::select! {
+            biased;
+            () = shutdown.cancelled() => false,
+            answered = tokio::time::timeout(PING_TIMEOUT, ctx.sink.ping()) => {
+                !matches!(answered, Ok(Ok(())))
+            }
+        };
+    if !down || shutdown.is_cancelled() {
         return;
     }
-    ctx.breaker.trip();
+    if !open {
+        // Our own evidence, not the breaker's: open it now rather than after
+        // `failure_threshold` batches (one replica's count; the others have their own).
+        ctx.breaker.trip();
+    }
     let _held = ctx.metrics.batch_held();
     warn!(
         deliveries,

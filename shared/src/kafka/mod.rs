@@ -99,8 +99,8 @@ impl FromStr for Compression {
 pub struct KafkaClientConfig {
     /// `bootstrap.servers`: comma-separated `host:port` list.
     pub bootstrap_servers: String,
-    /// Extra librdkafka properties (`security.protocol`, `client.id`, …), applied last so they
-    /// override Spillway's defaults.
+    /// Extra librdkafka properties (`security.protocol`, `client.id`, …), applied last; the
+    /// properties Spillway sets itself are refused when parsed ([`parse_property`]).
     pub extra: BTreeMap<String, String>,
 }
 
@@ -172,10 +172,9 @@ pub async fn check_topics_exist(
     topics: &[(&str, &str)],
     timeout: std::time::Duration,
 ) -> Result<bool, String> {
-    let config = client.client_config(&[
-        ("group.id", "spillway-topic-check".into()),
-        ("allow.auto.create.topics", "false".into()),
-    ]);
+    let mut config = client.client_config(&[("group.id", "spillway-topic-check".into())]);
+    // Set after the operator's extras: the check must never create what it looks for.
+    config.set("allow.auto.create.topics", "false");
     let topics: Vec<(String, String)> = topics
         .iter()
         .map(|(t, flag)| ((*t).to_owned(), (*flag).to_owned()))

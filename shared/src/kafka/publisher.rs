@@ -58,8 +58,8 @@ impl ProducerConfig {
     }
 
     /// The librdkafka producer configuration, with `acks=all` and `enable.idempotence=true`
-    /// (what a 2xx relies on). The extras are applied last, so an operator can still override
-    /// them; doing so weakens that promise.
+    /// (what a 2xx relies on). The extras are applied last; `--kafka-config` refuses the
+    /// properties set here ([`super::parse_property`]).
     pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
         self.client.client_config(&[
             ("acks", "all".into()),
