@@ -180,15 +180,21 @@ async fn a_filtered_replay_moves_the_matching_letters_once_and_a_rerun_resends_n
     );
 }
 
-/// The replay producer ignored the producer flags (it ran on the defaults): with the main
-/// topic refusing every produce, a replay waited the default 10 s delivery timeout whatever
-/// `--kafka-delivery-timeout-ms` said. It now produces with the operator's flags, as ingest
-/// does, and a refused send leaves its letter in the DLQ.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_produces_with_the_delivery_timeout_it_was_given() {
+/// A mock cluster whose DLQ topic holds 20 letters, after which its next `n` requests of
+/// kind `api` fail with `error`; and a DLQ port on it replaying in `group`.
+async fn twenty_letters_then_failing(
+    group: &str,
+    api: rdkafka::types::RDKafkaApiKey,
+    error: rdkafka::types::RDKafkaRespErr,
+    n: usize,
+) -> (shared::kafka::mock::MockKafka, KafkaDlq) {
     let mock = mock_cluster(1).unwrap();
-    let bootstrap = mock.bootstrap_servers().to_owned();
-    let port = KafkaDlq::new(KafkaClientConfig::new(&bootstrap), "replay", None).unwrap();
+    let port = KafkaDlq::new(
+        KafkaClientConfig::new(mock.bootstrap_servers()),
+        group,
+        None,
+    )
+    .unwrap();
     let letters = dead_letters(20, 2, None);
     assert!(port
         .publish(DLQ_TOPIC, &letters)
@@ -196,12 +202,25 @@ async fn a_replay_produces_with_the_delivery_timeout_it_was_given() {
         .unwrap()
         .failed
         .is_empty());
-    // Every produce from now on is refused with a retriable error.
-    mock.fail_requests(
+    mock.fail_requests(api, vec![error; n]).unwrap();
+    (mock, port)
+}
+
+/// The replay producer ignored the producer flags (it ran on the defaults): with the main
+/// topic refusing every produce, a replay waited the default 10 s delivery timeout whatever
+/// `--kafka-delivery-timeout-ms` said. It now produces with the operator's flags, as ingest
+/// does, and a refused send leaves its letter in the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_produces_with_the_delivery_timeout_it_was_given() {
+    // Every produce after the 20 letters is refused with a retriable error.
+    let (mock, port) = twenty_letters_then_failing(
+        "replay",
         rdkafka::types::RDKafkaApiKey::Produce,
-        vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20_000],
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        20_000,
     )
-    .unwrap();
+    .await;
+    let bootstrap = mock.bootstrap_servers().to_owned();
 
     let started = Instant::now();
     let mut args = vec![
@@ -241,21 +260,13 @@ async fn a_replay_produces_with_the_delivery_timeout_it_was_given() {
 /// again the letters are there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dlq_topic_that_stops_sending_fails_the_lease_instead_of_ending_the_run() {
-    let mock = mock_cluster(1).unwrap();
-    let bootstrap = mock.bootstrap_servers().to_owned();
-    let port = KafkaDlq::new(KafkaClientConfig::new(&bootstrap), "stall", None).unwrap();
-    let letters = dead_letters(20, 2, None);
-    assert!(port
-        .publish(DLQ_TOPIC, &letters)
-        .await
-        .unwrap()
-        .failed
-        .is_empty());
-    mock.fail_requests(
+    let (_mock, port) = twenty_letters_then_failing(
+        "stall",
         rdkafka::types::RDKafkaApiKey::Fetch,
-        vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 30],
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        30,
     )
-    .unwrap();
+    .await;
     let err = port
         .lease(DLQ_TOPIC, 10, Duration::from_secs(60))
         .await

@@ -126,54 +126,33 @@ async fn a_write_that_panics_is_retried_and_its_neighbours_are_written_alone_on_
     assert!(last.is_some_and(|t| t > 1.7e9), "{last:?}");
 }
 
-/// A source whose first ack panics (a bug outside the write: settling), around a real one.
+/// A source around a real one whose first ack goes wrong: it panics (a bug outside the
+/// write: settling) or fails (the broker timed out).
 #[derive(Debug)]
-struct AckPanicsOnce {
+struct FirstAckGoesWrong {
     inner: Arc<MemorySource>,
-    panicked: AtomicBool,
+    panics: bool,
+    done: AtomicBool,
+}
+
+impl FirstAckGoesWrong {
+    fn around(inner: &Arc<MemorySource>, panics: bool) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::clone(inner),
+            panics,
+            done: AtomicBool::new(false),
+        })
+    }
 }
 
 #[async_trait]
-impl Source for AckPanicsOnce {
+impl Source for FirstAckGoesWrong {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError> {
         self.inner.receive(max, wait).await
     }
     async fn ack(&self, ids: &[DeliveryId]) -> Result<(), SourceError> {
-        assert!(
-            self.panicked.swap(true, Ordering::SeqCst),
-            "the first ack panics"
-        );
-        self.inner.ack(ids).await
-    }
-    async fn retry_later(&self, items: &[(DeliveryId, Duration)]) -> Result<(), SourceError> {
-        self.inner.retry_later(items).await
-    }
-    async fn extend(&self, ids: &[DeliveryId], by: Duration) -> Result<(), SourceError> {
-        self.inner.extend(ids, by).await
-    }
-    async fn dead_letter(
-        &self,
-        id: &DeliveryId,
-        letters: &[DeadLetter],
-    ) -> Result<(), SourceError> {
-        self.inner.dead_letter(id, letters).await
-    }
-}
-
-/// A source whose first ack fails (the broker timed out), around a real one.
-#[derive(Debug)]
-struct FirstAckFails {
-    inner: Arc<MemorySource>,
-    failed: AtomicBool,
-}
-
-#[async_trait]
-impl Source for FirstAckFails {
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, SourceError> {
-        self.inner.receive(max, wait).await
-    }
-    async fn ack(&self, ids: &[DeliveryId]) -> Result<(), SourceError> {
-        if !self.failed.swap(true, Ordering::SeqCst) {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            assert!(!self.panics, "the first ack panics");
             return Err(SourceError::Unavailable {
                 queue: "memory".into(),
                 message: "timed out".into(),
@@ -225,10 +204,7 @@ async fn the_settled_batch_log_counts_only_acks_the_broker_took() {
     );
     let src = source(Some(5));
     fill(&src, 1_200, 3, 2);
-    let failing = Arc::new(FirstAckFails {
-        inner: Arc::clone(&src),
-        failed: AtomicBool::new(false),
-    });
+    let failing = FirstAckGoesWrong::around(&src, false);
     let sink = TestSink::new();
     let config = PollerConfig {
         loops: 1,
@@ -261,10 +237,7 @@ async fn the_settled_batch_log_counts_only_acks_the_broker_took() {
 async fn a_receive_loop_that_dies_outside_a_write_is_started_again() {
     let src = source(Some(5));
     fill(&src, 700, 6, 5);
-    let flaky = Arc::new(AckPanicsOnce {
-        inner: Arc::clone(&src),
-        panicked: AtomicBool::new(false),
-    });
+    let flaky = FirstAckGoesWrong::around(&src, true);
     let sink = TestSink::new();
     let config = PollerConfig {
         loops: 1,
@@ -278,7 +251,7 @@ async fn a_receive_loop_that_dies_outside_a_write_is_started_again() {
     token.cancel();
     handle.await.unwrap();
 
-    assert!(flaky.panicked.load(Ordering::SeqCst));
+    assert!(flaky.done.load(Ordering::SeqCst));
     assert_eq!(sink.stored(), 30);
     let m = metrics.snapshot();
     assert!(
