@@ -190,6 +190,14 @@ impl ApiKeys {
         Ok(())
     }
 
+    /// For each key, the index of the same key (same hash) in `old`, if it was there.
+    pub fn indexes_in(&self, old: &ApiKeys) -> Vec<Option<usize>> {
+        self.keys
+            .iter()
+            .map(|k| old.keys.iter().position(|o| o.sha256 == k.sha256))
+            .collect()
+    }
+
     /// How many keys are configured.
     pub fn len(&self) -> usize {
         self.keys.len()

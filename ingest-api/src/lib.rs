@@ -121,15 +121,23 @@ pub struct AppState(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     publisher: Arc<dyn Publisher>,
-    keys: ApiKeys,
+    /// The keys and their rate-limit buckets, replaced whole when the keys are reloaded; a
+    /// request keeps the set it started with.
+    keys: std::sync::RwLock<Arc<KeySet>>,
     config: IngestConfig,
     packer: Packer,
-    limiter: RateLimiter,
     clock: Arc<dyn Clock>,
     metrics: Arc<IngestMetrics>,
     inflight: Arc<InflightBudget>,
     /// The last readiness check: when, and whether the publisher was ready.
     readiness: tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>,
+}
+
+/// API keys with one rate-limit bucket each (same indexes).
+#[derive(Debug)]
+struct KeySet {
+    keys: ApiKeys,
+    limiter: RateLimiter,
 }
 
 /// How long a readiness answer is reused: `/readyz` is unauthenticated, and each check is a
@@ -158,14 +166,40 @@ impl AppState {
         Self(Arc::new(Inner {
             publisher,
             packer: Packer::new(config.envelope),
-            limiter,
-            keys,
+            keys: std::sync::RwLock::new(Arc::new(KeySet { keys, limiter })),
             metrics: Arc::new(IngestMetrics::new(Arc::clone(&inflight))),
             inflight,
             config,
             clock,
             readiness: tokio::sync::Mutex::new(None),
         }))
+    }
+
+    /// Replaces the API keys (a reload): requests from now on are checked against `keys`.
+    /// A key kept keeps its rate-limit bucket; requests already past authentication finish
+    /// with the key they were let in with. Returns how many keys were added and removed.
+    pub fn replace_keys(&self, keys: ApiKeys) -> (usize, usize) {
+        let mut slot = self
+            .0
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old_index = keys.indexes_in(&slot.keys);
+        let kept = old_index.iter().flatten().count();
+        let (added, removed) = (keys.len() - kept, slot.keys.len() - kept);
+        let limiter = slot.limiter.for_keys(&old_index);
+        *slot = Arc::new(KeySet { keys, limiter });
+        (added, removed)
+    }
+
+    fn key_set(&self) -> Arc<KeySet> {
+        Arc::clone(
+            &self
+                .0
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// The publisher requests are published with.
@@ -350,13 +384,13 @@ async fn ingest_request(
     body: Body,
 ) -> Result<Response, ApiError> {
     let inner = &*state.0;
-    let (key_index, key) = inner
+    let keys = state.key_set();
+    let (key_index, key) = keys
         .keys
         .authenticate(headers)
         .ok_or_else(|| ApiError::Unauthorized(auth::why_unauthorized(headers)))?;
     // Refuse an exhausted key before reading its body; the real charge comes after parsing.
-    inner
-        .limiter
+    keys.limiter
         .check(key_index)
         .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     let format = BodyFormat::from_content_type(single_header(headers, header::CONTENT_TYPE)?)?;
@@ -412,7 +446,7 @@ async fn ingest_request(
     // before the take, they left a request with more items than the burst, one of them
     // invalid, refused (429) on every retry, the bucket never holding what it asks.
     if prepared.accepted == 0 {
-        inner.limiter.charge(key_index, report.rejected.len());
+        keys.limiter.charge(key_index, report.rejected.len());
         inner.metrics.count_events(0, report.rejected.len());
         let status = if prepared.all_forbidden {
             StatusCode::FORBIDDEN
@@ -422,12 +456,11 @@ async fn ingest_request(
         info!(tenant = %key.tenant, rejected = report.rejected.len(), status = status.as_u16(), "Nothing accepted");
         return Ok((status, Json(report)).into_response());
     }
-    inner
-        .limiter
+    keys.limiter
         .try_take_with_rejected(key_index, prepared.accepted, report.rejected.len())
         .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
     let published = publish_within_timeout(inner, &prepared.envelopes).await;
-    inner.limiter.charge(key_index, report.rejected.len());
+    keys.limiter.charge(key_index, report.rejected.len());
     published?;
     inner
         .metrics

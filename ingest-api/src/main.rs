@@ -3,6 +3,7 @@
 //! v1) or a Function URL through `lambda_http`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -40,6 +41,44 @@ struct Cli {
     /// Format (README "Metrics"); off when unset or empty. A function cannot be scraped.
     #[arg(long, env = "SPILLWAY_EMF_NAMESPACE")]
     emf_namespace: Option<String>,
+    /// How often the API keys are read again, in seconds, while SPILLWAY_API_KEYS_FILE is set:
+    /// a key added to or revoked from the file takes effect without a restart (a file that
+    /// does not parse keeps the keys in use, and says so). 0 reads them at start only.
+    #[arg(long, env = "SPILLWAY_API_KEYS_RELOAD_SECS", default_value_t = 10)]
+    api_keys_reload_secs: u64,
+}
+
+/// Reads the API keys again every `every` while the process runs, and swaps them in when the
+/// file's content changed. A Kubernetes Secret mounted as a file is updated in place; before,
+/// a revoked key was accepted until every pod had been restarted.
+async fn reload_keys(state: AppState, settings: IngestSettings, every: Duration) {
+    let Some(path) = settings.api_keys_file.clone() else {
+        return;
+    };
+    let mut last = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = std::fs::read(&path).ok();
+        if now == last {
+            continue;
+        }
+        last = now;
+        match settings.load_keys() {
+            Ok(keys) => {
+                let count = keys.len();
+                let (added, removed) = state.replace_keys(keys);
+                tracing::info!(keys = count, added, removed, file = %path.display(), "API keys reloaded");
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                file = %path.display(),
+                "API keys file changed but cannot be used; the keys in use stay until it is fixed"
+            ),
+        }
+    }
 }
 
 /// With it set, API Gateway REST (v1) paths lose their stage prefix (`/prod/v1/events` →
@@ -124,6 +163,13 @@ async fn server_main() -> anyhow::Result<()> {
     let state = state(&cli).await?;
     if let Some(addr) = cli.metrics.metrics_listen {
         shared::metrics::spawn(addr, vec![state.metrics()]).await?;
+    }
+    if cli.api_keys_reload_secs > 0 {
+        tokio::spawn(reload_keys(
+            state.clone(),
+            cli.ingest.clone(),
+            Duration::from_secs(cli.api_keys_reload_secs),
+        ));
     }
     let broken = tokio::spawn(stop_when_broken(stop.clone(), {
         let publisher = Arc::clone(state.publisher());

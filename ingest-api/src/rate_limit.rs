@@ -35,6 +35,31 @@ impl RateLimiter {
         }
     }
 
+    /// A limiter with this one's rate and burst for a new list of keys: key `i` of the new
+    /// list keeps the bucket of key `old_index[i]` of this one (a key kept across a reload
+    /// keeps its debt), a new key starts full.
+    pub fn for_keys(&self, old_index: &[Option<usize>]) -> Self {
+        let old = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let buckets = old_index
+            .iter()
+            .map(|i| {
+                i.and_then(|i| old.get(i).copied()).unwrap_or(Bucket {
+                    tokens: self.burst,
+                    updated: now,
+                })
+            })
+            .collect();
+        Self {
+            events_per_sec: self.events_per_sec,
+            burst: self.burst,
+            buckets: Mutex::new(buckets),
+        }
+    }
+
     /// Charges `n` events to key `key`'s bucket, or nothing and returns how long until the
     /// request would pass.
     ///

@@ -516,3 +516,78 @@ fn dlq_filters_and_rates_that_cannot_work_are_refused_before_anything_is_opened(
         assert!(!stderr.contains("no embedded broker"), "{args:?}: {stderr}");
     }
 }
+
+/// Keys were read at start only: a key revoked from the keys file (a Kubernetes Secret
+/// updated in place) was accepted until every pod had been restarted. `spillway-ingest`
+/// reads the file again (`--api-keys-reload-secs`): a revoked key gets 401, a new one 202,
+/// and a file that does not parse keeps the keys in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_from_the_keys_file_is_refused_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    tests::pipeline::declare_topology(dir.path(), Duration::from_secs(10), 5)
+        .await
+        .unwrap();
+    let file = dir.path().join("keys.json");
+    let record = |key: &str| {
+        format!(
+            r#"[{{"sha256":"{}","tenant":"rotated","advertisers":"*"}}]"#,
+            ingest_api::auth::hash_key(key)
+        )
+    };
+    std::fs::write(&file, record("key-a")).unwrap();
+    let (ingest, addr) = tests::pipeline::start_ingest_on(
+        dir.path(),
+        &[
+            "--broker",
+            "embedded",
+            "--topic",
+            tests::pipeline::TOPIC,
+            "--api-keys-file",
+            file.to_str().unwrap(),
+            "--api-keys-reload-secs",
+            "1",
+        ],
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let post = |key: &'static str| {
+        let client = client.clone();
+        let event = shared::synthetic::SyntheticEvents::new(7, 3).event();
+        async move {
+            client
+                .post(format!("http://{addr}/v1/events"))
+                .bearer_auth(key)
+                .json(&event)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let until = |key: &'static str, status: u16| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = post(key).await;
+            if got == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: still {got}, not {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert_eq!(post("key-a").await, 202);
+    assert_eq!(post("key-b").await, 401);
+    std::fs::write(&file, record("key-b")).unwrap();
+    until("key-a", 401).await;
+    assert_eq!(post("key-b").await, 202);
+    // Half-written or broken: the keys in use stay.
+    std::fs::write(&file, "[{\"sha256\":").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(post("key-b").await, 202);
+    assert_eq!(post("key-a").await, 401);
+    ingest.terminate(Duration::from_secs(30)).unwrap();
+}
