@@ -433,6 +433,40 @@ async fn an_exhausted_key_is_429_with_retry_after() {
     assert_eq!(h.publisher.event_count(), 2);
 }
 
+/// Keys reloaded (the keys file changed): a revoked key gets 401, a new one 202, and a key
+/// kept across the reload keeps its bucket (a reload must not refill an exhausted key).
+#[tokio::test]
+async fn replaced_keys_take_effect_and_a_kept_key_keeps_its_bucket() {
+    let h = harness_with(IngestConfig {
+        rate_limit_eps: 2,
+        rate_limit_burst: 2,
+        ..Default::default()
+    });
+    assert_eq!(
+        send_json(&h, &json!([event(1), event(2)])).await.0,
+        StatusCode::ACCEPTED
+    );
+    let (added, removed) = h.state.replace_keys(ApiKeys::new(vec![
+        ApiKey::from_plain("key-new", "fresh", AdvertiserScope::Any),
+        ApiKey::from_plain("key-all", "acme", AdvertiserScope::Any),
+    ]));
+    assert_eq!((added, removed), (1, 1));
+    let one = |key: &'static str, n: u32| {
+        post(Some(key))
+            .body(Body::from(event(n).to_string()))
+            .unwrap()
+    };
+    assert_eq!(
+        send(&h, one("key-all", 3)).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(send(&h, one("key-new", 4)).await.0, StatusCode::ACCEPTED);
+    assert_eq!(
+        send(&h, one("key-adv-1", 5)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
 /// Invalid events cost tokens too: a key flooding events that are all rejected is turned
 /// away like one flooding valid events (it used to be answered 400 without limit).
 #[tokio::test]
