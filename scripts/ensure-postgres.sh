@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure PostgreSQL answers on 127.0.0.1:5432 with trust auth for user postgres, as the
-# PostgreSQL tests expect. Idempotent: installs it (Debian packages) only when missing,
+# PostgreSQL tests expect, and that pgbouncer is installed (the tests start their own).
+# Idempotent: installs them (Debian packages) only when missing,
 # starts the cluster only when it is down, edits pg_hba.conf only when trust is not there.
 # Prints what it did.
 set -euo pipefail
@@ -15,6 +16,13 @@ if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(ls /etc/postgresql 2>/d
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql >/dev/null
   say "installed $(ls /etc/postgresql | sort -V | tail -n1)"
+fi
+
+# The tests that put PgBouncer between the sink and the server start one of their own.
+if ! [ -x /usr/sbin/pgbouncer ] && ! command -v pgbouncer >/dev/null 2>&1; then
+  say "PgBouncer is not installed; installing the pgbouncer package"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq pgbouncer >/dev/null
 fi
 
 VERSION=$(ls /etc/postgresql | sort -V | tail -n1)

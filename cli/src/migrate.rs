@@ -22,6 +22,11 @@ pub(crate) struct MigrateArgs {
     /// the global bundle), as the workers take it; with sslmode=require in the URL.
     #[arg(long, env = "SPILLWAY_PG_CA_FILE")]
     pub pg_ca_file: Option<PathBuf>,
+
+    /// DATABASE_URL leads to a pooler in transaction mode (PgBouncer pool_mode=transaction),
+    /// as the workers take it: no session setting is left on the pooler's server connections.
+    #[arg(long, env = "SPILLWAY_PG_TRANSACTION_POOLING")]
+    pub pg_transaction_pooling: bool,
 }
 
 /// Applies pending migrations and says which.
@@ -29,6 +34,7 @@ pub(crate) struct MigrateArgs {
 pub(crate) async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let sink = PostgresSink::new(&shared::PostgresConfig {
         ca_file: args.pg_ca_file,
+        transaction_pooling: args.pg_transaction_pooling,
         ..shared::PostgresConfig::new(args.database_url)
     })
     .context("PostgreSQL settings")?;

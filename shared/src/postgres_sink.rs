@@ -21,6 +21,15 @@
 //! that stores it. The first path is what makes the sink fast: a plain COPY into the keyed
 //! table costs well under `ON CONFLICT`'s speculative insertion (docs/POSTGRES.md).
 //!
+//! **Behind a pooler in transaction mode** (PgBouncer `pool_mode = transaction`, and the
+//! poolers built into managed services), one client connection's transactions may each run
+//! on a different server connection, so nothing may outlive a transaction there: with
+//! [`PostgresConfig::transaction_pooling`] every batch takes the redelivery path's statement,
+//! sent unnamed (no prepared statement kept), in a transaction that sets its own
+//! `statement_timeout` (`SET LOCAL`). Otherwise the timeout is set once per connection
+//! (`SET`) right after it opens. It is never sent as the `options` startup parameter, which
+//! PgBouncer refuses in every pool mode (`unsupported startup parameter: options`).
+//!
 //! The schema lives in versioned files under `shared/migrations/` (`V{n}__{name}.sql`),
 //! embedded at build time and applied by [`migrate`].
 
@@ -34,7 +43,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    Timeouts,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -81,6 +91,12 @@ pub struct PostgresConfig {
     /// global bundle), trusted beside the compiled-in public roots. Only with
     /// `sslmode=require`. Default none.
     pub ca_file: Option<std::path::PathBuf>,
+    /// The URL leads to a pooler in transaction mode (PgBouncer `pool_mode = transaction`),
+    /// where a connection's consecutive transactions may run on different server
+    /// connections: no statement is kept prepared between transactions, the statement
+    /// timeout is set in each transaction, and every batch takes the `ON CONFLICT`
+    /// statement, never the COPY (module docs). Default false.
+    pub transaction_pooling: bool,
 }
 
 impl Default for PostgresConfig {
@@ -91,6 +107,7 @@ impl Default for PostgresConfig {
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             ca_file: None,
+            transaction_pooling: false,
         }
     }
 }
@@ -113,6 +130,7 @@ impl fmt::Debug for PostgresConfig {
             .field("statement_timeout", &self.statement_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("ca_file", &self.ca_file)
+            .field("transaction_pooling", &self.transaction_pooling)
             .finish()
     }
 }
@@ -348,8 +366,10 @@ fn tls_connector(
 /// [`PostgresError::MigrationChanged`] when an applied migration was edited since, and
 /// [`PostgresError::Database`] for any other database error.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, PostgresError> {
+    // Unnamed (`query_typed_one`): a statement prepared outside a transaction would be gone
+    // behind a pooler in transaction mode by the time it is executed.
     let encoding: String = client
-        .query_one("SELECT current_setting('server_encoding')", &[])
+        .query_typed_one("SELECT current_setting('server_encoding')", &[])
         .await?
         .try_get(0)?;
     if encoding != "UTF8" {
@@ -507,6 +527,24 @@ const COPY_TYPES: [Type; 14] = [
     Type::TEXT,
     Type::TEXT,
     Type::JSONB,
+];
+
+/// The parameter types of [`WRITE_SQL`]: arrays of [`COPY_TYPES`], in its order.
+const WRITE_TYPES: [Type; 14] = [
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::JSONB_ARRAY,
 ];
 
 /// The first-delivery path's rollups: deltas already summed per key by the worker, in key
@@ -726,6 +764,9 @@ pub struct PostgresSink {
     answer_bound: Option<Duration>,
     /// Which path batches take and took; shared by the clones of the sink.
     paths: Arc<Paths>,
+    /// Behind a pooler in transaction mode: the `SET LOCAL statement_timeout` each write's
+    /// transaction starts with ([`PostgresConfig::transaction_pooling`]).
+    pooled: Option<Arc<str>>,
 }
 
 /// How many of a sink's batches took each path (module docs), since it was created.
@@ -794,11 +835,6 @@ impl PostgresSink {
         if timeout_ms > u128::from(i32::MAX.unsigned_abs()) {
             return Err(PostgresError::StatementTimeoutTooLong { ms: timeout_ms });
         }
-        let options = match pg.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={timeout_ms}"),
-            _ => format!("-c statement_timeout={timeout_ms}"),
-        };
-        pg.options(options);
         pg.connect_timeout(config.connect_timeout);
         // An idle pooled connection whose server vanished (a failover, a dropped network
         // path) is found out in about a minute instead of the operating system's two hours;
@@ -822,7 +858,7 @@ impl PostgresSink {
             Some(tls) => Manager::from_config(pg, tls, manager_config()),
             None => Manager::from_config(pg, NoTls, manager_config()),
         };
-        let pool = Pool::builder(manager)
+        let mut pool = Pool::builder(manager)
             .max_size(config.max_connections.max(1))
             .timeouts(Timeouts {
                 // A write may hold its connection for the statement timeout: a batch waiting
@@ -839,16 +875,31 @@ impl PostgresSink {
                 create: Some(config.connect_timeout),
                 recycle: Some(config.connect_timeout),
             })
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| PostgresError::Pool {
-                message: e.to_string(),
-            })?;
+            .runtime(Runtime::Tokio1);
+        // Set over the session it opens, not sent as the `options` startup parameter (module
+        // docs); behind a pooler in transaction mode a session setting would stay on
+        // whichever server connection ran it, so each write sets it in its transaction.
+        let pooled = config
+            .transaction_pooling
+            .then(|| Arc::from(format!("SET LOCAL statement_timeout = {timeout_ms}")));
+        if pooled.is_none() {
+            let set: Arc<str> = Arc::from(format!("SET statement_timeout = {timeout_ms}"));
+            pool = pool.post_create(Hook::async_fn(move |client, _| {
+                let set = Arc::clone(&set);
+                Box::pin(
+                    async move { client.batch_execute(&set).await.map_err(HookError::Backend) },
+                )
+            }));
+        }
+        let pool = pool.build().map_err(|e| PostgresError::Pool {
+            message: e.to_string(),
+        })?;
         Ok(Self {
             pool,
             target: redact_password(&config.url),
             answer_bound: answer_bound(config.statement_timeout),
             paths: Arc::default(),
+            pooled,
         })
     }
 
@@ -881,8 +932,10 @@ impl PostgresSink {
     /// [`SinkError`] classified as for writes.
     pub async fn events_stored(&self) -> Result<u64, SinkError> {
         let client = self.client().await?;
+        // Unnamed statements (`query_typed`) here and below: a prepared one would be gone
+        // behind a pooler in transaction mode by the time it is executed.
         let row = client
-            .query_one("SELECT count(*) FROM ad_events", &[])
+            .query_typed_one("SELECT count(*) FROM ad_events", &[])
             .await
             .map_err(|e| classify(&e))?;
         let n: i64 = row.try_get(0).map_err(|e| classify(&e))?;
@@ -896,7 +949,7 @@ impl PostgresSink {
     pub async fn rollup_rows(&self) -> Result<Vec<RollupRow>, SinkError> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_typed(
                 "SELECT minute, advertiser_id, campaign_id, ad_id, type, currency, events,
                         cost_micros, revenue_micros
                  FROM ad_metrics_minute ORDER BY 1, 2, 3, 4, 5, 6",
@@ -934,6 +987,13 @@ impl PostgresSink {
         unique: &[&AdEvent],
     ) -> Result<usize, (SinkError, bool)> {
         let paths = &self.paths;
+        if let Some(set_timeout) = &self.pooled {
+            let inserted = pooled_upsert(client, unique, set_timeout)
+                .await
+                .map_err(|e| (e, false))?;
+            Paths::count(&paths.upserted);
+            return Ok(inserted);
+        }
         if !paths.in_redelivery_run() {
             match copy_batch(client, unique).await {
                 Ok(copied) => {
@@ -1155,6 +1215,30 @@ async fn upsert_batch(client: &Object, events: &[&AdEvent]) -> Result<usize, Sin
     Ok(usize::try_from(inserted).unwrap_or_default())
 }
 
+/// The write behind a pooler in transaction mode (module docs): the redelivery path's
+/// statement, unnamed, in a transaction that first sets its statement timeout
+/// (`set_timeout`). Returns how many events it stored.
+async fn pooled_upsert(
+    client: &mut Object,
+    events: &[&AdEvent],
+    set_timeout: &str,
+) -> Result<usize, SinkError> {
+    let columns = Columns::new(events)?;
+    let params: Vec<(&(dyn ToSql + Sync), Type)> =
+        columns.params().into_iter().zip(WRITE_TYPES).collect();
+    let tx = client.transaction().await.map_err(|e| classify(&e))?;
+    tx.batch_execute(set_timeout)
+        .await
+        .map_err(|e| classify(&e))?;
+    let row = tx
+        .query_typed_one(WRITE_SQL, &params)
+        .await
+        .map_err(|e| classify(&e))?;
+    let inserted: i64 = row.try_get(0).map_err(|e| classify(&e))?;
+    tx.commit().await.map_err(|e| classify(&e))?;
+    Ok(usize::try_from(inserted).unwrap_or_default())
+}
+
 /// Whether a SQLSTATE says the data itself was refused, so that retrying the same batch
 /// cannot help: classes 22 (data exception) and 23 (integrity constraint violation).
 ///
@@ -1199,10 +1283,16 @@ fn classify_pool(err: &PoolError) -> SinkError {
 /// A pool error as [`describe`] words the database's: its `Display` says only "db error".
 fn describe_pool(err: &PoolError) -> String {
     match err {
-        PoolError::Backend(e) => describe(e),
+        PoolError::Backend(e) | PoolError::PostCreateHook(HookError::Backend(e)) => describe(e),
         other => other.to_string(),
     }
 }
+
+/// Added to the errors of prepared statements gone or clashing, which is what a pooler in
+/// transaction mode does to a sink that keeps them between transactions.
+const POOLER_HINT: &str = ". Prepared statements do not last between transactions: if \
+     DATABASE_URL leads to a pooler in transaction mode (PgBouncer pool_mode = transaction), \
+     set --pg-transaction-pooling (SPILLWAY_PG_TRANSACTION_POOLING=true)";
 
 /// A one-line account of a database error: SQLSTATE, message and detail for server errors,
 /// the cause chain for client-side ones.
@@ -1213,6 +1303,14 @@ fn describe(err: &tokio_postgres::Error) -> String {
             s.push_str(" (");
             s.push_str(detail);
             s.push(')');
+        }
+        if [
+            SqlState::INVALID_SQL_STATEMENT_NAME,
+            SqlState::DUPLICATE_PSTATEMENT,
+        ]
+        .contains(db.code())
+        {
+            s.push_str(POOLER_HINT);
         }
         return s;
     }

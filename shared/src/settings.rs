@@ -666,6 +666,12 @@ pub struct SinkSettings {
     #[arg(long, env = "SPILLWAY_PG_CA_FILE")]
     pub pg_ca_file: Option<PathBuf>,
 
+    /// PostgreSQL: DATABASE_URL leads to a pooler in transaction mode (PgBouncer
+    /// pool_mode=transaction): keep no prepared statement between transactions, set the
+    /// statement timeout in each one, write every batch with the ON CONFLICT statement.
+    #[arg(long, env = "SPILLWAY_PG_TRANSACTION_POOLING")]
+    pub pg_transaction_pooling: bool,
+
     /// PostgreSQL: apply pending migrations at start (what `spillway migrate` does).
     #[arg(long, env = "SPILLWAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -740,6 +746,7 @@ impl SinkSettings {
             max_connections: self.pg_max_connections.max(1),
             statement_timeout: Duration::from_secs(self.pg_statement_timeout_secs),
             ca_file: self.pg_ca_file.clone(),
+            transaction_pooling: self.pg_transaction_pooling,
             ..PostgresConfig::new(
                 self.database_url
                     .clone()

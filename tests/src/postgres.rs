@@ -379,6 +379,134 @@ impl Drop for PrivatePostgres {
     }
 }
 
+/// A PgBouncer of its own in front of the shared server (any database name is passed
+/// through), on a free port of 127.0.0.1, trust authentication, in `pool_mode` (`session` or
+/// `transaction`) with at most `pool_size` server connections per database. Its admin
+/// console (database `pgbouncer`) is open to user `postgres`. Dropping it kills it.
+///
+/// PgBouncer refuses to run as root, so when the tests run as root it drops to the OS user
+/// `postgres` (`-u postgres`).
+#[derive(Debug)]
+pub struct PgBouncer {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl PgBouncer {
+    /// Starts one, or returns `None` (skip) when `pgbouncer` is not installed outside CI.
+    ///
+    /// # Panics
+    /// Under `CI=true` when it is missing, or when it does not start.
+    pub fn start(pool_mode: &str, pool_size: u32) -> Option<Self> {
+        let Some(bin) = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+        else {
+            skip_or_fail("pgbouncer not found");
+            return None;
+        };
+        match Self::spawn(&bin, pool_mode, pool_size) {
+            Ok(b) => Some(b),
+            Err(e) => panic!("cannot start PgBouncer: {e:#}"),
+        }
+    }
+
+    fn spawn(bin: &Path, pool_mode: &str, pool_size: u32) -> anyhow::Result<Self> {
+        let upstream: tokio_postgres::Config = server_url().parse()?;
+        let tokio_postgres::config::Host::Tcp(host) = &upstream.get_hosts()[0] else {
+            bail!("the test server is not on TCP: {}", server_url());
+        };
+        let upstream_port = upstream.get_ports().first().copied().unwrap_or(5432);
+        let dir = tempfile::Builder::new()
+            .prefix("spillway-pgbouncer-")
+            .tempdir()?;
+        let port = free_port()?;
+        let d = dir.path().display();
+        std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"\"\n")?;
+        let ini = dir.path().join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n* = host={host} port={upstream_port}\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = trust\nauth_file = {d}/users.txt\n\
+                 admin_users = postgres\npool_mode = {pool_mode}\n\
+                 default_pool_size = {pool_size}\nmax_client_conn = 200\n\
+                 logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n"
+            ),
+        )?;
+        let mut cmd = Command::new(bin);
+        if is_root()? {
+            run(Command::new("chmod").arg("755").arg(dir.path()))?;
+            run(Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir.path()))?;
+            cmd.args(["-u", "postgres"]);
+        }
+        let child = cmd
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running pgbouncer")?;
+        let mut bouncer = Self { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = bouncer.child.try_wait()? {
+                bail!("pgbouncer exited ({status}); log:\n{}", bouncer.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "pgbouncer did not listen within 30 s; log:\n{}",
+                    bouncer.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Readiness above is the port; the child is reaped in Drop.
+        bouncer.child.try_wait()?;
+        Ok(bouncer)
+    }
+
+    /// The URL of database `name` through it.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Runs `command` on its admin console (`RECONNECT`, `SHOW SERVERS`, …) and returns the
+    /// rows' first column.
+    ///
+    /// # Errors
+    /// When it cannot be reached or refuses the command.
+    pub async fn admin(&self, command: &str) -> anyhow::Result<Vec<String>> {
+        let client = connect(&self.url("pgbouncer")).await?;
+        Ok(client
+            .simple_query(command)
+            .await?
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The bin directory of the newest PostgreSQL under `/usr/lib/postgresql` (Debian's layout),
 /// or of `pg_config --bindir`.
 fn bin_dir() -> Option<PathBuf> {

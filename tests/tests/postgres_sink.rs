@@ -1003,3 +1003,158 @@ async fn a_write_waiting_for_a_pooled_connection_waits_out_a_slow_write() {
     assert_eq!(slow.await.unwrap().unwrap().inserted, 10);
     assert_eq!(waiting.await.unwrap().unwrap().inserted, 10);
 }
+
+/// A PgBouncer of the test's own in front of the shared server, or return (skip) outside CI
+/// when `pgbouncer` is missing.
+macro_rules! bouncer {
+    ($mode:expr, $pool_size:expr) => {
+        match tests::postgres::PgBouncer::start($mode, $pool_size) {
+            Some(b) => b,
+            None => return,
+        }
+    };
+}
+
+/// `SHOW statement_timeout` on every server connection of a pool of `pool_size` behind
+/// `url`: each reader holds a transaction open, so each gets a server connection of its own.
+async fn statement_timeouts_behind(url: &str, pool_size: usize) -> Vec<String> {
+    let mut readers = Vec::new();
+    let mut shown = Vec::new();
+    for _ in 0..pool_size {
+        let client = connect(url).await.unwrap();
+        client.batch_execute("BEGIN").await.unwrap();
+        let rows = client.simple_query("SHOW statement_timeout").await.unwrap();
+        shown.extend(rows.into_iter().filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        }));
+        readers.push(client);
+    }
+    shown
+}
+
+/// Behind PgBouncer in transaction mode six sink connections share two server connections,
+/// each transaction on whichever is free. With `transaction_pooling` every batch (first
+/// deliveries and redeliveries, all at once) is stored once and rolled up once, and no
+/// session setting is left behind on the pooler's server connections (the statement timeout
+/// is set per transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_in_transaction_mode_each_event_is_stored_and_rolled_up_once() {
+    let db = test_db!();
+    db.sink().await; // migrate, straight to the server
+    let bouncer = bouncer!("transaction", 2);
+    let sink = Arc::new(
+        PostgresSink::new(&PostgresConfig {
+            max_connections: 6,
+            transaction_pooling: true,
+            ..PostgresConfig::new(bouncer.url(&db.name))
+        })
+        .unwrap(),
+    );
+    let all = events(31, 3000);
+    let batches: Vec<Vec<AdEvent>> = all.chunks(100).map(<[AdEvent]>::to_vec).collect();
+    // Every batch, and every third one again (redeliveries), all at once.
+    let writes = batches
+        .iter()
+        .chain(batches.iter().step_by(3))
+        .cloned()
+        .map(|batch| {
+            let sink = Arc::clone(&sink);
+            tokio::spawn(async move { write_retrying(&sink, &batch).await })
+        });
+    let inserted: usize = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().inserted)
+        .sum();
+    assert_eq!(inserted, 3000);
+    assert_eq!(sink.events_stored().await.unwrap(), 3000);
+    assert_eq!(stored_rollups(&sink).await, expected_rollups(&all));
+    let paths = sink.write_paths();
+    assert_eq!((paths.copied, paths.upserted), (0, 40), "{paths:?}");
+    assert_eq!(
+        statement_timeouts_behind(&bouncer.url(&db.name), 2).await,
+        ["0", "0"],
+        "a session setting was left on the pooler's server connections"
+    );
+}
+
+/// PgBouncer refuses the `options` startup parameter in either pool mode, which is where the
+/// sink used to send its statement timeout: no connection could be opened through it. The
+/// timeout is now set over the session (session mode) or in each transaction (transaction
+/// mode), and a write stuck behind a lock is cancelled by it.
+#[tokio::test]
+async fn behind_pgbouncer_the_statement_timeout_holds_in_either_pool_mode() {
+    let db = test_db!();
+    db.sink().await; // migrate, straight to the server
+    for (seed, mode, transaction_pooling) in [(41, "session", false), (42, "transaction", true)] {
+        let bouncer = bouncer!(mode, 2);
+        let sink = PostgresSink::new(&PostgresConfig {
+            statement_timeout: Duration::from_millis(300),
+            transaction_pooling,
+            ..PostgresConfig::new(bouncer.url(&db.name))
+        })
+        .unwrap();
+        let batch = events(seed, 50);
+        let first = sink.write(&batch[..25]).await;
+        assert_eq!(first.unwrap().inserted, 25, "{mode}: {}", bouncer.log());
+        let mut locker = db.client().await;
+        let tx = locker.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE ad_events IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = sink.write(&batch[25..]).await.unwrap_err();
+        assert!(err.is_transient(), "{mode}: {err}");
+        assert!(err.to_string().contains("57014"), "{mode}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{mode}");
+        tx.rollback().await.unwrap();
+        assert_eq!(
+            sink.write(&batch[25..]).await.unwrap().inserted,
+            25,
+            "{mode}"
+        );
+    }
+    assert_eq!(db.sink().await.events_stored().await.unwrap(), 100);
+}
+
+/// When PgBouncer in transaction mode replaces its server connection (here by `RECONNECT`;
+/// in production on `server_lifetime`, a failover, or simply another connection being free),
+/// a statement the sink prepared on the old one is gone. Without `transaction_pooling` the
+/// next write fails on it (26000), and the error says which setting is missing; with it the
+/// write goes through.
+#[tokio::test]
+async fn behind_pgbouncer_in_transaction_mode_kept_prepared_statements_fail_naming_the_setting() {
+    let db = test_db!();
+    db.sink().await; // migrate, straight to the server
+    let bouncer = bouncer!("transaction", 1);
+    let config = |transaction_pooling| PostgresConfig {
+        max_connections: 1,
+        transaction_pooling,
+        ..PostgresConfig::new(bouncer.url(&db.name))
+    };
+    let prepared = PostgresSink::new(&config(false)).unwrap();
+    let pooled = PostgresSink::new(&config(true)).unwrap();
+    assert_eq!(prepared.write(&events(51, 20)).await.unwrap().inserted, 20);
+    assert_eq!(pooled.write(&events(52, 20)).await.unwrap().inserted, 20);
+
+    bouncer.admin("RECONNECT").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !bouncer.admin("SHOW SERVERS").await.unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PgBouncer kept its server connection after RECONNECT"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let err = prepared.write(&events(53, 20)).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let said = err.to_string();
+    assert!(
+        said.contains("26000") && said.contains("--pg-transaction-pooling"),
+        "{said}"
+    );
+    assert_eq!(pooled.write(&events(54, 20)).await.unwrap().inserted, 20);
+    assert_eq!(pooled.events_stored().await.unwrap(), 60);
+}
