@@ -435,11 +435,29 @@ pub(crate) async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     // events on purpose (`--invalid-fraction 1`).
     if stats.accepted == 0 && args.invalid_fraction < 1.0 {
         bail!(
-            "no event was accepted by {} (answers by status above)",
-            args.url
+            "no event was accepted by {}{}",
+            args.url,
+            refusal_hint(&stats.by_status)
         );
     }
     Ok(())
+}
+
+/// What to check when every answer of a run had the same refusing status, the usual mistakes
+/// of a first run (a URL without the endpoint's path, a wrong key); otherwise a pointer to
+/// the report's answers by status.
+fn refusal_hint(by_status: &BTreeMap<u16, u64>) -> &'static str {
+    match by_status.keys().copied().collect::<Vec<_>>().as_slice() {
+        [404 | 405] => {
+            ": every answer was 404 or 405, so the URL is not the ingest endpoint: give --url \
+             its full path, POST /v1/events (http://127.0.0.1:8080/v1/events with `spillway dev`)"
+        }
+        [401] => {
+            ": every answer was 401, so the key was refused: check --api-key, --api-key-file \
+             or SPILLWAY_API_KEY (`spillway dev` writes its key to .spillway/dev-api-key)"
+        }
+        _ => " (answers by status above)",
+    }
 }
 
 /// A channel whose lines a blocking task writes to `path`, when given.

@@ -45,6 +45,26 @@ async fn loadgen_fails_a_run_in_which_no_event_was_accepted() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
     assert!(err.contains("no event was accepted"), "{err}");
+    assert!(err.contains("every answer was 401"), "{err}");
+    // The server's root instead of the endpoint: every answer 404, said as such.
+    let root = url.trim_end_matches("/v1/events").to_owned() + "/";
+    let lost = spillway(&[
+        "loadgen",
+        "--url",
+        &root,
+        "--api-key",
+        &dev.key,
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+    ]);
+    let err = String::from_utf8_lossy(&lost.stderr);
+    assert!(!lost.status.success(), "{err}");
+    assert!(
+        err.contains("not the ingest endpoint") && err.contains("/v1/events"),
+        "{err}"
+    );
     let accepted = run(&dev.key);
     assert!(
         accepted.status.success(),
