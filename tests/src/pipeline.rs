@@ -113,10 +113,25 @@ impl Process {
     ///
     /// # Errors
     /// When it does not exit in time, or exits with a failure.
+    ///
+    /// The signal is sent once the process catches it: sent sooner, while the process was
+    /// still starting (a worker restarted just before a drain that was already over), it was
+    /// killed by the signal's default action instead of stopping cleanly, and the test failed.
     pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<()> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let pid = self.child.id();
         let deadline = Instant::now() + timeout;
+        while !catches_sigterm(pid) {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited before it was asked to stop: {status}", self.name);
+            }
+            if Instant::now() > deadline {
+                bail!("{} never caught SIGTERM within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 if !status.success() {
@@ -141,6 +156,20 @@ impl Process {
         }
         Ok(())
     }
+}
+
+/// Whether process `pid` has a handler installed for SIGTERM (Linux: bit 15 of `SigCgt` in
+/// `/proc/<pid>/status`).
+fn catches_sigterm(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| {
+                l.strip_prefix("SigCgt:")
+                    .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            })
+        })
+        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
 }
 
 impl Drop for Process {
