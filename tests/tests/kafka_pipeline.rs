@@ -244,12 +244,25 @@ async fn a_worker_whose_topic_or_dlq_topic_does_not_exist_is_refused_at_start() 
 /// Runs `bin` with `args` against a mock cluster that refuses the first producer id asked for
 /// (fatal to an idempotent producer), and returns its stderr once it has exited with 1.
 async fn exit_of_a_process_whose_producer_is_refused(bin: &str, args: &[&str]) -> String {
-    let mock = mock_cluster(1).unwrap();
-    mock.fail_requests(
+    exit_of_a_process_refused(
         rdkafka::types::RDKafkaApiKey::InitProducerId,
-        vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED,
+        bin,
+        args,
     )
-    .unwrap();
+    .await
+}
+
+/// Runs `bin` with `args` against a mock cluster that answers the first `request` with
+/// `error`, and returns its stderr once it has exited with 1.
+async fn exit_of_a_process_refused(
+    request: rdkafka::types::RDKafkaApiKey,
+    error: rdkafka::types::RDKafkaRespErr,
+    bin: &str,
+    args: &[&str],
+) -> String {
+    let mock = mock_cluster(1).unwrap();
+    mock.fail_requests(request, vec![error]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(tests::pipeline::binary(bin).unwrap())
         .arg("--data-dir")
@@ -316,6 +329,34 @@ async fn spillway_worker_exits_with_an_error_once_its_dlq_producer_is_in_a_fatal
     .await;
     assert!(
         stderr.contains("Kafka DLQ producer hit a fatal error"),
+        "{stderr}"
+    );
+}
+
+/// A worker fenced out of its group (static membership: another member joined with the same
+/// `group.instance.id`) has a consumer in librdkafka's fatal state: it receives nothing again.
+/// It used to idle on, alive and ready, its partitions unread; it now exits with an error
+/// naming the likely cause, so its supervisor restarts it and an operator sees why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spillway_worker_exits_with_an_error_once_its_consumer_is_fenced() {
+    let stderr = exit_of_a_process_refused(
+        rdkafka::types::RDKafkaApiKey::JoinGroup,
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID,
+        "spillway-worker",
+        &[
+            "--topic",
+            TOPIC,
+            "--kafka-group",
+            "fenced",
+            "--kafka-config",
+            "group.instance.id=worker-1",
+            "--sink",
+            "sqlite",
+        ],
+    )
+    .await;
+    assert!(
+        stderr.contains("Kafka consumer hit a fatal error") && stderr.contains("group.instance.id"),
         "{stderr}"
     );
 }

@@ -895,11 +895,23 @@ impl Source for KafkaSource {
     }
 
     fn broken(&self) -> Option<String> {
-        self.dlq.client().fatal_error().map(|(code, reason)| {
+        // A consumer is put in the fatal state when the group fences it, which happens with
+        // static membership (`group.instance.id` in --kafka-config) when another member
+        // joins with the same id: it receives nothing again, and the worker used to idle on
+        // with its partitions unread.
+        let consumer = self.consumer.client().fatal_error().map(|(code, reason)| {
             format!(
-                "the Kafka DLQ producer hit a fatal error ({code:?}: {reason}) and cannot send \
-                 a letter again"
+                "the Kafka consumer hit a fatal error ({code:?}: {reason}) and cannot receive \
+                 again (with group.instance.id, is another worker using the same id?)"
             )
+        });
+        consumer.or_else(|| {
+            self.dlq.client().fatal_error().map(|(code, reason)| {
+                format!(
+                    "the Kafka DLQ producer hit a fatal error ({code:?}: {reason}) and cannot \
+                     send a letter again"
+                )
+            })
         })
     }
 
