@@ -380,8 +380,14 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, Po
         .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
         .start()
         .await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await?;
+    // Unnamed statements (`query_typed`) throughout: behind a pooler in transaction mode a
+    // named one (tokio-postgres calls them s0, s1, …) can clash with a statement another
+    // client left on the same server connection (42P05).
+    tx.query_typed(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[(&MIGRATION_LOCK_KEY, Type::INT8)],
+    )
+    .await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS spillway_migrations (
             version    integer     PRIMARY KEY,
@@ -392,7 +398,7 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, Po
     )
     .await?;
     let applied: BTreeMap<i32, String> = tx
-        .query("SELECT version, checksum FROM spillway_migrations", &[])
+        .query_typed("SELECT version, checksum FROM spillway_migrations", &[])
         .await?
         .iter()
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
@@ -418,9 +424,13 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, Po
                         name: m.name,
                         source,
                     })?;
-                tx.execute(
+                tx.query_typed(
                     "INSERT INTO spillway_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    &[&m.version, &m.name, &expected],
+                    &[
+                        (&m.version, Type::INT4),
+                        (&m.name, Type::TEXT),
+                        (&expected, Type::TEXT),
+                    ],
                 )
                 .await?;
                 now_applied.push(m.version);
@@ -884,11 +894,22 @@ impl PostgresSink {
             .then(|| Arc::from(format!("SET LOCAL statement_timeout = {timeout_ms}")));
         if pooled.is_none() {
             let set: Arc<str> = Arc::from(format!("SET statement_timeout = {timeout_ms}"));
+            // Bounded like opening the connection, which it is part of: deadpool's `create`
+            // timeout does not cover hooks, and in the startup packet the setting was inside
+            // it. A server (or a full PgBouncer) that lets a client log in and then does not
+            // answer would otherwise hold the write, and the breaker's ping, past their bounds.
+            let bound = config.connect_timeout;
             pool = pool.post_create(Hook::async_fn(move |client, _| {
                 let set = Arc::clone(&set);
-                Box::pin(
-                    async move { client.batch_execute(&set).await.map_err(HookError::Backend) },
-                )
+                Box::pin(async move {
+                    match tokio::time::timeout(bound, client.batch_execute(&set)).await {
+                        Ok(done) => done.map_err(HookError::Backend),
+                        Err(_) => Err(HookError::message(format!(
+                            "no answer to `{set}` within {} ms of logging in",
+                            bound.as_millis()
+                        ))),
+                    }
+                })
             }));
         }
         let pool = pool.build().map_err(|e| PostgresError::Pool {

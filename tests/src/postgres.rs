@@ -426,6 +426,14 @@ impl PgBouncer {
         let port = free_port()?;
         let d = dir.path().display();
         std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"\"\n")?;
+        // From 1.24 PgBouncer keeps protocol-level prepared statements across server
+        // connections in transaction mode by default (`max_prepared_statements = 200`); the
+        // tests need the pooler most deployments still run, where they do not survive.
+        let prepared = if version_at_least(bin, (1, 21))? {
+            "max_prepared_statements = 0\n"
+        } else {
+            ""
+        };
         let ini = dir.path().join("pgbouncer.ini");
         std::fs::write(
             &ini,
@@ -435,7 +443,7 @@ impl PgBouncer {
                  unix_socket_dir =\nauth_type = trust\nauth_file = {d}/users.txt\n\
                  admin_users = postgres\npool_mode = {pool_mode}\n\
                  default_pool_size = {pool_size}\nmax_client_conn = 200\n\
-                 logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n"
+                 logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n{prepared}"
             ),
         )?;
         let mut cmd = Command::new(bin);
@@ -453,8 +461,13 @@ impl PgBouncer {
             .spawn()
             .context("running pgbouncer")?;
         let mut bouncer = Self { child, dir, port };
+        // Ready once it says it listens on the port: something else answering there (the
+        // port was free a moment ago, and parallel tests pick ports the same way) is not it.
+        let listening = format!("listening on 127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !bouncer.log().contains(&listening)
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        {
             if let Some(status) = bouncer.child.try_wait()? {
                 bail!("pgbouncer exited ({status}); log:\n{}", bouncer.log());
             }
@@ -466,8 +479,6 @@ impl PgBouncer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        // Readiness above is the port; the child is reaped in Drop.
-        bouncer.child.try_wait()?;
         Ok(bouncer)
     }
 
@@ -504,6 +515,24 @@ impl Drop for PgBouncer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Whether `pgbouncer --version` (its first line, `PgBouncer 1.18.0`) is at least `min`.
+fn version_at_least(bin: &Path, min: (u32, u32)) -> anyhow::Result<bool> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .context("running pgbouncer --version")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("no version in {text:?}"))?;
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Ok((major, minor) >= min),
+        _ => bail!("unreadable pgbouncer version {version:?}"),
     }
 }
 

@@ -1060,7 +1060,9 @@ async fn behind_pgbouncer_in_transaction_mode_each_event_is_stored_and_rolled_up
         .cloned()
         .map(|batch| {
             let sink = Arc::clone(&sink);
-            tokio::spawn(async move { write_retrying(&sink, &batch).await })
+            // No retry: behind the pooler a write must not fail at all (a prepared statement
+            // gone or clashing would show up here as a transient error).
+            tokio::spawn(async move { sink.write(&batch).await.unwrap() })
         });
     let inserted: usize = futures::future::join_all(writes)
         .await
@@ -1157,4 +1159,35 @@ async fn behind_pgbouncer_in_transaction_mode_kept_prepared_statements_fail_nami
     );
     assert_eq!(pooled.write(&events(54, 20)).await.unwrap().inserted, 20);
     assert_eq!(pooled.events_stored().await.unwrap(), 60);
+}
+
+/// Setting the statement timeout is part of opening a connection, and bounded like it: a
+/// PgBouncer that lets the sink log in but has no server connection to give it (session mode,
+/// its one server connection held by another client) used to hold the write on the `SET` for
+/// PgBouncer's `query_wait_timeout` (120 s), past every bound of the write and the breaker's
+/// ping. It now fails as transient after the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_full_pgbouncer_a_write_fails_within_the_connect_timeout() {
+    let db = test_db!();
+    db.sink().await; // migrate, straight to the server
+    let bouncer = bouncer!("session", 1);
+    let holder = connect(&bouncer.url(&db.name)).await.unwrap();
+    holder.simple_query("SELECT 1").await.unwrap();
+    let sink = PostgresSink::new(&PostgresConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..PostgresConfig::new(bouncer.url(&db.name))
+    })
+    .unwrap();
+    let batch = events(61, 10);
+    let started = std::time::Instant::now();
+    let err = sink.write(&batch).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no answer to `SET statement_timeout"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    drop(holder);
+    assert_eq!(write_retrying(&sink, &batch).await.inserted, 10);
 }
