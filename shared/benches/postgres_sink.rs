@@ -14,6 +14,11 @@
 //! event must pay at least), and the raw insert of the sink's redelivery path
 //! (`INSERT … ON CONFLICT DO NOTHING` from UNNEST) without the rollups.
 //!
+//! `SPILLWAY_BENCH_TRANSACTION_POOLING=1` runs the sink as behind a pooler in transaction
+//! mode (`PostgresConfig::transaction_pooling`: every batch the `ON CONFLICT` statement), and
+//! `SPILLWAY_BENCH_SINK_PG` (a server URL without a database name, such as a PgBouncer in
+//! front of the same server) is where the sink alone connects; the COPY columns stay direct.
+//!
 //! `SPILLWAY_BENCH_ADS=N` draws the events from N ads (each in one campaign) within one minute
 //! of each other, as a second of real traffic looks: many events per rollup row. Without it
 //! the events come from 100,000 ads spread over an hour, so nearly every event opens a rollup
@@ -209,15 +214,35 @@ async fn main() -> Result<(), BoxError> {
         .transpose()?
         .unwrap_or(1)
         .max(1);
-    let outcome = bench(&format!("{server}/{db}"), n, batch, ads, writers).await;
+    let sink_server = std::env::var("SPILLWAY_BENCH_SINK_PG").unwrap_or_else(|_| server.clone());
+    let pooling = std::env::var("SPILLWAY_BENCH_TRANSACTION_POOLING").is_ok_and(|v| v == "1");
+    let outcome = bench(
+        &format!("{server}/{db}"),
+        &Through {
+            url: format!("{sink_server}/{db}"),
+            transaction_pooling: pooling,
+        },
+        n,
+        batch,
+        ads,
+        writers,
+    )
+    .await;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await?;
     outcome
 }
 
+/// Where and how the sink connects.
+struct Through {
+    url: String,
+    transaction_pooling: bool,
+}
+
 async fn bench(
     url: &str,
+    through: &Through,
     n: usize,
     batch: usize,
     ads: Option<u64>,
@@ -225,7 +250,8 @@ async fn bench(
 ) -> Result<(), BoxError> {
     let sink = PostgresSink::new(&PostgresConfig {
         max_connections: writers,
-        ..PostgresConfig::new(url)
+        transaction_pooling: through.transaction_pooling,
+        ..PostgresConfig::new(through.url.clone())
     })?;
     sink.migrate().await?;
     let mut clients = Vec::new();
@@ -251,6 +277,16 @@ async fn bench(
             None => "100,000 ads over an hour (about one rollup row per event)".into(),
         }
     );
+    if through.transaction_pooling || through.url != url {
+        println!(
+            "sink: transaction_pooling = {}, through {}",
+            through.transaction_pooling,
+            through
+                .url
+                .rsplit_once('/')
+                .map_or("?", |(server, _)| server)
+        );
+    }
     let (mut sink_rates, mut copy_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut insert_rates, mut keyed_rates) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
