@@ -12,7 +12,7 @@ use shared::settings::{
 };
 use shared::DeadLetterQueue;
 use workers::lambda::SqsHandler;
-use workers::settings::WorkerSettings;
+use workers::settings::{LambdaSettings, WorkerSettings};
 use workers::Poller;
 
 /// Spillway worker: receives batches, writes them to the store at a capped rate, settles them.
@@ -25,6 +25,8 @@ struct Cli {
     sink: SinkSettings,
     #[command(flatten)]
     worker: WorkerSettings,
+    #[command(flatten)]
+    lambda: LambdaSettings,
     #[command(flatten)]
     metrics: MetricsSettings,
     #[command(flatten)]
@@ -99,6 +101,9 @@ async fn poller_main() -> anyhow::Result<()> {
 /// The source, the store and the poller over them.
 async fn start_poller(cli: &Cli) -> anyhow::Result<Poller> {
     cli.broker.refuse_ignored_settings()?;
+    if let Some(ignored) = cli.lambda.ignored_by_poller() {
+        tracing::warn!("{ignored}");
+    }
     let config = cli.worker.poller_config();
     let source = cli.broker.source(config.visibility_timeout).await;
     let source = source.context("opening the source")?;
@@ -150,8 +155,8 @@ async fn lambda_handler() -> anyhow::Result<SqsHandler> {
             None
         }
     };
-    let mut handler = SqsHandler::new(sink, dlq, cli.worker.lambda_config());
-    if let Some(target) = shared::emf::EmfTarget::for_function(cli.worker.emf_namespace) {
+    let mut handler = SqsHandler::new(sink, dlq, cli.lambda.lambda_config(&cli.worker));
+    if let Some(target) = shared::emf::EmfTarget::for_function(cli.lambda.emf_namespace) {
         handler = handler.with_emf(target);
     }
     Ok(match (&cli.broker.queue_url, sqs) {

@@ -9,7 +9,8 @@ use crate::core::CoreConfig;
 use crate::lambda::LambdaConfig;
 use crate::poller::PollerConfig;
 
-/// Settings of the poller runtime.
+/// Settings of the batch workers: the poller's knobs, and those the Lambda handler shares
+/// (retry delays, breaker threshold). `spillway dev` and `spillway-worker` take them.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerSettings {
     /// Concurrent receive loops.
@@ -67,21 +68,6 @@ pub struct WorkerSettings {
     /// Longest retry delay, in seconds.
     #[arg(long, env = "SPILLWAY_RETRY_MAX_SECS", default_value_t = 300, value_parser = shared::settings::at_least_one::<u64>)]
     pub retry_max_secs: u64,
-
-    /// Lambda: a record is started only while this much time (ms) is left before the
-    /// invocation's deadline; later ones are reported in `batchItemFailures`.
-    #[arg(
-        long,
-        env = "SPILLWAY_LAMBDA_DEADLINE_MARGIN_MS",
-        default_value_t = 2_000
-    )]
-    pub lambda_deadline_margin_ms: u64,
-
-    /// Lambda: CloudWatch namespace of the metrics each invocation logs in Embedded Metric
-    /// Format (records, events written, duplicates, dead letters, retried, requeued, cold
-    /// start); off when unset or empty.
-    #[arg(long, env = "SPILLWAY_EMF_NAMESPACE")]
-    pub emf_namespace: Option<String>,
 }
 
 impl WorkerSettings {
@@ -91,15 +77,6 @@ impl WorkerSettings {
             min_retry_delay: Duration::from_secs(self.retry_min_secs.max(1)),
             max_retry_delay: Duration::from_secs(self.retry_max_secs.max(1)),
             ..CoreConfig::default()
-        }
-    }
-
-    /// The Lambda handler's configuration.
-    pub fn lambda_config(&self) -> LambdaConfig {
-        LambdaConfig {
-            core: self.core_config(),
-            deadline_margin: Duration::from_millis(self.lambda_deadline_margin_ms),
-            max_consecutive_failures: self.breaker_failures.max(1) as usize,
         }
     }
 
@@ -122,6 +99,132 @@ impl WorkerSettings {
             },
             core: self.core_config(),
             ..PollerConfig::default()
+        }
+    }
+}
+
+/// Settings only the Lambda handler reads. They belong to `spillway-worker` alone, which
+/// runs as a Lambda function when `AWS_LAMBDA_RUNTIME_API` is set: `spillway dev` does not
+/// take them, and the poller says it ignores them.
+#[derive(Debug, Clone, Args)]
+pub struct LambdaSettings {
+    /// Lambda: a record is started only while this much time (ms) is left before the
+    /// invocation's deadline; later ones are reported in `batchItemFailures` [default: 2000].
+    #[arg(long, env = "SPILLWAY_LAMBDA_DEADLINE_MARGIN_MS")]
+    pub lambda_deadline_margin_ms: Option<u64>,
+
+    /// Lambda: CloudWatch namespace of the metrics each invocation logs in Embedded Metric
+    /// Format (records, events written, duplicates, dead letters, retried, requeued, cold
+    /// start); off when unset or empty.
+    #[arg(long, env = "SPILLWAY_EMF_NAMESPACE")]
+    pub emf_namespace: Option<String>,
+}
+
+impl LambdaSettings {
+    /// The Lambda handler's configuration; retry delays and the breaker threshold come from
+    /// the worker settings.
+    pub fn lambda_config(&self, worker: &WorkerSettings) -> LambdaConfig {
+        LambdaConfig {
+            core: worker.core_config(),
+            deadline_margin: self.lambda_deadline_margin_ms.map_or(
+                LambdaConfig::default().deadline_margin,
+                Duration::from_millis,
+            ),
+            max_consecutive_failures: worker.breaker_failures.max(1) as usize,
+        }
+    }
+
+    /// What the poller ignores of these settings, in a sentence naming them, when any is set.
+    pub fn ignored_by_poller(&self) -> Option<String> {
+        let mut set = Vec::new();
+        if self.lambda_deadline_margin_ms.is_some() {
+            set.push("SPILLWAY_LAMBDA_DEADLINE_MARGIN_MS (--lambda-deadline-margin-ms)");
+        }
+        if self
+            .emf_namespace
+            .as_deref()
+            .is_some_and(|ns| !ns.is_empty())
+        {
+            set.push("SPILLWAY_EMF_NAMESPACE (--emf-namespace)");
+        }
+        let (named, applies, is) = match set.as_slice() {
+            [] => return None,
+            [one] => ((*one).to_owned(), "applies", "is"),
+            _ => (set.join(" and "), "apply", "are"),
+        };
+        Some(format!(
+            "{named} only {applies} on Lambda (AWS_LAMBDA_RUNTIME_API set) and {is} ignored by the poller; its metrics are on --metrics-listen"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Worker {
+        #[command(flatten)]
+        worker: WorkerSettings,
+        #[command(flatten)]
+        lambda: LambdaSettings,
+    }
+
+    #[derive(Debug, Parser)]
+    struct Dev {
+        #[command(flatten)]
+        worker: WorkerSettings,
+    }
+
+    #[test]
+    fn the_lambda_settings_are_named_when_the_poller_is_given_them() {
+        let none = Worker::parse_from(["w"]);
+        assert_eq!(none.lambda.ignored_by_poller(), None);
+        assert_eq!(
+            none.lambda.lambda_config(&none.worker).deadline_margin,
+            Duration::from_secs(2)
+        );
+        let empty = Worker::parse_from(["w", "--emf-namespace", ""]);
+        assert_eq!(empty.lambda.ignored_by_poller(), None);
+
+        let one = Worker::parse_from(["w", "--lambda-deadline-margin-ms", "500"]);
+        assert_eq!(
+            one.lambda.lambda_config(&one.worker).deadline_margin,
+            Duration::from_millis(500)
+        );
+        let said = one.lambda.ignored_by_poller().unwrap();
+        assert!(
+            said.starts_with("SPILLWAY_LAMBDA_DEADLINE_MARGIN_MS (--lambda-deadline-margin-ms) only applies on Lambda")
+                && said.contains("is ignored by the poller"),
+            "{said}"
+        );
+
+        let both = Worker::parse_from([
+            "w",
+            "--lambda-deadline-margin-ms",
+            "500",
+            "--emf-namespace",
+            "Spillway",
+        ]);
+        let said = both.lambda.ignored_by_poller().unwrap();
+        assert!(
+            said.contains("and SPILLWAY_EMF_NAMESPACE (--emf-namespace) only apply on Lambda")
+                && said.contains("are ignored"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn the_worker_settings_alone_do_not_take_the_lambda_flags() {
+        for flag in ["--emf-namespace", "--lambda-deadline-margin-ms"] {
+            let err = Dev::try_parse_from(["dev", flag, "1"]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{flag}"
+            );
         }
     }
 }
