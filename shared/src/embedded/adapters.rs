@@ -645,6 +645,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn publishing_to_a_topic_no_queue_subscribes_to_fails_until_one_does() {
+        let f = Fixture::new(QueueConfig::default()).await;
+        f.broker.declare_topic("lonely").await.unwrap();
+        let p = TopicPublisher::new(f.broker.clone(), "lonely");
+        // Before, this was answered as published and the message was kept nowhere.
+        let err = p.publish(&[plain("x")]).await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(err.to_string().contains("has no subscriptions"), "{err}");
+        assert!(p.ready().await.is_err());
+
+        f.broker
+            .subscribe(
+                "lonely",
+                QUEUE,
+                Subscription {
+                    filter_types: None,
+                    raw_delivery: true,
+                },
+            )
+            .await
+            .unwrap();
+        p.ready().await.unwrap();
+        p.publish(&[plain("y")]).await.unwrap();
+        let got = f.source.receive(10, NO_WAIT).await.unwrap();
+        assert_eq!(
+            got.iter().map(|d| d.body.as_str()).collect::<Vec<_>>(),
+            ["y"]
+        );
+    }
+
+    #[tokio::test]
     async fn acknowledged_messages_survive_reopening_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/broker.db");

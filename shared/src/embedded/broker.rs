@@ -107,6 +107,12 @@ pub enum BrokerError {
         /// Its name.
         name: String,
     },
+    /// A topic no queue subscribes to: what is published to it would reach no worker.
+    #[error("topic {topic:?} has no subscriptions: nothing published to it would reach a queue")]
+    NoSubscriptions {
+        /// The topic.
+        topic: String,
+    },
     /// A configuration or request the broker refuses.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -129,7 +135,8 @@ impl BrokerError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Sqlite { source, .. } => is_transient_sqlite(source),
-            Self::Io { .. } | Self::Runtime(_) => true,
+            // Until a queue subscribes: the publisher's caller retries, nothing is dropped.
+            Self::Io { .. } | Self::Runtime(_) | Self::NoSubscriptions { .. } => true,
             Self::NotFound { .. } | Self::Invalid(_) | Self::StaleReceipts { .. } => false,
         }
     }
@@ -388,6 +395,87 @@ fn parse_receipt(id: &DeliveryId) -> Option<i64> {
         return None;
     }
     seq.parse().ok()
+}
+
+/// What a receive's blocking transaction hands to the future waiting for it.
+#[derive(Debug, Default)]
+struct Handoff {
+    /// What the committed receive took, until the future collects it.
+    received: Option<Vec<Delivery>>,
+    /// The future was dropped: nothing may be taken, and what was is given back.
+    abandoned: bool,
+}
+
+fn lock(handoff: &Mutex<Handoff>) -> std::sync::MutexGuard<'_, Handoff> {
+    handoff.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Gives back what a receive took when its future is dropped before collecting it.
+struct ReceiveGuard {
+    handoff: Arc<Mutex<Handoff>>,
+    broker: Broker,
+    queue: String,
+    collected: bool,
+}
+
+impl Drop for ReceiveGuard {
+    fn drop(&mut self) {
+        if self.collected {
+            return;
+        }
+        let mut slot = lock(&self.handoff);
+        slot.abandoned = true;
+        let Some(deliveries) = slot.received.take().filter(|d| !d.is_empty()) else {
+            return;
+        };
+        drop(slot);
+        let inner = Arc::clone(&self.broker.inner);
+        let queue = std::mem::take(&mut self.queue);
+        let work = move || {
+            let mut conn = inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            give_back(&mut conn, &queue, &deliveries, now_ms(&*inner.clock));
+            inner.notify.notify_waiters();
+        };
+        // The blocking pool, which a runtime shutting down still waits for; inline when no
+        // runtime is left to run it.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(work)),
+            Err(_) => work(),
+        }
+    }
+}
+
+/// Undoes a receive nobody collected: each message still under the receipt it was given is
+/// visible again at once, with the receive it did not use taken off its count. A failure
+/// leaves them as a receive whose worker died leaves them: back after the visibility timeout.
+fn give_back(conn: &mut Connection, queue: &str, deliveries: &[Delivery], now: i64) {
+    let mut undo = || -> Result<usize, rusqlite::Error> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut undone = 0;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE messages
+                 SET receive_count = MAX(receive_count - 1, 0), receipt = NULL, visible_at_ms = ?4
+                 WHERE seq = ?1 AND queue = ?2 AND receipt = ?3",
+            )?;
+            for d in deliveries {
+                if let Some(seq) = parse_receipt(&d.id) {
+                    undone += st.execute(params![seq, queue, d.id.0, now])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(undone)
+    };
+    match undo() {
+        Ok(undone) => tracing::debug!(queue, undone, "Gave back a receive nobody collected"),
+        Err(e) => tracing::warn!(
+            queue,
+            messages = deliveries.len(),
+            error = %e,
+            "Could not give back a receive nobody collected; its messages return after their visibility timeout"
+        ),
+    }
 }
 
 /// The SNS notification JSON a non-raw subscription delivers.
@@ -699,8 +787,9 @@ impl Broker {
             .write(move |tx, now| {
                 ensure_topic(tx, &topic)?;
                 let subs = load_subscriptions(tx, &topic)?;
+                // Answered as published, the events would be stored nowhere.
                 if subs.is_empty() {
-                    tracing::warn!(topic = %topic, "Published to a topic without subscriptions");
+                    return Err(BrokerError::NoSubscriptions { topic });
                 }
                 let mut written = 0;
                 for env in &envelopes {
@@ -773,13 +862,43 @@ impl Broker {
     ) -> Result<Vec<Delivery>, BrokerError> {
         let queue = queue.to_owned();
         let visibility_ms = visibility.map(|v| i64::try_from(v.as_millis()).unwrap_or(i64::MAX));
-        let (deliveries, moved) = self
-            .write(move |tx, now| receive_tx(tx, &queue, max, now, visibility_ms))
+        // The transaction runs on a blocking thread and commits even when this future is
+        // dropped meanwhile (a worker's shutdown racing its receive): the guard then gives
+        // the messages back, so that none waits out a visibility timeout with a receive used
+        // up for nothing, nor is dead-lettered for it on its last receive.
+        let mut guard = ReceiveGuard {
+            handoff: Arc::default(),
+            broker: self.clone(),
+            queue: queue.clone(),
+            collected: false,
+        };
+        let handoff = Arc::clone(&guard.handoff);
+        let moved = self
+            .run(move |conn, now| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(sql("begin"))?;
+                if lock(&handoff).abandoned {
+                    return Ok(0);
+                }
+                let (deliveries, moved) = receive_tx(&tx, &queue, max, now, visibility_ms)?;
+                tx.commit().map_err(sql("commit"))?;
+                let mut slot = lock(&handoff);
+                if slot.abandoned {
+                    drop(slot);
+                    give_back(conn, &queue, &deliveries, now);
+                } else {
+                    slot.received = Some(deliveries);
+                }
+                Ok(moved)
+            })
             .await?;
+        guard.collected = true;
         if moved > 0 {
             self.inner.notify.notify_waiters();
         }
-        Ok(deliveries)
+        let received = lock(&guard.handoff).received.take();
+        Ok(received.unwrap_or_default())
     }
 
     /// Receives up to `max` messages, waiting up to `wait` for the first (long poll): woken by
@@ -1144,13 +1263,26 @@ impl Broker {
         .await
     }
 
-    /// Checks that the database answers and `topic` exists, for readiness probes.
+    /// Checks that the database answers and `topic` exists with a queue subscribed to it,
+    /// for readiness probes.
     ///
     /// # Errors
-    /// [`BrokerError::NotFound`] or a database failure.
+    /// [`BrokerError::NotFound`], [`BrokerError::NoSubscriptions`] or a database failure.
     pub async fn check_topic(&self, topic: &str) -> Result<(), BrokerError> {
         let topic = topic.to_owned();
-        self.run(move |conn, _| ensure_topic(conn, &topic)).await
+        self.run(move |conn, _| {
+            ensure_topic(conn, &topic)?;
+            let subscribed = conn
+                .prepare_cached("SELECT 1 FROM subscriptions WHERE topic = ?1")
+                .and_then(|mut st| st.exists([&topic]))
+                .map_err(sql("read subscriptions"))?;
+            if subscribed {
+                Ok(())
+            } else {
+                Err(BrokerError::NoSubscriptions { topic })
+            }
+        })
+        .await
     }
 }
 
@@ -1510,6 +1642,68 @@ mod tests {
             b.queue_stats("nope").await,
             Err(BrokerError::NotFound { .. })
         ));
+    }
+
+    /// Polls `fut` once, while the broker's connection is held so that its transaction
+    /// cannot have run yet, and returns it still pending.
+    fn started<F: std::future::Future>(b: &Broker, fut: F) -> std::pin::Pin<Box<F>> {
+        let held = b.inner.conn.lock().unwrap();
+        let mut fut = Box::pin(fut);
+        let waker = futures::task::noop_waker();
+        let polled = fut
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        drop(held);
+        fut
+    }
+
+    async fn wait_for_stats(b: &Broker, queue: &str, want: QueueStats) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stats = b.queue_stats(queue).await.unwrap();
+            if stats == want || std::time::Instant::now() > deadline {
+                assert_eq!(stats, want);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_receive_dropped_before_or_after_its_commit_takes_nothing() {
+        let (_dir, b, _) = broker();
+        b.declare_queue("q", QueueConfig::default()).await.unwrap();
+        b.send("q", &[msg("a"), msg("b"), msg("c")]).await.unwrap();
+        let all_visible = QueueStats {
+            visible: 3,
+            in_flight: 0,
+            delayed: 0,
+            oldest_age_secs: Some(0),
+        };
+
+        // Dropped while its transaction waits for the connection: it never receives.
+        let before = started(&b, b.receive_now("q", 10));
+        drop(before);
+        wait_for_stats(&b, "q", all_visible).await;
+
+        // Dropped once its transaction committed, before collecting what it took: the
+        // messages are given back. Before, all three stayed in flight for the visibility
+        // timeout (30 s) with a receive used up.
+        let after = started(&b, b.receive_now("q", 10));
+        // Read under the connection, so only once the transaction has finished.
+        let taken = QueueStats {
+            visible: 0,
+            in_flight: 3,
+            ..all_visible
+        };
+        wait_for_stats(&b, "q", taken).await;
+        drop(after);
+        wait_for_stats(&b, "q", all_visible).await;
+
+        let got = b.receive_now("q", 10).await.unwrap();
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|d| d.receive_count == 1), "{got:?}");
     }
 
     #[tokio::test]
