@@ -34,8 +34,9 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 65_536;
 /// Bytes of the database file read through mmap.
 const MMAP_BYTES: i64 = 256 * 1024 * 1024;
 
-/// `PRAGMA user_version` of the current schema: 2 keys raw events by a 16-byte BLOB id.
-const SCHEMA_VERSION: i64 = 2;
+/// `PRAGMA user_version` of the current schema: 2 keys raw events by a 16-byte BLOB id; 3
+/// refuses a rollup sum past a 64-bit integer (`ad_metrics_minute_exact`).
+const SCHEMA_VERSION: i64 = 3;
 
 // `ad_events` is a rowid table, so new events append to its last pages; only the small
 // `event_id` index takes random inserts. A clustered (WITHOUT ROWID) random key would put
@@ -70,6 +71,16 @@ CREATE TABLE IF NOT EXISTS ad_metrics_minute (
     revenue_micros INTEGER NOT NULL,
     PRIMARY KEY (minute, advertiser_id, campaign_id, ad_id, type, currency)
 ) WITHOUT ROWID;
+-- SQLite turns an integer sum that overflows into a REAL and stores it in an INTEGER column
+-- of a table that is not STRICT: the rollup would silently stop being exact, and reading it
+-- back would fail. The batch is refused instead (a constraint error: permanent).
+CREATE TRIGGER IF NOT EXISTS ad_metrics_minute_exact
+BEFORE UPDATE ON ad_metrics_minute
+WHEN typeof(NEW.events) <> 'integer' OR typeof(NEW.cost_micros) <> 'integer'
+  OR typeof(NEW.revenue_micros) <> 'integer'
+BEGIN
+    SELECT RAISE(ABORT, 'a rollup sum of ad_metrics_minute would overflow a 64-bit integer');
+END;
 ";
 
 /// Version 1 stored `event_id` as 36-char text, the table's clustered primary key: copy the
@@ -789,6 +800,69 @@ mod tests {
         let err = sink.write(&events(1, 6)).await.unwrap_err();
         assert!(!err.is_transient(), "{err}");
         assert_eq!(sink.events_stored().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rollup_sum_past_a_64_bit_integer_is_refused_and_stores_nothing() {
+        let (dir, sink) = open();
+        let first = events(1, 8);
+        sink.write(&first).await.unwrap();
+        let path = dir.path().join("store/events.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("UPDATE ad_metrics_minute SET cost_micros = 9223372036854775000")
+            .unwrap();
+        // Another event under the same rollup key, whose cost takes the sum past i64::MAX.
+        let mut more = events(1, 9)[0].clone();
+        let e = &first[0];
+        (
+            more.occurred_at,
+            more.advertiser_id,
+            more.campaign_id,
+            more.ad_id,
+        ) = (
+            e.occurred_at,
+            e.advertiser_id.clone(),
+            e.campaign_id.clone(),
+            e.ad_id.clone(),
+        );
+        (more.event_type, more.currency) = (e.event_type, e.currency.clone());
+        more.cost_micros =
+            crate::event::Micros::parse("cost_micros", &serde_json::json!(1_000_000_000_000_u64))
+                .unwrap();
+        let err = sink.write(&[more]).await.unwrap_err();
+        assert!(!err.is_transient(), "{err}");
+        assert!(
+            err.to_string().contains("would overflow a 64-bit integer"),
+            "{err}"
+        );
+        // Nothing of the refused batch stayed, and the rollup still reads back exact.
+        assert_eq!(sink.events_stored().await.unwrap(), 1);
+        let rollups = sink.rollups().await.unwrap();
+        assert_eq!(rollups.len(), 1);
+        assert_eq!(rollups[0].cost_micros, 9_223_372_036_854_775_000);
+    }
+
+    #[test]
+    fn a_version_2_store_gains_the_overflow_trigger_when_opened() {
+        let (dir, sink) = open();
+        drop(sink);
+        let path = dir.path().join("store/events.db");
+        let trigger = |c: &Connection| -> bool {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master
+                                WHERE type = 'trigger' AND name = 'ad_metrics_minute_exact')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TRIGGER ad_metrics_minute_exact; PRAGMA user_version = 2")
+            .unwrap();
+        assert!(!trigger(&conn));
+        SqliteSink::open(&path).unwrap();
+        assert!(trigger(&conn));
     }
 
     #[tokio::test]
