@@ -502,10 +502,15 @@ fn write_batch(conn: &mut Connection, batch: &Rows) -> Result<WriteReport, SinkE
             );
             let s = sums.entry(key).or_default();
             s.events += 1;
-            s.cost_micros = s.cost_micros.saturating_add(r.cost_micros);
+            let overflow = || rejected(format!("{ROLLUP_OVERFLOW} within one batch"));
+            s.cost_micros = s
+                .cost_micros
+                .checked_add(r.cost_micros)
+                .ok_or_else(overflow)?;
             s.revenue_micros = s
                 .revenue_micros
-                .saturating_add(r.revenue_micros.unwrap_or(0));
+                .checked_add(r.revenue_micros.unwrap_or(0))
+                .ok_or_else(overflow)?;
         }
         let mut sums: Vec<_> = sums.into_iter().collect();
         sums.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -612,7 +612,7 @@ fn stderr_of(args: &[&str], env: &[(&str, &str)]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_addresses_and_unreachable_endpoints_get_clear_errors() {
-    let (dir, _port) = setup().await;
+    let (dir, port) = setup().await;
     let d = data_dir_args(dir.path());
     let missing = Path::new("/nonexistent/spillway").display().to_string();
     assert!(stderr_of(&["stats", "--data-dir", &missing], &[]).contains("no embedded broker"));
@@ -648,6 +648,17 @@ async fn bad_addresses_and_unreachable_endpoints_get_clear_errors() {
     assert!(e.contains("http://127.0.0.1:9"), "{e}");
     let e = stderr_of(&args(&d, &["redrive"]), &[]);
     assert!(e.contains("no native redrive"), "{e}");
+
+    // A topic no queue subscribes to: refused, saying so (not "cannot reach the broker"),
+    // and the letter stays where it is.
+    port.broker().declare_topic("lonely").await.unwrap();
+    seed(&port, DEV_DLQ, &dead_letters(1, 3, Some(DEV_QUEUE)))
+        .await
+        .unwrap();
+    let e = stderr_of(&args(&d, &["replay", "--to", "lonely"]), &[]);
+    assert!(e.contains("has no subscriptions"), "{e}");
+    assert!(!e.contains("cannot reach"), "{e}");
+    assert_eq!(port.stats(DEV_DLQ).await.unwrap().visible, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -48,6 +48,13 @@ fn error(operation: &str, name: &str, e: BrokerError) -> DlqError {
                      the dev topology)"
                 .into(),
         },
+        // Transient to a publisher (a queue may subscribe later); to a replay, a refusal
+        // that says why, not "cannot reach the broker".
+        e @ BrokerError::NoSubscriptions { .. } => DlqError::Rejected {
+            operation: operation.to_owned(),
+            resource: name.to_owned(),
+            detail: e.to_string(),
+        },
         e if e.is_transient() => DlqError::Unreachable {
             operation: operation.to_owned(),
             resource: name.to_owned(),

@@ -429,19 +429,41 @@ impl Drop for ReceiveGuard {
             return;
         };
         drop(slot);
-        let inner = Arc::clone(&self.broker.inner);
-        let queue = std::mem::take(&mut self.queue);
-        let work = move || {
-            let mut conn = inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
-            give_back(&mut conn, &queue, &deliveries, now_ms(&*inner.clock));
-            inner.notify.notify_waiters();
+        let back = GiveBack {
+            inner: Arc::clone(&self.broker.inner),
+            queue: std::mem::take(&mut self.queue),
+            deliveries,
         };
-        // The blocking pool, which a runtime shutting down still waits for; inline when no
-        // runtime is left to run it.
+        // On the blocking pool: the connection may be busy, and this runs on an async thread.
+        // A runtime shutting down drops a blocking task it has not started (or is refused
+        // after it began shutting down) instead of running it; dropping `back` gives the
+        // messages back all the same, on the thread doing the shutdown.
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(work)),
-            Err(_) => work(),
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(back))),
+            Err(_) => drop(back),
         }
+    }
+}
+
+/// Messages to give back, given back when dropped (see [`ReceiveGuard`]).
+struct GiveBack {
+    inner: Arc<Inner>,
+    queue: String,
+    deliveries: Vec<Delivery>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        let mut conn = inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        give_back(
+            &mut conn,
+            &self.queue,
+            &self.deliveries,
+            now_ms(&*inner.clock),
+        );
+        drop(conn);
+        inner.notify.notify_waiters();
     }
 }
 
@@ -873,6 +895,7 @@ impl Broker {
             collected: false,
         };
         let handoff = Arc::clone(&guard.handoff);
+        let inner = Arc::clone(&self.inner);
         let moved = self
             .run(move |conn, now| {
                 let tx = conn
@@ -885,8 +908,10 @@ impl Broker {
                 tx.commit().map_err(sql("commit"))?;
                 let mut slot = lock(&handoff);
                 if slot.abandoned {
+                    // Nobody awaits this result, so nobody else wakes the long polls.
                     drop(slot);
                     give_back(conn, &queue, &deliveries, now);
+                    inner.notify.notify_waiters();
                 } else {
                     slot.received = Some(deliveries);
                 }
@@ -1644,9 +1669,12 @@ mod tests {
         ));
     }
 
-    /// Polls `fut` once, while the broker's connection is held so that its transaction
-    /// cannot have run yet, and returns it still pending.
-    fn started<F: std::future::Future>(b: &Broker, fut: F) -> std::pin::Pin<Box<F>> {
+    /// Polls `fut` once while holding the broker's connection, so that its transaction
+    /// waits; returns it still pending, and the connection still held.
+    fn started<'a, F: std::future::Future>(
+        b: &'a Broker,
+        fut: F,
+    ) -> (std::pin::Pin<Box<F>>, std::sync::MutexGuard<'a, Connection>) {
         let held = b.inner.conn.lock().unwrap();
         let mut fut = Box::pin(fut);
         let waker = futures::task::noop_waker();
@@ -1654,8 +1682,7 @@ mod tests {
             .as_mut()
             .poll(&mut std::task::Context::from_waker(&waker));
         assert!(polled.is_pending());
-        drop(held);
-        fut
+        (fut, held)
     }
 
     async fn wait_for_stats(b: &Broker, queue: &str, want: QueueStats) {
@@ -1683,14 +1710,16 @@ mod tests {
         };
 
         // Dropped while its transaction waits for the connection: it never receives.
-        let before = started(&b, b.receive_now("q", 10));
+        let (before, held) = started(&b, b.receive_now("q", 10));
         drop(before);
+        drop(held);
         wait_for_stats(&b, "q", all_visible).await;
 
         // Dropped once its transaction committed, before collecting what it took: the
         // messages are given back. Before, all three stayed in flight for the visibility
         // timeout (30 s) with a receive used up.
-        let after = started(&b, b.receive_now("q", 10));
+        let (after, held) = started(&b, b.receive_now("q", 10));
+        drop(held);
         // Read under the connection, so only once the transaction has finished.
         let taken = QueueStats {
             visible: 0,
@@ -1704,6 +1733,34 @@ mod tests {
         let got = b.receive_now("q", 10).await.unwrap();
         assert_eq!(got.len(), 3);
         assert!(got.iter().all(|d| d.receive_count == 1), "{got:?}");
+    }
+
+    #[test]
+    fn a_receive_dropped_as_its_runtime_shuts_down_still_gives_its_messages_back() {
+        let (_dir, b, _) = broker();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            b.declare_queue("q", QueueConfig::default()).await.unwrap();
+            b.send("q", &[msg("a"), msg("b")]).await.unwrap();
+        });
+        let in_rt = rt.enter();
+        let (after, held) = started(&b, b.receive_now("q", 10));
+        drop(held);
+        let taken = QueueStats {
+            visible: 0,
+            in_flight: 2,
+            delayed: 0,
+            oldest_age_secs: Some(0),
+        };
+        rt.block_on(wait_for_stats(&b, "q", taken));
+        // As a worker's `main` returns: the receive is dropped and the runtime with it, which
+        // may cancel the give-back's blocking task before it starts.
+        drop(after);
+        drop(in_rt);
+        drop(rt);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let stats = rt.block_on(b.queue_stats("q")).unwrap();
+        assert_eq!((stats.visible, stats.in_flight), (2, 0));
     }
 
     #[tokio::test]
