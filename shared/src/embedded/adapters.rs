@@ -213,6 +213,15 @@ mod tests {
         source: QueueSource,
     }
 
+    /// Subscribes `QUEUE` to `topic`, raw and unfiltered.
+    async fn subscribe_queue(broker: &Broker, topic: &str) {
+        let raw = Subscription {
+            filter_types: None,
+            raw_delivery: true,
+        };
+        broker.subscribe(topic, QUEUE, raw).await.unwrap();
+    }
+
     impl Fixture {
         /// Topic `t` → queue `q` (raw, no filter) with `config`; `q-dlq` declared first.
         async fn new(config: QueueConfig) -> Self {
@@ -226,17 +235,7 @@ mod tests {
                 .await
                 .unwrap();
             broker.declare_queue(QUEUE, config).await.unwrap();
-            broker
-                .subscribe(
-                    TOPIC,
-                    QUEUE,
-                    Subscription {
-                        filter_types: None,
-                        raw_delivery: true,
-                    },
-                )
-                .await
-                .unwrap();
+            subscribe_queue(&broker, TOPIC).await;
             Self {
                 _dir: dir,
                 publisher: TopicPublisher::new(broker.clone(), TOPIC),
@@ -655,17 +654,7 @@ mod tests {
         assert!(err.to_string().contains("has no subscriptions"), "{err}");
         assert!(p.ready().await.is_err());
 
-        f.broker
-            .subscribe(
-                "lonely",
-                QUEUE,
-                Subscription {
-                    filter_types: None,
-                    raw_delivery: true,
-                },
-            )
-            .await
-            .unwrap();
+        subscribe_queue(&f.broker, "lonely").await;
         p.ready().await.unwrap();
         p.publish(&[plain("y")]).await.unwrap();
         let got = f.source.receive(10, NO_WAIT).await.unwrap();
