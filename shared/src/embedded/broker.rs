@@ -413,7 +413,7 @@ fn lock(handoff: &Mutex<Handoff>) -> std::sync::MutexGuard<'_, Handoff> {
 /// Gives back what a receive took when its future is dropped before collecting it.
 struct ReceiveGuard {
     handoff: Arc<Mutex<Handoff>>,
-    broker: Broker,
+    inner: Arc<Inner>,
     queue: String,
     collected: bool,
 }
@@ -430,7 +430,7 @@ impl Drop for ReceiveGuard {
         };
         drop(slot);
         let back = GiveBack {
-            inner: Arc::clone(&self.broker.inner),
+            inner: Arc::clone(&self.inner),
             queue: std::mem::take(&mut self.queue),
             deliveries,
         };
@@ -890,7 +890,7 @@ impl Broker {
         // up for nothing, nor is dead-lettered for it on its last receive.
         let mut guard = ReceiveGuard {
             handoff: Arc::default(),
-            broker: self.clone(),
+            inner: Arc::clone(&self.inner),
             queue: queue.clone(),
             collected: false,
         };
